@@ -1,0 +1,8 @@
+"""KFP components: one folder per step, each a thin `@dsl.component` over `lumos.pipeline.steps`.
+
+Only the standard library and kfp are imported at a component file's top level; the library is
+imported inside each body (that is what runs in the step's container).
+"""
+
+# The image every step runs in (docker/train.Dockerfile); the pipeline overrides it from config.
+LUMOS_IMAGE = "ghcr.io/lumos-mlops/lumos-train:0.1.0"

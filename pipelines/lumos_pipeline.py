@@ -1,0 +1,182 @@
+"""The Lumos pipeline: ingest -> featurize -> pretrain I2I -> fine-tune heads -> evaluate -> export
+-> promote (behind the gate).
+
+`build_pipeline(cfg)` bakes the cluster settings (image, GPUs, node selector, tolerations, the S3
+secret) into the tasks; the whole config also travels as the `config_json` parameter so a run from
+the Kubeflow UI can change the recipe. `python -m pipelines.lumos_pipeline` compiles the `xl`
+preset to `pipelines/lumos_pipeline.yaml` (a test fails when that file is stale).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from components.default_dataset.component import default_dataset
+from components.evaluate.component import evaluate
+from components.export.component import export
+from components.featurize.component import featurize
+from components.finetune.component import finetune
+from components.ingest.component import ingest
+from components.ingest_merge.component import ingest_merge
+from components.ingest_partition.component import ingest_partition
+from components.ingest_plan.component import ingest_plan
+from components.pretrain.component import pretrain
+from components.promote.component import promote
+from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
+
+COMPILED_PATH = Path(__file__).with_name("lumos_pipeline.yaml")
+COMPILED_PRESET = "xl"
+S3_ENV_KEYS = ("LUMOS_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def _on_cluster(task: dsl.PipelineTask, cfg: PipelineConfig, gpu: bool) -> dsl.PipelineTask:
+    """Image, object-store credentials and, for GPU steps, the accelerator and its nodes."""
+    cluster = cfg.cluster
+    task.set_container_image(cluster.image)
+    kubernetes.use_secret_as_env(
+        task, secret_name=cluster.s3_secret, secret_key_to_env={k: k for k in S3_ENV_KEYS}
+    )
+    if gpu and cluster.gpus_per_step > 0:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(cluster.gpus_per_step)
+        for key, value in cluster.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for tol in cluster.gpu_tolerations:
+            kubernetes.add_toleration(
+                task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect
+            )
+        kubernetes.empty_dir_mount(
+            task,
+            volume_name="dshm",
+            mount_path="/dev/shm",
+            medium="Memory",
+            size_limit=f"{cluster.shm_size_gib}Gi",
+        )
+    return task
+
+
+def build_pipeline(cfg: PipelineConfig):
+    """The `@dsl.pipeline` for this config (defaults of its parameters come from `cfg`)."""
+    default_config_json = cfg.model_dump_json()
+
+    @dsl.pipeline(
+        name=cfg.name,
+        description="Lumos: I2I pretraining on unlabeled images, fine-tuned T2I / novel-view / "
+        "video heads, evaluated, exported to ONNX and promoted to KServe.",
+    )
+    def lumos_pipeline(runs_root: str = cfg.runs_root, config_json: str = default_config_json) -> str:
+        def cpu(task):
+            return _on_cluster(task, cfg, gpu=False)
+
+        def gpu(task):
+            return _on_cluster(task, cfg, gpu=True)
+
+        sources = cpu(
+            default_dataset(
+                config_json=config_json, runs_root=runs_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+            )
+        ).set_display_name("sources")
+        run_root = sources.outputs["run_root"]
+
+        # Images fan out over key partitions; views and clips are small and ingest in one step.
+        plan = cpu(ingest_plan(config_json=config_json, source_uri=sources.outputs["images_uri"]))
+        with dsl.ParallelFor(plan.output) as partition:
+            part = cpu(
+                ingest_partition(
+                    config_json=config_json,
+                    source_uri=sources.outputs["images_uri"],
+                    run_root=run_root,
+                    kind="images",
+                    partition=partition,
+                )
+            )
+        datasets = {
+            "images": cpu(
+                ingest_merge(
+                    config_json=config_json,
+                    staging_uris=dsl.Collected(part.output),
+                    run_root=run_root,
+                    kind="images",
+                )
+            )
+        }
+        for kind in ("views", "clips"):
+            datasets[kind] = cpu(
+                ingest(
+                    config_json=config_json,
+                    source_uri=sources.outputs[f"{kind}_uri"],
+                    run_root=run_root,
+                    kind=kind,
+                )
+            ).set_display_name(f"ingest-{kind}")
+
+        features = {
+            kind: gpu(featurize(config_json=config_json, dataset=task.outputs["dataset"]))
+            .set_display_name(f"featurize-{kind}")
+            for kind, task in datasets.items()
+        }
+
+        i2i = gpu(
+            pretrain(config_json=config_json, run_root=run_root, features=features["images"].output)
+        )
+        head_data = {"t2i": "images", "novel_view": "views", "video": "clips"}
+        for head in FINETUNE_HEADS:
+            feats = features[head_data[head]].output
+            tuned = gpu(
+                finetune(
+                    config_json=config_json,
+                    head=head,
+                    run_root=run_root,
+                    features=feats,
+                    pretrained=i2i.outputs["checkpoint"],
+                )
+            ).set_display_name(f"finetune-{head}")
+            judged = gpu(
+                evaluate(
+                    config_json=config_json,
+                    head=head,
+                    run_root=run_root,
+                    checkpoint=tuned.outputs["checkpoint"],
+                    features=feats,
+                )
+            ).set_display_name(f"evaluate-{head}")
+            exported = gpu(
+                export(
+                    config_json=config_json,
+                    head=head,
+                    run_root=run_root,
+                    checkpoint=tuned.outputs["checkpoint"],
+                )
+            ).set_display_name(f"export-{head}")
+            with dsl.If(judged.outputs["Output"] == True, name=f"gate-{head}"):  # noqa: E712
+                cpu(
+                    promote(
+                        config_json=config_json,
+                        head=head,
+                        run_root=run_root,
+                        exported=exported.outputs["exported"],
+                        evaluation=judged.outputs["evaluation"],
+                    )
+                ).set_display_name(f"promote-{head}")
+        return run_root
+
+    return lumos_pipeline
+
+
+def compile_pipeline(cfg: PipelineConfig, path: Path) -> Path:
+    compiler.Compiler().compile(build_pipeline(cfg), package_path=str(path))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=COMPILED_PRESET)
+    parser.add_argument("--out", type=Path, default=COMPILED_PATH)
+    args = parser.parse_args(argv)
+    print(compile_pipeline(load_config(preset=args.preset), args.out))
+
+
+if __name__ == "__main__":
+    main()

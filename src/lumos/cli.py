@@ -1,0 +1,234 @@
+"""`lumos <stage>`: every pipeline step as a command that runs on a laptop, and `lumos run`.
+
+    lumos run                                   # the whole pipeline locally, embedded dataset
+    lumos config show --preset xl               # the resolved config as YAML
+    lumos config schema                         # its JSON schema
+    lumos data synth --out DIR                  # the embedded default dataset
+    lumos ingest --source URI --dataset URI
+    lumos featurize --dataset URI
+    lumos pretrain --dataset URI --out URI
+    lumos finetune --head t2i --dataset URI --init URI --out URI
+    lumos evaluate --checkpoint URI --dataset URI --out URI
+    lumos export --checkpoint URI --out URI
+    lumos promote --export URI --evaluation URI --out URI
+
+Each takes --preset (tiny | xl), --config FILE and --set key.path=value (repeatable); the config is
+validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def _print_result(result: Any) -> None:
+    if isinstance(result, BaseModel):
+        result = result.model_dump(mode="json")
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _config(args: argparse.Namespace):
+    from lumos.config import load_config, validate_config
+
+    if getattr(args, "config_json", None):
+        return validate_config(args.config_json)
+    return load_config(preset=args.preset, config_file=args.config, overrides=args.set)
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from lumos.config import config_schema
+
+    if args.action == "schema":
+        print(json.dumps(config_schema(), indent=2))
+    else:
+        print(yaml.safe_dump(_config(args).model_dump(mode="json"), sort_keys=False))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from lumos.data.synthetic import generate_default_dataset
+
+    _print_result(generate_default_dataset(_config(args).synth, args.out))
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from lumos.data.ingest import ingest
+
+    cfg = _config(args)
+    ingest_cfg = cfg.multiframe_ingest() if args.multiframe else cfg.ingest
+    _print_result(ingest(ingest_cfg, args.source, args.dataset))
+
+
+def cmd_featurize(args: argparse.Namespace) -> None:
+    from lumos.training.featurize import featurize
+
+    _print_result(featurize(_config(args).featurize, args.dataset))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lumos.training.train import train
+
+    _print_result(train(_config(args).pretrain, args.dataset, args.out))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lumos.training.train import train
+
+    train_cfg = getattr(_config(args).finetune, args.head)
+    _print_result(train(train_cfg, args.dataset, args.out, init_from=args.init))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from lumos.evaluation.evaluate import evaluate
+    from lumos.serving.promote import current_promoted
+
+    cfg = _config(args)
+    result = evaluate(cfg.evaluate, args.checkpoint, args.dataset, args.out)
+    promoted = None
+    if args.compare_promoted:
+        head = result.head
+        promoted = current_promoted(cfg.promote.registry_uri, head)
+        if promoted:
+            result = evaluate(
+                cfg.evaluate, args.checkpoint, args.dataset, args.out, baseline=promoted["metrics"]
+            )
+    _print_result(result)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lumos.export.onnx_export import export
+
+    _print_result(export(_config(args).export, args.checkpoint, args.out))
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from lumos.evaluation.evaluate import EvalResult
+    from lumos.serving.promote import promote
+    from lumos.storage import Storage
+
+    cfg = _config(args)
+    eval_result = EvalResult.model_validate(Storage.from_uri(args.evaluation).read_json("eval.json"))
+    _print_result(promote(cfg.promote, args.export, eval_result, args.out))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from lumos.pipeline.local_run import run_local
+
+    cfg = _config(args)
+    run_dir = Path(args.run_dir or Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
+    summary = run_local(cfg, run_dir, runs_root=args.runs_root, verbose=args.verbose)
+    print(summary.render())
+    if args.json:
+        Path(args.json).write_text(summary.model_dump_json(indent=2))
+    if not summary.succeeded:
+        raise SystemExit(1)
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from pipelines.lumos_pipeline import compile_pipeline
+
+    print(compile_pipeline(_config(args), Path(args.out)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or xl (paper recipe)")
+    common.add_argument("--config", help="YAML file of overrides on top of the preset")
+    common.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one field"
+    )
+    common.add_argument("--config-json", help=argparse.SUPPRESS)  # a whole config (TrainJobs)
+
+    parser = argparse.ArgumentParser(prog="lumos", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", parents=[common], help="show the resolved config or its schema")
+    p.add_argument("action", choices=["show", "schema"])
+    p.set_defaults(func=cmd_config)
+
+    data = sub.add_parser("data", help="the embedded default dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("synth", parents=[common], help="generate the embedded default dataset")
+    p.add_argument("--out", required=True, help="directory or s3:// URI")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", parents=[common], help="raw images -> sharded dataset")
+    p.add_argument("--source", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument(
+        "--multiframe", action="store_true", help="views/clips: no near-duplicate detection"
+    )
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("featurize", parents=[common], help="cache latents and embeddings")
+    p.add_argument("--dataset", required=True)
+    p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("pretrain", parents=[common], help="pretrain the I2I model")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="checkpoint URI (resumes if one is there)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", parents=[common], help="fine-tune a head from I2I")
+    p.add_argument("--head", required=True, choices=["t2i", "novel_view", "video"])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--init", required=True, help="the I2I checkpoint URI")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", parents=[common], help="metrics, report and gate verdict")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--compare-promoted", action="store_true", help="gate against the promoted model too"
+    )
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", parents=[common], help="ONNX (+TensorRT) export, checked")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("promote", parents=[common], help="registry record + InferenceService")
+    p.add_argument("--export", required=True)
+    p.add_argument("--evaluation", required=True, help="the evaluate step's output URI")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("run", parents=[common], help="the whole pipeline through kfp.local")
+    p.add_argument("--run-dir", help="where everything goes (default runs/<timestamp>)")
+    p.add_argument(
+        "--runs-root", help="store data under this URI instead (e.g. s3://bucket/runs)"
+    )
+    p.add_argument("--json", help="also write the summary as JSON to this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every step's full log")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", parents=[common], help="compile the pipeline to IR YAML")
+    p.add_argument("--out", default="lumos_pipeline.yaml")
+    p.set_defaults(func=cmd_compile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lumos.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as err:
+        print(f"lumos: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The pipeline configuration: one strict model composing every stage's config, plus presets.
+
+Defaults are the paper's recipe (Lumos-XL/2 on GPU nodes); a preset is a short YAML of overrides
+(`presets/tiny.yaml` for a CPU laptop, `presets/xl.yaml` for a GPU cluster). A config is validated
+once, at the entry point (`lumos ...` or the first pipeline step), and fails before any work starts
+with one line per bad field.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lumos.data.ingest import IngestConfig
+from lumos.data.synthetic import SynthConfig
+from lumos.evaluation.evaluate import EvaluateConfig
+from lumos.export.onnx_export import ExportConfig
+from lumos.k8s.trainjob import DistributedConfig
+from lumos.serving.promote import PromoteConfig
+from lumos.training.featurize import FeaturizeConfig
+from lumos.training.train import TrainConfig
+
+PRESETS = ("tiny", "xl")
+FINETUNE_HEADS = ("t2i", "novel_view", "video")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every bad field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Toleration(Strict):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class ClusterConfig(Strict):
+    """Where the pipeline's steps run on Kubernetes (ignored by the local runner)."""
+
+    image: str = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
+    gpus_per_step: int = Field(1, ge=0, description="GPUs for featurize/train/evaluate/export steps")
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+    )
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu")]
+    )
+    s3_secret: str = Field("lumos-s3", description="Secret with LUMOS_S3_ENDPOINT and AWS_* keys")
+    shm_size_gib: int = Field(16, ge=1, description="/dev/shm for data-loader workers")
+    distributed: DistributedConfig | None = Field(
+        None, description="Pretrain as a Kubeflow Trainer TrainJob over several nodes when set"
+    )
+
+
+class DataConfig(Strict):
+    """The raw sources. Empty means: generate the embedded default dataset."""
+
+    images_uri: str = ""
+    views_uri: str = ""
+    clips_uri: str = ""
+    ingest_partitions: int = Field(2, ge=1, description="ParallelFor fan-out of image ingest")
+
+
+class FinetuneConfig(Strict):
+    t2i: TrainConfig = Field(default_factory=lambda: TrainConfig(head="t2i"))
+    novel_view: TrainConfig = Field(default_factory=lambda: TrainConfig(head="novel_view"))
+    video: TrainConfig = Field(default_factory=lambda: TrainConfig(head="video"))
+
+    @model_validator(mode="after")
+    def _heads_match(self) -> FinetuneConfig:
+        for name in FINETUNE_HEADS:
+            head = getattr(self, name).head
+            if head != name:
+                raise ValueError(f"finetune.{name}.head must be '{name}', got '{head}'")
+        return self
+
+
+class PipelineConfig(Strict):
+    name: str = Field("lumos", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    preset: str | None = None
+    runs_root: str = Field(
+        "s3://lumos/runs", description="Each run writes under runs_root/<run id> (local dir or s3://)"
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    featurize: FeaturizeConfig = Field(default_factory=FeaturizeConfig)
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(head="i2i"))
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _pretrain_is_i2i(self) -> PipelineConfig:
+        if self.pretrain.head != "i2i":
+            raise ValueError(f"pretrain.head must be 'i2i', got '{self.pretrain.head}'")
+        return self
+
+    def multiframe_ingest(self) -> IngestConfig:
+        """Ingest settings for the views and clips datasets: their frames are legitimately alike,
+        so near-duplicate detection (which would drop them) is off; exact dedup stays on."""
+        return self.ingest.model_copy(update={"near_duplicate_distance": None})
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    text = resources.files("lumos.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_set(assignments: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` pairs (values parsed as YAML scalars) into a nested override dict."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"--set has an empty key in '{item}'")
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = [f"invalid config ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)})"
+        lines.append(f"  - {where}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    preset: str | None = "tiny",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> PipelineConfig:
+    """Defaults <- preset <- config file <- --set overrides, validated once."""
+    data: dict[str, Any] = {}
+    if preset:
+        data = deep_merge(data, preset_overrides(preset))
+        data["preset"] = preset
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        data = deep_merge(data, loaded)
+    if overrides:
+        data = deep_merge(data, parse_set(overrides))
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any] | str) -> PipelineConfig:
+    try:
+        if isinstance(data, str):
+            return PipelineConfig.model_validate_json(data)
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def config_schema() -> dict[str, Any]:
+    return PipelineConfig.model_json_schema()

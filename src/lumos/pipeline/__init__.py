@@ -1,0 +1,1 @@
+"""Running the Lumos pipeline: the step functions the KFP components call, and the local run."""

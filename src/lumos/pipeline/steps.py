@@ -1,0 +1,277 @@
+"""One function per pipeline step: validate the config, call the stage, describe the output.
+
+The KFP components in `components/` are one-line calls into these, so every step also runs (and is
+tested) without KFP. Artifacts passed between steps are small JSON descriptors (the stage's result)
+whose `uri` points at the data in the run root: big data stays in the object store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from lumos.config import PipelineConfig, validate_config
+from lumos.pipeline.layout import HEAD_DATASET, RunLayout, join_uri
+
+
+class KfpArtifact(Protocol):
+    """What the steps use of a KFP artifact (`dsl.Output[...]` / `dsl.Input[...]`)."""
+
+    path: str
+    metadata: dict[str, Any]
+
+
+def describe(artifact: KfpArtifact, uri: str, result: BaseModel | dict[str, Any]) -> None:
+    """Write the stage's result as the artifact's content, and its URI into the metadata."""
+    payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps({"uri": uri, "result": payload}, indent=2))
+    artifact.metadata["uri"] = uri
+
+
+def described_uri(artifact: KfpArtifact) -> str:
+    if "uri" in artifact.metadata:
+        return str(artifact.metadata["uri"])
+    return str(json.loads(Path(artifact.path).read_text())["uri"])
+
+
+def described_result(artifact: KfpArtifact) -> dict[str, Any]:
+    return json.loads(Path(artifact.path).read_text())["result"]
+
+
+def default_sources(config_json: str, runs_root: str, run_id: str) -> tuple[str, str, str, str]:
+    """This run's root, and the three raw sources: the configured ones, or the embedded default
+    dataset generated into the run root."""
+    from lumos.data.synthetic import generate_default_dataset
+
+    cfg = validate_config(config_json)
+    run_root = join_uri(runs_root, run_id)
+    layout = RunLayout(run_root)
+    given = (cfg.data.images_uri, cfg.data.views_uri, cfg.data.clips_uri)
+    if all(given):
+        return (run_root, *given)
+    if any(given):
+        raise ValueError(
+            "data.images_uri, data.views_uri and data.clips_uri must be given together "
+            f"(got images={given[0]!r}, views={given[1]!r}, clips={given[2]!r}); "
+            "leave all three empty to use the embedded default dataset"
+        )
+    generate_default_dataset(cfg.synth, join_uri(run_root, "source"))
+    return run_root, layout.source("images"), layout.source("views"), layout.source("clips")
+
+
+def _ingest_config(cfg: PipelineConfig, kind: str):
+    return cfg.ingest if kind == "images" else cfg.multiframe_ingest()
+
+
+def ingest_step(
+    config_json: str, source_uri: str, run_root: str, kind: str, dataset: KfpArtifact
+) -> None:
+    from lumos.data.ingest import ingest
+
+    cfg = validate_config(config_json)
+    dataset_uri = RunLayout(run_root).dataset(kind)
+    result = ingest(_ingest_config(cfg, kind), source_uri, dataset_uri)
+    describe(dataset, dataset_uri, result)
+
+
+def ingest_plan_step(config_json: str, source_uri: str) -> list[str]:
+    from lumos.data.ingest import plan_partitions
+
+    cfg = validate_config(config_json)
+    return plan_partitions(source_uri, cfg.data.ingest_partitions)
+
+
+def ingest_partition_step(
+    config_json: str, source_uri: str, run_root: str, kind: str, partition: str
+) -> str:
+    from lumos.data.ingest import ingest_partition
+
+    cfg = validate_config(config_json)
+    index = int(json.loads(partition)["index"])
+    staging_uri = RunLayout(run_root).staging(kind, index)
+    ingest_partition(_ingest_config(cfg, kind), source_uri, staging_uri, partition)
+    return staging_uri
+
+
+def ingest_merge_step(
+    config_json: str, staging_uris: list[str], run_root: str, kind: str, dataset: KfpArtifact
+) -> None:
+    from lumos.data.ingest import merge_partitions
+
+    cfg = validate_config(config_json)
+    dataset_uri = RunLayout(run_root).dataset(kind)
+    result = merge_partitions(_ingest_config(cfg, kind), list(staging_uris), dataset_uri)
+    describe(dataset, dataset_uri, result)
+
+
+def featurize_step(config_json: str, dataset: KfpArtifact, features: KfpArtifact) -> None:
+    from lumos.training.featurize import featurize
+
+    cfg = validate_config(config_json)
+    dataset_uri = described_uri(dataset)
+    result = featurize(cfg.featurize, dataset_uri)
+    describe(features, dataset_uri, result)
+
+
+def _train_config(cfg: PipelineConfig, head: str):
+    return cfg.pretrain if head == "i2i" else getattr(cfg.finetune, head)
+
+
+def train_step(
+    config_json: str,
+    head: str,
+    run_root: str,
+    features: KfpArtifact,
+    checkpoint: KfpArtifact,
+    init_from: KfpArtifact | None = None,
+) -> None:
+    """Pretrain (head i2i) or fine-tune a head. On a cluster with `cluster.distributed` set the
+    pretraining runs as a Kubeflow Trainer TrainJob; with several local GPUs, under accelerate."""
+    cfg = validate_config(config_json)
+    dataset_uri = described_uri(features)
+    out_uri = RunLayout(run_root).checkpoint(head)
+    init_uri = described_uri(init_from) if init_from is not None else None
+    cli_args = ["--dataset", dataset_uri, "--out", out_uri]
+    if init_uri:
+        cli_args += ["--init", init_uri]
+    dist = cfg.cluster.distributed
+    if head == "i2i" and dist is not None and dist.num_nodes * dist.gpus_per_node > 1:
+        result = _train_as_trainjob(cfg, config_json, head, cli_args)
+    elif _local_gpu_count() > 1:
+        result = _train_with_accelerate(config_json, head, cli_args, out_uri)
+    else:
+        from lumos.training.train import train
+
+        result = train(_train_config(cfg, head), dataset_uri, out_uri, init_from=init_uri)
+    describe(checkpoint, out_uri, result)
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _stage_command(head: str, cli_args: list[str]) -> list[str]:
+    return ["pretrain", *cli_args] if head == "i2i" else ["finetune", "--head", head, *cli_args]
+
+
+def _train_with_accelerate(config_json: str, head: str, cli_args: list[str], out_uri: str):
+    from lumos.training.checkpoint import read_checkpoint_meta
+
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", str(_local_gpu_count()), "-m", "lumos.cli",
+        *_stage_command(head, cli_args), "--config-json", config_json,
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, env=os.environ.copy())
+    return read_checkpoint_meta(out_uri)
+
+
+def _train_as_trainjob(cfg: PipelineConfig, config_json: str, head: str, cli_args: list[str]):
+    from lumos.k8s.trainjob import launch_and_wait, render_trainjob
+
+    assert cfg.cluster.distributed is not None
+    command = ["lumos", *_stage_command(head, cli_args), "--config-json", config_json]
+    name = f"{cfg.name}-{head}-{os.environ.get('KFP_RUN_ID', 'run')[:8]}".lower()
+    job = render_trainjob(cfg.cluster.distributed, command, name)
+    print("launching TrainJob:", name, shlex.join(command[:4]), "...", flush=True)
+    outcome = launch_and_wait(job)
+    out_uri = cli_args[cli_args.index("--out") + 1]
+    from lumos.training.checkpoint import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(out_uri)
+    return {"trainjob": outcome.model_dump(mode="json"), "checkpoint": meta, "uri": join_uri(out_uri)}
+
+
+def evaluate_step(
+    config_json: str,
+    head: str,
+    run_root: str,
+    checkpoint: KfpArtifact,
+    features: KfpArtifact,
+    metrics: Any,
+    report: KfpArtifact,
+    evaluation: KfpArtifact,
+) -> bool:
+    """Evaluate a head against the eval split, compare with the promoted model, gate it."""
+    from lumos.evaluation.evaluate import evaluate
+    from lumos.serving.promote import current_promoted
+
+    cfg = validate_config(config_json)
+    out_uri = RunLayout(run_root).evaluation(head)
+    promoted = current_promoted(cfg.promote.registry_uri, head)
+    baseline = promoted.get("metrics") if promoted else None
+    result = evaluate(
+        cfg.evaluate, described_uri(checkpoint), described_uri(features), out_uri, baseline=baseline
+    )
+    for name, value in result.metrics.items():
+        metrics.log_metric(name, float(value))
+    metrics.log_metric("passed", 1.0 if result.passed else 0.0)
+    _copy_report(result, report)
+    describe(evaluation, out_uri, result)
+    return bool(result.passed)
+
+
+def _copy_report(result: Any, report: KfpArtifact) -> None:
+    from lumos.storage import Storage
+
+    uri = str(result.report_uri)
+    parent, _, name = uri.rpartition("/")
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report.path).write_bytes(Storage.from_uri(parent).read_bytes(name))
+    report.metadata["uri"] = uri
+
+
+def export_step(
+    config_json: str, head: str, run_root: str, checkpoint: KfpArtifact, exported: KfpArtifact
+) -> None:
+    from lumos.export.onnx_export import export
+
+    cfg = validate_config(config_json)
+    out_uri = RunLayout(run_root).export(head)
+    result = export(cfg.export, described_uri(checkpoint), out_uri)
+    describe(exported, out_uri, result)
+
+
+def promote_step(
+    config_json: str,
+    head: str,
+    run_root: str,
+    exported: KfpArtifact,
+    evaluation: KfpArtifact,
+    manifest: KfpArtifact,
+) -> None:
+    from lumos.evaluation.evaluate import EvalResult
+    from lumos.serving.promote import promote
+
+    cfg = validate_config(config_json)
+    out_uri = RunLayout(run_root).serving(head)
+    eval_result = EvalResult.model_validate(described_result(evaluation))
+    result = promote(cfg.promote, described_uri(exported), eval_result, out_uri)
+    describe(manifest, out_uri, result)
+
+
+__all__ = [
+    "HEAD_DATASET",
+    "default_sources",
+    "describe",
+    "described_uri",
+    "evaluate_step",
+    "export_step",
+    "featurize_step",
+    "ingest_merge_step",
+    "ingest_partition_step",
+    "ingest_plan_step",
+    "ingest_step",
+    "promote_step",
+    "train_step",
+]
