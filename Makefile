@@ -33,6 +33,7 @@ lint: setup
 
 compile: setup
 	$(BIN)/python -m pipelines.lumos_pipeline
+	$(BIN)/python -m lumos.k8s.pipeline_resources
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,8 +7,7 @@ the Kubeflow UI can change the recipe. `python -m pipelines.lumos_pipeline` comp
 preset to `pipelines/lumos_pipeline.yaml` (a test fails when that file is stale).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: kfp reads the pipeline signature's real types.
 import argparse
 from pathlib import Path
 
@@ -66,7 +65,9 @@ def build_pipeline(cfg: PipelineConfig):
         description="Lumos: I2I pretraining on unlabeled images, fine-tuned T2I / novel-view / "
         "video heads, evaluated, exported to ONNX and promoted to KServe.",
     )
-    def lumos_pipeline(runs_root: str = cfg.runs_root, config_json: str = default_config_json) -> str:
+    def lumos_pipeline(
+        runs_root: str = cfg.runs_root, config_json: str = default_config_json
+    ) -> str:
         def cpu(task):
             return _on_cluster(task, cfg, gpu=False)
 
@@ -113,8 +114,9 @@ def build_pipeline(cfg: PipelineConfig):
             ).set_display_name(f"ingest-{kind}")
 
         features = {
-            kind: gpu(featurize(config_json=config_json, dataset=task.outputs["dataset"]))
-            .set_display_name(f"featurize-{kind}")
+            kind: gpu(
+                featurize(config_json=config_json, dataset=task.outputs["dataset"])
+            ).set_display_name(f"featurize-{kind}")
             for kind, task in datasets.items()
         }
 

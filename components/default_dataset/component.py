@@ -6,9 +6,9 @@ from components import LUMOS_IMAGE
 
 
 @dsl.component(base_image=LUMOS_IMAGE, install_kfp_package=False)
-def default_dataset(
-    config_json: str, runs_root: str, run_id: str
-) -> NamedTuple("Sources", run_root=str, images_uri=str, views_uri=str, clips_uri=str):  # noqa: F821
+def default_dataset(config_json: str, runs_root: str, run_id: str) -> NamedTuple(
+    "Sources", run_root=str, images_uri=str, views_uri=str, clips_uri=str
+):  # noqa: F821
     """This run's root (runs_root/run_id), and the configured raw sources or the embedded default
     dataset generated into it."""
     from collections import namedtuple

@@ -89,18 +89,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from lumos.evaluation.evaluate import evaluate
     from lumos.serving.promote import current_promoted
+    from lumos.training.checkpoint import read_checkpoint_meta
 
     cfg = _config(args)
-    result = evaluate(cfg.evaluate, args.checkpoint, args.dataset, args.out)
-    promoted = None
+    baseline = None
     if args.compare_promoted:
-        head = result.head
+        head = read_checkpoint_meta(args.checkpoint)["head"]
         promoted = current_promoted(cfg.promote.registry_uri, head)
-        if promoted:
-            result = evaluate(
-                cfg.evaluate, args.checkpoint, args.dataset, args.out, baseline=promoted["metrics"]
-            )
-    _print_result(result)
+        baseline = promoted["metrics"] if promoted else None
+    _print_result(
+        evaluate(cfg.evaluate, args.checkpoint, args.dataset, args.out, baseline=baseline)
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -115,7 +114,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
     from lumos.storage import Storage
 
     cfg = _config(args)
-    eval_result = EvalResult.model_validate(Storage.from_uri(args.evaluation).read_json("eval.json"))
+    eval_result = EvalResult.model_validate(
+        Storage.from_uri(args.evaluation).read_json("eval.json")
+    )
     _print_result(promote(cfg.promote, args.export, eval_result, args.out))
 
 
@@ -206,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="the whole pipeline through kfp.local")
     p.add_argument("--run-dir", help="where everything goes (default runs/<timestamp>)")
-    p.add_argument(
-        "--runs-root", help="store data under this URI instead (e.g. s3://bucket/runs)"
-    )
+    p.add_argument("--runs-root", help="store data under this URI instead (e.g. s3://bucket/runs)")
     p.add_argument("--json", help="also write the summary as JSON to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="show every step's full log")
     p.set_defaults(func=cmd_run)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +20,7 @@ from lumos.data.ingest import IngestConfig
 from lumos.data.synthetic import SynthConfig
 from lumos.evaluation.evaluate import EvaluateConfig
 from lumos.export.onnx_export import ExportConfig
+from lumos.k8s.resources import Toleration
 from lumos.k8s.trainjob import DistributedConfig
 from lumos.serving.promote import PromoteConfig
 from lumos.training.featurize import FeaturizeConfig
@@ -37,18 +38,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class Toleration(Strict):
-    key: str
-    operator: Literal["Equal", "Exists"] = "Exists"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
-
-
 class ClusterConfig(Strict):
     """Where the pipeline's steps run on Kubernetes (ignored by the local runner)."""
 
     image: str = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
-    gpus_per_step: int = Field(1, ge=0, description="GPUs for featurize/train/evaluate/export steps")
+    gpus_per_step: int = Field(
+        1, ge=0, description="GPUs for featurize/train/evaluate/export steps"
+    )
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )
@@ -68,13 +64,23 @@ class DataConfig(Strict):
     images_uri: str = ""
     views_uri: str = ""
     clips_uri: str = ""
+    datasets_root: str = Field(
+        "",
+        description="Where ingested datasets live across runs (scheduled retraining ingests "
+        "incrementally into them); empty: inside each run's root",
+    )
     ingest_partitions: int = Field(2, ge=1, description="ParallelFor fan-out of image ingest")
 
 
 class FinetuneConfig(Strict):
-    t2i: TrainConfig = Field(default_factory=lambda: TrainConfig(head="t2i"))
-    novel_view: TrainConfig = Field(default_factory=lambda: TrainConfig(head="novel_view"))
-    video: TrainConfig = Field(default_factory=lambda: TrainConfig(head="video"))
+    """Brief fine-tunes from the I2I checkpoint. T2I: the paper's 65K steps (PixArt-alpha used
+    240K); the 3D and video step counts are ours (not published)."""
+
+    t2i: TrainConfig = Field(default_factory=lambda: TrainConfig(head="t2i", steps=65_000))
+    novel_view: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(head="novel_view", steps=20_000)
+    )
+    video: TrainConfig = Field(default_factory=lambda: TrainConfig(head="video", steps=20_000))
 
     @model_validator(mode="after")
     def _heads_match(self) -> FinetuneConfig:
@@ -89,7 +95,8 @@ class PipelineConfig(Strict):
     name: str = Field("lumos", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     preset: str | None = None
     runs_root: str = Field(
-        "s3://lumos/runs", description="Each run writes under runs_root/<run id> (local dir or s3://)"
+        "s3://lumos/runs",
+        description="Each run writes under runs_root/<run id> (local dir or s3://)",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
@@ -177,7 +184,9 @@ def load_config(
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping, got {type(loaded).__name__}"
+            )
         data = deep_merge(data, loaded)
     if overrides:
         data = deep_merge(data, parse_set(overrides))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ def summarize(run_dir: Path, run_root: str, seconds: float, error: str | None) -
             diffs = exported.get("max_abs_diff") or {}
             h.export_max_abs_diff = max(diffs.values()) if diffs else None
         serving = Storage.from_uri(layout.serving(head))
-        if _read_json(serving, "promotion.json") is not None:
+        if serving.exists("inferenceservice.yaml"):
             h.serving_manifest_uri = f"{serving.uri.rstrip('/')}/inferenceservice.yaml"
         heads.append(h)
     return RunSummary(
@@ -108,18 +109,34 @@ def summarize(run_dir: Path, run_root: str, seconds: float, error: str | None) -
 
 
 class _StepLog(io.TextIOBase):
-    """Keeps the KFP executor chatter in a log file and shows one line per finished step."""
+    """Keeps the KFP executor chatter in a log file and shows one line per step start/finish."""
 
-    def __init__(self, log_file: Path, echo: bool) -> None:
+    def __init__(self, log_file: Path, echo_all: bool) -> None:
         self._file = log_file.open("a")
-        self._echo = echo
+        self._echo_all = echo_all
+        self._t0 = time.monotonic()
+        self._pending = ""
 
     def write(self, text: str) -> int:
         self._file.write(text)
         self._file.flush()
-        if self._echo:
+        if self._echo_all:
             sys.__stdout__.write(text)
+            return len(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if "Pipeline" in line or not (
+                "Executing task" in line or "finished with status" in line
+            ):
+                continue
+            clean = _ANSI.sub("", line.split(" - ", 2)[-1]).strip()
+            sys.__stdout__.write(f"  [{time.monotonic() - self._t0:6.1f}s] {clean}\n")
+            sys.__stdout__.flush()
         return len(text)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def run_local(
@@ -141,19 +158,23 @@ def run_local(
     )
     pipeline = build_pipeline(cfg)
     print(f"lumos run: {run_dir} (step logs: {log_file})", flush=True)
-    progress = _ProgressHandler()
-    kfp_logger = logging.getLogger("kfp.local")
-    kfp_logger.addHandler(progress)
     start = time.monotonic()
     error = None
     run_root = None
+    step_log = _StepLog(log_file, echo_all=verbose)
     try:
-        with contextlib.redirect_stdout(_StepLog(log_file, echo=verbose)):
+        with (
+            contextlib.redirect_stdout(step_log),
+            contextlib.redirect_stderr(step_log),
+            warnings.catch_warnings(),
+        ):
+            # The local runner ignores display names and runs steps in this environment instead
+            # of the cluster image; both are expected here.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
             run_root = pipeline(runs_root=runs_root, config_json=cfg.model_dump_json()).output
     except Exception as err:  # the pipeline failed: summarise what exists and say where
-        error = f"{type(err).__name__}: {err} (see {log_file})"
-    finally:
-        kfp_logger.removeHandler(progress)
+        error = f"{_ANSI.sub('', str(err))} (see {log_file})"
     if run_root is None:
         run_root = _latest_run_root(runs_root)
     return summarize(run_dir, run_root or runs_root, time.monotonic() - start, error)
@@ -165,19 +186,3 @@ def _latest_run_root(runs_root: str) -> str | None:
         return None
     runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     return str(runs[-1]) if runs else None
-
-
-class _ProgressHandler(logging.Handler):
-    """One line per step start/finish from kfp.local's own log records."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self._t0 = time.monotonic()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if ("Executing task" in msg or "finished with status" in msg) and "Pipeline" not in msg:
-            clean = msg.replace("\x1b[96m", "").replace("\x1b[92m", "").replace("\x1b[0m", "")
-            clean = clean.replace("\x1b[91m", "")
-            sys.__stdout__.write(f"  [{time.monotonic() - self._t0:6.1f}s] {clean}\n")
-            sys.__stdout__.flush()

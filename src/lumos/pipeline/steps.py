@@ -67,6 +67,12 @@ def default_sources(config_json: str, runs_root: str, run_id: str) -> tuple[str,
     return run_root, layout.source("images"), layout.source("views"), layout.source("clips")
 
 
+def _dataset_uri(cfg: PipelineConfig, run_root: str, kind: str) -> str:
+    if cfg.data.datasets_root:
+        return join_uri(cfg.data.datasets_root, kind)
+    return RunLayout(run_root).dataset(kind)
+
+
 def _ingest_config(cfg: PipelineConfig, kind: str):
     return cfg.ingest if kind == "images" else cfg.multiframe_ingest()
 
@@ -77,7 +83,7 @@ def ingest_step(
     from lumos.data.ingest import ingest
 
     cfg = validate_config(config_json)
-    dataset_uri = RunLayout(run_root).dataset(kind)
+    dataset_uri = _dataset_uri(cfg, run_root, kind)
     result = ingest(_ingest_config(cfg, kind), source_uri, dataset_uri)
     describe(dataset, dataset_uri, result)
 
@@ -97,7 +103,13 @@ def ingest_partition_step(
     cfg = validate_config(config_json)
     index = int(json.loads(partition)["index"])
     staging_uri = RunLayout(run_root).staging(kind, index)
-    ingest_partition(_ingest_config(cfg, kind), source_uri, staging_uri, partition)
+    ingest_partition(
+        _ingest_config(cfg, kind),
+        source_uri,
+        staging_uri,
+        partition,
+        dataset_uri=_dataset_uri(cfg, run_root, kind),
+    )
     return staging_uri
 
 
@@ -107,7 +119,7 @@ def ingest_merge_step(
     from lumos.data.ingest import merge_partitions
 
     cfg = validate_config(config_json)
-    dataset_uri = RunLayout(run_root).dataset(kind)
+    dataset_uri = _dataset_uri(cfg, run_root, kind)
     result = merge_partitions(_ingest_config(cfg, kind), list(staging_uris), dataset_uri)
     describe(dataset, dataset_uri, result)
 
@@ -181,15 +193,21 @@ def _train_as_trainjob(cfg: PipelineConfig, config_json: str, head: str, cli_arg
 
     assert cfg.cluster.distributed is not None
     command = ["lumos", *_stage_command(head, cli_args), "--config-json", config_json]
-    name = f"{cfg.name}-{head}-{os.environ.get('KFP_RUN_ID', 'run')[:8]}".lower()
-    job = render_trainjob(cfg.cluster.distributed, command, name)
+    dist = cfg.cluster.distributed
+    run_id = os.environ.get("KFP_RUN_ID", "run")[:8]
+    name = f"{cfg.name}-{head.replace('_', '-')}-{run_id}".lower()
+    job = render_trainjob(dist, command, name)
     print("launching TrainJob:", name, shlex.join(command[:4]), "...", flush=True)
-    outcome = launch_and_wait(job)
+    outcome = launch_and_wait(job, timeout_s=dist.timeout_s, poll_s=dist.poll_s)
     out_uri = cli_args[cli_args.index("--out") + 1]
     from lumos.training.checkpoint import read_checkpoint_meta
 
     meta = read_checkpoint_meta(out_uri)
-    return {"trainjob": outcome.model_dump(mode="json"), "checkpoint": meta, "uri": join_uri(out_uri)}
+    return {
+        "trainjob": outcome.model_dump(mode="json"),
+        "checkpoint": meta,
+        "uri": join_uri(out_uri),
+    }
 
 
 def evaluate_step(

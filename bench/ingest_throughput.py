@@ -1,0 +1,200 @@
+"""Ingest throughput: full ingest against decode-only on the same images, in the same run.
+
+    python bench/ingest_throughput.py                # 400 generated 512x512 JPEGs, 256 px output
+    python bench/ingest_throughput.py --images 2000 --workers 1 2 4
+
+Each measurement reports wall-clock images/s and images per CPU-second (the process's and its
+worker processes' user + system time): the per-core figure, which stays meaningful on a shared,
+busy machine where wall-clock rates swing with other load. Best of --repeat runs.
+
+Measures:
+  decode-only      read + full PIL decode to RGB (the baseline the issue asks us to compare with)
+  prepare (draft)  lumos.data.decode.prepare_image alone, in-process: decode with JPEG
+                   reduce-on-decode, orient, convert, resize + crop, pHash, encode
+  prepare (no draft)  the same with a full decode (what the draft saves)
+  full ingest      lumos.data.ingest.ingest end to end (listing, reading, dedup, shards, report,
+                   manifest) with 1, 2, ... decoding processes
+  reader           lumos.data.reader.iter_samples over the resulting dataset (samples/s)
+Prints a table and writes bench/results/ingest_throughput.json. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from PIL.JpegImagePlugin import JpegImageFile
+
+from lumos.data.decode import ImageRecipe, prepare_image
+from lumos.data.ingest import IngestConfig, ingest
+from lumos.data.reader import iter_samples
+
+RESULTS = Path(__file__).parent / "results" / "ingest_throughput.json"
+
+
+def photo_like(seed: int, side: int) -> bytes:
+    """A JPEG with photo-like statistics: gradients, shapes and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    base = (
+        rng.uniform(0, 255, 3) * x[..., None]
+        + rng.uniform(0, 255, 3) * y[..., None]
+        + rng.uniform(-60, 60, 3) * np.sin(x[..., None] * rng.uniform(2, 12))
+    )
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, side, 2)
+        w, h = rng.integers(side // 16, side // 3, 2)
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            (x0, y0, x0 + w, y0 + h), fill=color
+        )
+    pixels = np.asarray(img, dtype=np.int16) + rng.normal(0, 6, (side, side, 3)).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@dataclass
+class Measurement:
+    workers: int
+    images_per_s: float  # wall clock
+    images_per_cpu_s: float  # per core: images / (CPU seconds of this process and its children)
+
+
+def cpu_seconds() -> float:
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(work: Callable[[], int], workers: int, repeat: int) -> Measurement:
+    """Run `work` (returns the number of images handled) `repeat` times; keep the best rates."""
+    wall, cpu = [], []
+    for _ in range(repeat):
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        n = work()
+        wall.append(n / (time.perf_counter() - wall0))
+        cpu.append(n / max(cpu_seconds() - cpu0, 1e-9))
+    return Measurement(workers, max(wall), max(cpu))
+
+
+def decode_only(datas: list[bytes]) -> int:
+    for data in datas:
+        with Image.open(io.BytesIO(data)) as img:
+            img.convert("RGB")
+    return len(datas)
+
+
+def prepare_all(datas: list[bytes], recipe: ImageRecipe, draft: bool) -> int:
+    original_draft = JpegImageFile.draft
+    if not draft:  # disable reduce-on-decode for this comparison only
+        JpegImageFile.draft = lambda self, mode, size: None  # type: ignore[method-assign]
+    try:
+        for data in datas:
+            prepare_image(data, recipe)
+    finally:
+        JpegImageFile.draft = original_draft  # type: ignore[method-assign]
+    return len(datas)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=3, help="best of N runs per measurement")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="lumos-bench-") as tmp:
+        source = Path(tmp) / "raw"
+        source.mkdir()
+        for i in range(args.images):
+            (source / f"img-{i:06d}.jpg").write_bytes(photo_like(i, args.side))
+        files = sorted(source.iterdir())
+        datas = [p.read_bytes() for p in files]
+        source_mb = sum(len(d) for d in datas) / 1e6
+        cfg = IngestConfig(resolution=args.resolution, near_duplicate_distance=4)
+        recipe = cfg.recipe()
+        datasets: list[str] = []
+
+        def full_ingest(workers: int) -> int:
+            datasets.append(str(Path(tmp) / f"ds-{len(datasets)}"))
+            run_cfg = cfg.model_copy(update={"workers": workers})
+            result = ingest(run_cfg, str(source), datasets[-1], progress=False)
+            assert result.ingested == args.images, result
+            return result.ingested
+
+        def read_all() -> int:
+            return sum(1 for _ in iter_samples(datasets[-1], shuffle_buffer=256))
+
+        decode_only(datas[:20])  # warm up PIL's plugins
+        load_before = os.getloadavg()[0]
+        rows: dict[str, Measurement] = {
+            "decode-only (full decode)": measure(lambda: decode_only(datas), 1, args.repeat),
+            "prepare_image, JPEG draft": measure(
+                lambda: prepare_all(datas, recipe, True), 1, args.repeat
+            ),
+            "prepare_image, no draft": measure(
+                lambda: prepare_all(datas, recipe, False), 1, args.repeat
+            ),
+        }
+        for workers in args.workers:
+            rows[f"full ingest, {workers} worker(s)"] = measure(
+                lambda w=workers: full_ingest(w), workers, args.repeat
+            )
+        rows["reader iter_samples (shuffle 256)"] = measure(read_all, 1, args.repeat)
+        load_after = os.getloadavg()[0]
+
+    baseline = rows["decode-only (full decode)"].images_per_cpu_s
+    cores = os.cpu_count()
+    print(
+        f"\n{args.images} JPEGs {args.side}x{args.side} ({source_mb:.1f} MB) -> {args.resolution} px; "
+        f"{cores} CPU cores; best of {args.repeat}; "
+        f"load average {load_before:.1f} before, {load_after:.1f} after"
+    )
+    print(
+        f"{'measurement':36s} {'workers':>7s} {'img/s wall':>11s} {'img/s/core':>11s} {'x decode-only':>14s}"
+    )
+    for name, row in rows.items():
+        print(
+            f"{name:36s} {row.workers:7d} {row.images_per_s:11.1f} {row.images_per_cpu_s:11.1f} "
+            f"{row.images_per_cpu_s / baseline:14.2f}"
+        )
+    summary = {
+        "images": args.images,
+        "side": args.side,
+        "resolution": args.resolution,
+        "source_mb": round(source_mb, 2),
+        "cpu_cores": cores,
+        "python": platform.python_version(),
+        "pillow": Image.__version__,
+        "repeat": args.repeat,
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "rows": {
+            name: {**asdict(row), "per_core_vs_decode_only": row.images_per_cpu_s / baseline}
+            for name, row in rows.items()
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

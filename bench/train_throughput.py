@@ -1,0 +1,436 @@
+"""Training throughput of Lumos-XL/2 at 256 px against a plain-PyTorch reference, in one run.
+
+    python bench/train_throughput.py                       # XL/2, batch 64, CUDA, ref,lumos,lumos-bf16w
+    python bench/train_throughput.py --variants ref,lumos,lumos-bf16w-maxautotune
+    python bench/train_throughput.py --size tiny --device cpu --steps 2     # CPU smoke test
+
+What one step is: cached latents (B, 4, 32, 32) and one DINO CLS (B, 768) per image, q_sample,
+forward, epsilon MSE plus a small stand-in for the vb term on the variance channels (so every
+output channel gets a gradient), backward, AdamW (fused on CUDA), zero_grad. Data loading and the
+frozen encoders are excluded (features are cached in this project).
+
+Variants are a base (`ref` | `lumos`) with modifiers joined by `-` or `+`:
+  bf16w        bf16 weights and activations, fp32 master weights in the optimizer (else: fp32
+               weights under bf16 autocast, as the reference)
+  eager        no torch.compile
+  maxautotune  torch.compile(mode="max-autotune-no-cudagraphs") (compiles for several minutes)
+  cudagraphs   torch.compile(mode="max-autotune") (with CUDA graphs)
+  cudnn|flash  force that SDPA backend
+The reference is the Lumos layout written plainly: DiT blocks with separate q/k/v/out linears,
+SDPA, and a cross-attention that really attends to its one condition token.
+
+FLOPs: counted with torch.utils.flop_counter on one eager step of each model. TFLOP/s and MFU
+use the *reference layout's* FLOPs for every variant (model FLOPs, so a variant that skips exact
+work is credited with speed, not with FLOPs); the executed FLOPs are reported beside them. MFU is
+against the bf16 matmul ceiling measured in the same run (8192^3, median of 10).
+
+Imports only torch, diffusers and lumos/models/lumos_dit.py (loaded by path when the project is
+not installed), so it runs on a GPU image without the project's other dependencies.
+Writes JSON to $OUT/train_throughput.json, else bench/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_lumos_dit():
+    """lumos/models/lumos_dit.py by path: the package __init__s pull in pydantic, this does not."""
+    path = REPO / "src" / "lumos" / "models" / "lumos_dit.py"
+    if not path.exists():
+        import lumos.models.lumos_dit as module
+
+        return module
+    spec = importlib.util.spec_from_file_location("lumos_dit_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+lumos_dit_module = load_lumos_dit()
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain-PyTorch reference of the same layout (what "compiled reference" means in BENCHMARKS)
+# ----------------------------------------------------------------------------------------------
+class RefAttention(nn.Module):
+    """Unfused q, k, v, out linears and SDPA; attends to `context` (itself when None)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        n, t, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)  # (N, H, T, Dh)
+        k = self.k(context).reshape(n, context.shape[1], h, d // h).transpose(1, 2)  # (N, H, L, Dh)
+        v = self.v(context).reshape(n, context.shape[1], h, d // h).transpose(1, 2)  # (N, H, L, Dh)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = RefAttention(dim, num_heads)
+        self.cross_attn = RefAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU("tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s1, sc1, g1, s2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # (N, D) each
+        h = self.norm1(x) * (1 + sc1[:, None]) + s1[:, None]  # (N, T, D)
+        x = x + g1[:, None] * self.attn(h)  # (N, T, D)
+        x = x + self.cross_attn(x, y)  # (N, T, D)
+        h = self.norm2(x) * (1 + sc2[:, None]) + s2[:, None]  # (N, T, D)
+        return x + g2[:, None] * self.mlp(h)  # (N, T, D)
+
+
+class RefDiT(nn.Module):
+    """The Lumos layout written plainly (DiT-style), same widths and parameter count."""
+
+    def __init__(self, input_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, cond_dim=768, cond_dropout_prob=0.1, **_):  # fmt: skip
+        super().__init__()
+        self.patch_size, self.out_channels = patch_size, 2 * in_channels
+        self.cond_dropout_prob = cond_dropout_prob
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        grid = input_size // patch_size
+        pos = lumos_dit_module.get_2d_sincos_pos_embed(hidden_size, grid, grid, grid, 1.0)
+        self.register_buffer("pos_embed", pos, persistent=False)
+        self.t_embedder = nn.Sequential(
+            nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.y_embedder = nn.Sequential(
+            nn.Linear(cond_dim, hidden_size), nn.GELU("tanh"), nn.Linear(hidden_size, hidden_size)
+        )
+        self.register_buffer("null_embedding", torch.randn(1, cond_dim) / cond_dim**0.5)
+        self.blocks = nn.ModuleList(
+            [RefBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+        )
+        self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        n, _, hh, ww = x.shape
+        p = self.patch_size
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        t_freq = lumos_dit_module.sinusoidal_embedding(t, 256)  # (N, 256)
+        c = self.t_embedder(t_freq)  # (N, D)
+        drop = torch.rand(n, device=x.device) < self.cond_dropout_prob  # (N,)
+        y = torch.where(drop[:, None], self.null_embedding, cond)  # (N, Dc)
+        y = self.y_embedder(F.normalize(y, dim=-1)).unsqueeze(1)  # (N, 1, D)
+        for block in self.blocks:
+            x = block(x, c, y)  # (N, T, D)
+        shift, scale = self.final_adaLN(c).chunk(2, dim=1)  # (N, D) each
+        x = self.final_norm(x) * (1 + scale[:, None]) + shift[:, None]  # (N, T, D)
+        x = self.final_linear(x)  # (N, T, p * p * C)
+        x = x.reshape(n, hh // p, ww // p, p, p, self.out_channels)  # (N, gh, gw, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, gh, p, gw, p)
+        return x.reshape(n, self.out_channels, hh, ww)  # (N, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer with fp32 master weights for bf16 models
+# ----------------------------------------------------------------------------------------------
+class MasterWeightAdamW:
+    """AdamW on fp32 copies of bf16 parameters: bf16 compute, fp32 updates (no drift)."""
+
+    def __init__(self, params, **kwargs):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float().clone() for p in self.params]
+        for m in self.master:
+            m.grad = torch.zeros_like(m)
+        self.opt = torch.optim.AdamW(self.master, **kwargs)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        # Parameters without a gradient (the one-token cross-attention never uses its query
+        # projection) get a zero gradient, as they would through a real one-key attention.
+        pairs = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True)]
+        with_grad = [(mg, pg) for mg, pg in pairs if pg is not None]
+        torch._foreach_copy_([mg for mg, _ in with_grad], [pg for _, pg in with_grad])
+        self.opt.step()
+        torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+MODIFIERS = {"bf16w", "eager", "maxautotune", "cudagraphs", "cudnn", "flash"}
+
+
+def parse_variant(name: str) -> tuple[str, set[str]]:
+    parts = name.replace("+", "-").split("-")
+    base, mods = parts[0], set(parts[1:])
+    if base not in ("ref", "lumos") or not mods <= MODIFIERS:
+        raise SystemExit(f"bad variant {name!r}: base ref|lumos, modifiers {sorted(MODIFIERS)}")
+    return base, mods
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device, size: int, repeats: int = 10) -> float:
+    """bf16 matmul TFLOP/s, median of `repeats` single matmuls."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def build_model(base: str, size: str) -> nn.Module:
+    config = lumos_dit_module.lumos_dit_config(size)
+    if base == "lumos":
+        return lumos_dit_module.LumosDiT(**config)
+    return RefDiT(**config)
+
+
+class Step:
+    """One training step of a variant: model, optimizer, precision, compile mode, SDPA backend."""
+
+    def __init__(self, base: str, mods: set[str], size: str, device: torch.device, compile_: bool):
+        torch.manual_seed(0)
+        self.device = device
+        self.model = build_model(base, size).to(device).train()
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.bf16_weights = "bf16w" in mods
+        adamw = dict(lr=1e-4, weight_decay=0.03, eps=1e-10)  # PixArt-alpha's recipe
+        adamw["fused" if device.type == "cuda" else "foreach"] = True
+        if self.bf16_weights:
+            self.model.to(torch.bfloat16)
+            self.opt = MasterWeightAdamW(self.model.parameters(), **adamw)
+        else:
+            self.opt = torch.optim.AdamW(self.model.parameters(), **adamw)
+        self.forward = self.model
+        self.compiled = compile_ and "eager" not in mods
+        if self.compiled:
+            mode = "max-autotune-no-cudagraphs" if "maxautotune" in mods else None
+            mode = "max-autotune" if "cudagraphs" in mods else mode
+            self.forward = torch.compile(self.model, mode=mode)
+        self.sdpa = None
+        if mods & {"cudnn", "flash"}:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = SDPBackend.CUDNN_ATTENTION if "cudnn" in mods else SDPBackend.FLASH_ATTENTION
+            self.sdpa = lambda: sdpa_kernel(backend)
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.sqrt_ab = alphas_cumprod.sqrt().float().to(device)
+        self.sqrt_1m_ab = (1 - alphas_cumprod).sqrt().float().to(device)
+
+    def autocast(self):
+        if self.bf16_weights:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def __call__(self, x0, t, noise, cond, forward=None) -> torch.Tensor:
+        forward = forward or self.forward
+        with self.sdpa() if self.sdpa else nullcontext(), self.autocast():
+            a = self.sqrt_ab[t].view(-1, 1, 1, 1)
+            b = self.sqrt_1m_ab[t].view(-1, 1, 1, 1)
+            xt = a * x0 + b * noise  # (B, C, H, W)
+            if self.bf16_weights:
+                xt, cond = xt.bfloat16(), cond.bfloat16()
+            out = forward(xt, t, cond)  # (B, 2C, H, W)
+            eps, var = out.float().chunk(2, dim=1)  # (B, C, H, W) each
+            # Stand-in for the vb term: keeps the variance channels in the backward pass.
+            loss = F.mse_loss(eps, noise) + 1e-3 * var.pow(2).mean()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def count_flops(self, x0, t, noise, cond) -> int:
+        """FLOPs of one eager forward + backward (the optimizer's elementwise work not counted)."""
+        with FlopCounterMode(display=False) as counter:
+            with self.sdpa() if self.sdpa else nullcontext(), self.autocast():
+                a = self.sqrt_ab[t].view(-1, 1, 1, 1)
+                xt = a * x0 + self.sqrt_1m_ab[t].view(-1, 1, 1, 1) * noise
+                if self.bf16_weights:
+                    xt, cond = xt.bfloat16(), cond.bfloat16()
+                out = self.model(xt, t, cond)
+                loss = out.float().pow(2).mean()
+            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def measure(name: str, args, device: torch.device, data, compile_: bool) -> dict:
+    base, mods = parse_variant(name)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step = Step(base, mods, args.size, device, compile_)
+    flops = step.count_flops(*data)
+    compile_start = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step(*data)
+    synchronize(device)
+    warmup_s = time.perf_counter() - compile_start
+    assert torch.isfinite(loss), f"{name}: non-finite loss {loss.item()}"
+    times = []
+    for _ in range(args.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = step(*data)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    assert torch.isfinite(loss), f"{name}: non-finite loss {loss.item()}"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    result = {
+        "variant": name,
+        "params_m": step.num_params / 1e6,
+        "compiled": step.compiled,
+        "bf16_weights": step.bf16_weights,
+        "step_ms_median": 1e3 * statistics.median(times),
+        "step_ms_mean": 1e3 * statistics.mean(times),
+        "img_per_s": args.batch / statistics.median(times),
+        "executed_flops_per_step": flops,
+        "warmup_s": warmup_s,
+        "peak_mem_gib": peak,
+        "final_loss": loss.item(),
+    }
+    del step
+    gc.collect()
+    torch._dynamo.reset()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="XL/2", help="registry size (tiny, S/2, B/2, L/2, XL/2)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps (compile happens here)"
+    )
+    parser.add_argument("--latent", type=int, default=32, help="latent grid (32 = 256 px)")
+    parser.add_argument("--variants", default="ref,lumos,lumos-bf16w")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--compile-on-cpu",
+        action="store_true",
+        help="compile on CPU too (inductor's C++ build takes minutes on 2 cores)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--matmul-size", type=int, default=None, help="default 8192 (CUDA), 512")
+    parser.add_argument("--out", default=None, help="JSON path (default $OUT or bench/results)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer math) on TF32
+        torch.backends.cudnn.allow_tf32 = True
+    compile_ = not args.no_compile and (device.type == "cuda" or args.compile_on_cpu)
+    if not args.no_compile and not compile_:
+        print("note: torch.compile skipped on CPU (pass --compile-on-cpu to force)")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        parse_variant(v)
+
+    ceiling = matmul_ceiling(device, args.matmul_size or (8192 if device.type == "cuda" else 512))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    cond_dim = lumos_dit_module.lumos_dit_config(args.size)["cond_dim"]
+    data = (
+        torch.randn(args.batch, 4, args.latent, args.latent, generator=gen).to(device),
+        torch.randint(0, 1000, (args.batch,), generator=gen).to(device),
+        torch.randn(args.batch, 4, args.latent, args.latent, generator=gen).to(device),
+        torch.randn(args.batch, cond_dim, generator=gen).to(device),
+    )
+    # Model FLOPs: the reference layout's count, used for every variant's TFLOP/s and MFU.
+    ref_flops = Step("ref", set(), args.size, device, compile_=False).count_flops(*data)
+    results = [measure(v, args, device, data, compile_) for v in variants]
+    ref_speed = next((r["img_per_s"] for r in results if r["variant"] == "ref"), None)
+    for r in results:
+        seconds = r["step_ms_median"] / 1e3
+        r["model_flops_per_step"] = ref_flops
+        r["tflops_model"] = ref_flops / seconds / 1e12
+        r["tflops_executed"] = r["executed_flops_per_step"] / seconds / 1e12
+        r["mfu"] = r["tflops_model"] / ceiling
+        r["speedup_vs_ref"] = r["img_per_s"] / ref_speed if ref_speed else None
+
+    report = {
+        "benchmark": "train_throughput",
+        "size": args.size,
+        "batch": args.batch,
+        "latent": args.latent,
+        "steps": args.steps,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "matmul_ceiling_tflops": ceiling,
+        "ref_flops_per_step": ref_flops,
+        "results": results,
+    }
+    header = f"{'variant':<28}{'img/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'exec TF/s':>10}{'MFU':>7}{'vs ref':>8}{'peak GiB':>9}"
+    print(
+        f"\n{args.size}, batch {args.batch}, {args.latent}x{args.latent} latents, {report['device']}"
+    )
+    print(
+        f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s; reference FLOPs/step: {ref_flops / 1e12:.3f} T"
+    )
+    print(header)
+    for r in results:
+        speed = f"{r['speedup_vs_ref']:.2f}x" if r["speedup_vs_ref"] else "-"
+        print(
+            f"{r['variant']:<28}{r['img_per_s']:>9.1f}{r['step_ms_median']:>9.1f}"
+            f"{r['tflops_model']:>9.1f}{r['tflops_executed']:>10.1f}{r['mfu']:>7.1%}{speed:>8}"
+            f"{r['peak_mem_gib']:>9.1f}"
+        )
+    out = Path(args.out) if args.out else (
+        Path(os.environ["OUT"]) / "train_throughput.json" if os.environ.get("OUT")
+        else REPO / "bench" / "results" / "train_throughput.json"
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic dataset, ingest of raw images into shards, and the shard reader."""

@@ -1,0 +1,216 @@
+"""Decode, validate and prepare one image: the per-object work of ingest (runs in worker processes).
+
+`prepare_image(raw, recipe)` returns a `PreparedImage` (the encoded output image, its sizes and
+perceptual hash) or a `Rejection` with a reason from `REJECTION_REASONS`. It never raises on bad
+input: every way an object can be wrong ends in a Rejection, so ingest can account for it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lumos.data.dedup import perceptual_hash
+
+# File name extensions ingest treats as images; everything else is a sidecar or rejected.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# PIL format names accepted (MPO is the multi-picture JPEG some cameras write).
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Every reason an object can be rejected, with what it means (the manifest and report use the keys).
+REJECTION_REASONS = {
+    "empty_file": "the object has zero bytes",
+    "unreadable": "the object could not be read from storage (after retries)",
+    "not_an_image": "the content is not an image PIL can identify",
+    "unsupported_format": "an image, but not JPEG / PNG / WebP / GIF / BMP / TIFF",
+    "truncated_or_corrupt": "the image data is truncated or corrupt",
+    "too_many_pixels": "width x height above max_pixels (decompression-bomb guard)",
+    "too_small": "the shorter side is below min_size",
+    "extreme_aspect_ratio": "long side / short side above max_aspect_ratio",
+    "unsupported_mode": "a pixel mode with no faithful 8-bit RGB conversion (e.g. float)",
+    "invalid_sidecar": "the .json sidecar is not a JSON object or the .txt is not UTF-8",
+    "unsupported_extension": "not an image by its name, and not a sidecar of one",
+    "orphan_sidecar": "a .txt / .json sidecar without an image of the same name",
+}
+
+# EXIF orientations that swap width and height (transpose / rotate 90 / transverse / rotate 270).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """What to make of each image (built from IngestConfig; plain data so it pickles cheaply)."""
+
+    sizes: tuple[tuple[int, int], ...]  # output (width, height): one size, or the aspect buckets
+    min_size: int  # minimum shorter side of the source, in pixels
+    max_aspect_ratio: float  # long / short
+    max_pixels: int
+    background: tuple[int, int, int]  # RGB under transparent pixels
+    image_format: str  # "jpg" or "png"
+    jpeg_quality: int
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    data: bytes  # the encoded output image
+    width: int
+    height: int
+    source_width: int  # after EXIF orientation
+    source_height: int
+    source_format: str  # PIL format name
+    source_mode: str  # PIL mode before conversion
+    phash: int  # 64-bit perceptual hash of the output image
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # a key of REJECTION_REASONS
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.reason in REJECTION_REASONS, f"unknown rejection reason {self.reason!r}"
+
+
+def choose_size(width: int, height: int, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The output size whose aspect ratio is closest (in log space) to width / height."""
+    log_aspect = math.log(width / height)
+    return min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - log_aspect))
+
+
+def cover_crop_box(
+    width: int, height: int, target: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """The centred source box with the target's aspect ratio that covers as much as possible."""
+    tw, th = target
+    scale = max(tw / width, th / height)
+    cw, ch = tw / scale, th / scale
+    left, top = (width - cw) / 2, (height - ch) / 2
+    return (left, top, left + cw, top + ch)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Convert any supported mode to 8-bit RGB; alpha is composited on `background`.
+
+    Raises ValueError for modes without a faithful conversion (the caller rejects the image).
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I;16"):
+        # 16-bit grayscale: keep the high byte (PIL's convert would clip everything above 255 to white).
+        pixels = np.asarray(img).astype(np.uint16) >> 8
+        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+    if mode == "I":
+        # 32-bit integer grayscale, as PIL holds 16-bit sources: scale the 16-bit range to 8 bits.
+        pixels = np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8
+        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        raise ValueError("floating-point pixels have no defined 8-bit range")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    # L, 1, P without transparency, CMYK (PIL undoes Adobe's inverted CMYK when decoding), YCbCr.
+    return img.convert("RGB")
+
+
+def encode_image(img: Image.Image, image_format: str, jpeg_quality: int) -> bytes:
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        img.save(buf, "JPEG", quality=jpeg_quality)
+    elif image_format == "png":
+        img.save(buf, "PNG", compress_level=6)
+    else:
+        raise ValueError(f"unknown image_format {image_format!r}: use 'jpg' or 'png'")
+    return buf.getvalue()
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block: orientation unknown, assume upright
+        orientation = 1
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def prepare_image(raw: bytes, recipe: ImageRecipe) -> PreparedImage | Rejection:
+    """Validate, decode, orient, convert, resize + centre-crop, hash and encode one image."""
+    if not raw:
+        return Rejection("empty_file")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own pixel limit below; PIL's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as err:
+        return Rejection("too_many_pixels", str(err))
+    except UnidentifiedImageError:
+        return Rejection("not_an_image", "PIL cannot identify the content")
+    except Exception as err:
+        return Rejection("truncated_or_corrupt", f"{type(err).__name__}: {err}")
+
+    if img.format == "PNG":
+        # PIL's decoder does not check the PNG chunk CRCs; verify() does (cheaply, no decoding).
+        try:
+            img.verify()
+            img = Image.open(io.BytesIO(raw))
+        except Exception as err:
+            return Rejection("truncated_or_corrupt", f"{type(err).__name__}: {err}")
+    if img.format not in SUPPORTED_FORMATS:
+        return Rejection("unsupported_format", f"format {img.format}")
+    if img.mode == "F":
+        return Rejection("unsupported_mode", "floating-point pixels have no defined 8-bit range")
+    width, height = _oriented_size(img)
+    if width * height > recipe.max_pixels:
+        return Rejection("too_many_pixels", f"{width}x{height} > {recipe.max_pixels} pixels")
+    if min(width, height) < recipe.min_size:
+        return Rejection("too_small", f"{width}x{height}, shorter side < {recipe.min_size}")
+    if max(width, height) / min(width, height) > recipe.max_aspect_ratio:
+        return Rejection(
+            "extreme_aspect_ratio", f"{width}x{height} beyond {recipe.max_aspect_ratio}:1"
+        )
+    target = choose_size(width, height, recipe.sizes)
+    source_mode, source_format = img.mode, img.format
+
+    try:
+        if img.format in ("JPEG", "MPO"):
+            # Reduce-on-decode: libjpeg scales by 1/2, 1/4 or 1/8 in the DCT, never below the
+            # size the cover-resize needs, so most of a large photo is never decoded at all.
+            scale = max(target[0] / width, target[1] / height)
+            need = (math.ceil(width * scale), math.ceil(height * scale))
+            if (img.size[0], img.size[1]) != (width, height):  # EXIF will swap the axes
+                need = (need[1], need[0])
+            img.draft(img.mode if img.mode in ("RGB", "L") else None, need)
+        img.seek(0)  # first frame of an animation
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy for upright images
+    except Exception as err:  # OSError for truncated data, SyntaxError / struct.error for corrupt
+        return Rejection("truncated_or_corrupt", f"{type(err).__name__}: {err}")
+    try:
+        rgb = to_rgb(img, recipe.background)
+    except ValueError as err:
+        return Rejection("unsupported_mode", f"mode {source_mode}: {err}")
+    if rgb.size == target:
+        out = rgb  # already the output size (e.g. after reduce-on-decode): no resampling pass
+    else:
+        box = cover_crop_box(rgb.width, rgb.height, target)
+        out = rgb.resize(target, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+    return PreparedImage(
+        data=encode_image(out, recipe.image_format, recipe.jpeg_quality),
+        width=out.width,
+        height=out.height,
+        source_width=width,
+        source_height=height,
+        source_format=source_format,
+        source_mode=source_mode,
+        phash=perceptual_hash(out),
+    )

@@ -1,0 +1,164 @@
+"""A self-contained HTML evaluation report (images inlined as base64 PNG).
+
+Kubeflow's UI shows it as an HTML artifact, so the page needs no external file, script or font.
+Per head: the gate verdict and its reasons, the metrics table (with thresholds and the promoted
+model's values), and a grid of samples: the condition (caption, input view or first frame), the
+generated images and the ground truth side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+# Images are shown at this width in CSS pixels (pixelated: 32 px samples stay readable).
+THUMB_PX = 96
+
+
+@dataclass
+class SampleRow:
+    """One sample of the grid. Images are uint8 (H, W, 3)."""
+
+    condition_text: str | None = None  # caption, camera, ...
+    condition_images: list[np.ndarray] = field(default_factory=list)  # input view / first frame
+    generated: list[np.ndarray] = field(default_factory=list)
+    truth: list[np.ndarray] = field(default_factory=list)
+    note: str = ""  # e.g. the attributes measured on the generated image
+    ok: bool | None = None  # colours the note: True green, False red, None neutral
+
+
+@dataclass
+class HeadSection:
+    head: str
+    metrics: Mapping[str, float]
+    passed: bool
+    reasons: Sequence[str]
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    baseline: Mapping[str, float] | None = None
+    rows: Sequence[SampleRow] = field(default_factory=list)
+    description: str = ""
+
+
+def png_data_uri(image: np.ndarray) -> str:
+    """A uint8 (H, W, 3) image as a data: URI."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(image: np.ndarray, title: str = "") -> str:
+    return f'<img src="{png_data_uri(image)}" width="{THUMB_PX}" height="{THUMB_PX}" alt="{html.escape(title)}" title="{html.escape(title)}">'
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, float) and math.isinf(value):
+        return "&infin;"
+    return f"{value:.4g}"
+
+
+def _metrics_table(section: HeadSection) -> str:
+    rows = []
+    for name in sorted(section.metrics):
+        value = float(section.metrics[name])
+        minimum = section.thresholds.get(name)
+        base = section.baseline.get(name) if section.baseline else None
+        status = ""
+        if minimum is not None:
+            ok = not math.isnan(value) and value >= minimum
+            status = (
+                '<span class="ok">&#10003;</span>' if ok else '<span class="bad">&#10007;</span>'
+            )
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{_fmt(value)}</td><td>{_fmt(minimum)}</td>"
+            f"<td>{_fmt(base)}</td><td>{status}</td></tr>"
+        )
+    return (
+        '<table class="metrics"><tr><th>metric</th><th>value</th><th>threshold (min)</th>'
+        "<th>promoted model</th><th></th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _sample_grid(rows: Sequence[SampleRow]) -> str:
+    if not rows:
+        return "<p>No samples.</p>"
+    out = [
+        '<table class="grid"><tr><th>#</th><th>condition</th><th>generated</th><th>ground truth</th></tr>'
+    ]
+    for i, row in enumerate(rows):
+        cond = "".join(_img(im, "condition") for im in row.condition_images)
+        if row.condition_text:
+            cond += f'<div class="caption">{html.escape(row.condition_text)}</div>'
+        gen = "".join(_img(im, "generated") for im in row.generated)
+        if row.note:
+            cls = {True: "ok", False: "bad", None: "note"}[row.ok]
+            gen += f'<div class="{cls}">{html.escape(row.note)}</div>'
+        truth = "".join(_img(im, "ground truth") for im in row.truth)
+        out.append(f"<tr><td>{i}</td><td>{cond}</td><td>{gen}</td><td>{truth}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _section(section: HeadSection) -> str:
+    verdict = "PASSED" if section.passed else "FAILED"
+    cls = "pass" if section.passed else "fail"
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in section.reasons)
+    return (
+        f'<section id="head-{html.escape(section.head)}"><h2>{html.escape(section.head)} '
+        f'<span class="verdict {cls}">{verdict}</span></h2>'
+        + (f"<p>{html.escape(section.description)}</p>" if section.description else "")
+        + (f'<ul class="reasons">{reasons}</ul>' if reasons else "")
+        + _metrics_table(section)
+        + f"<h3>Samples ({len(section.rows)})</h3>"
+        + _sample_grid(section.rows)
+        + "</section>"
+    )
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; } h3 { font-size: 15px; }
+table { border-collapse: collapse; margin: 8px 0; }
+td, th { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
+table.metrics td:nth-child(n+2) { font-variant-numeric: tabular-nums; }
+img { image-rendering: pixelated; margin: 1px; border: 1px solid #ddd; }
+.caption { max-width: 220px; font-size: 13px; margin-top: 2px; }
+.verdict { padding: 2px 8px; border-radius: 4px; color: white; font-size: 14px; }
+.pass { background: #2e7d32; } .fail { background: #c62828; }
+.ok { color: #2e7d32; font-size: 12px; } .bad { color: #c62828; font-size: 12px; }
+.note { color: #555; font-size: 12px; }
+dl.info { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; font-size: 13px; }
+dt { font-weight: 600; }
+"""
+
+
+def render_report(
+    sections: Sequence[HeadSection],
+    title: str = "Lumos evaluation",
+    info: Mapping[str, object] | None = None,
+) -> str:
+    """The whole page as one HTML string."""
+    info_html = ""
+    if info:
+        items = "".join(
+            f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in info.items()
+        )
+        info_html = f'<dl class="info">{items}</dl>'
+    body = "".join(_section(s) for s in sections)
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{info_html}{body}</body></html>\n"
+    )

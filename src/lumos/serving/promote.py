@@ -1,0 +1,326 @@
+"""Promotion: a model that passed its evaluation gate becomes the served model of its head.
+
+    result = promote(PromoteConfig(), "s3://lumos/runs/r1/export/t2i", eval_result, "s3://lumos/runs/r1/promote/t2i")
+    current_promoted("s3://lumos/registry", "t2i")      # -> the promoted record, or None
+
+For a model whose `eval_result.passed` is true this writes
+- the registry record `<registry_uri>/<head>/<version>.json` (versions v0001, v0002, ... per head)
+  with the model URI, the metrics, the lineage (checkpoint, dataset, export, evaluation report)
+  and a timestamp, then `<head>/current.json`: the same record, naming the promoted version.
+  current.json is written last, so a reader never sees a pointer to a missing record;
+- the KServe `InferenceService` (serving.kserve.io/v1beta1) serving that model through the
+  `lumos-onnx` ServingRuntime, validated against the CRD, to `<out_uri>/inferenceservice.yaml`.
+  `kubectl apply -f` it (or let the pipeline's deploy step do it) to roll the new model out.
+For a model that did not pass nothing is registered: `promote.json` in `out_uri` says why.
+
+With `storage_uri_base` set, the export is first copied to `<storage_uri_base>/<head>/<version>/`
+so the served model is immutable and outlives the pipeline run that produced it.
+Two promotions of the same head at the same moment may pick the same version number: promotions
+are serialised by the pipeline (one scheduled run at a time), not by this module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tempfile
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lumos.k8s.crd_validation import validate_custom_resource
+from lumos.k8s.resources import ComputeResources, Strict, Toleration, check_dns_label
+from lumos.storage import Storage
+
+EXPORT_JSON = "export.json"  # written by lumos.export.onnx_export
+RECORD_FORMAT = "lumos-registry-record/1"
+CURRENT_KEY = "current.json"
+ISVC_FILE = "inferenceservice.yaml"
+RESULT_FILE = "promote.json"
+HEADS = ("i2i", "t2i", "novel_view", "video")
+_VERSION = re.compile(r"^v(\d{4,})\.json$")
+# storageUri schemes KServe's storage initializer can fetch from
+REMOTE_SCHEMES = ("s3://", "gs://", "pvc://", "https://", "http://", "hf://", "oci://")
+
+
+class PromoteConfig(Strict):
+    """Where promoted models are registered and how they are served."""
+
+    namespace: str = "lumos"
+    model_name_prefix: str = Field("lumos", description="InferenceService name: <prefix>-<head>")
+    service_account: str = Field(
+        "lumos-serving", description="holds the lumos-s3 secret KServe's storage initializer uses"
+    )
+    runtime: str = Field("lumos-onnx", description="the ServingRuntime in manifests/base")
+    model_format: str = Field("lumos-onnx", description="a format the runtime declares")
+    registry_uri: str = "s3://lumos/registry"
+    storage_uri_base: str | None = Field(
+        None, description="copy the export to <base>/<head>/<version>/ and serve that copy"
+    )
+    resources: ComputeResources = Field(
+        default_factory=lambda: ComputeResources(cpu="4", memory="16Gi", gpu=1)
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    min_replicas: int = Field(1, ge=0, description="0 enables scale-to-zero (serverless mode)")
+    max_replicas: int = Field(2, ge=1)
+    validate_manifest: bool = Field(
+        True, description="validate the InferenceService against the CRD"
+    )
+
+    @field_validator("namespace", "service_account", "runtime", "model_name_prefix")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        return check_dns_label(value)
+
+    @field_validator("registry_uri")
+    @classmethod
+    def _registry_set(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("registry_uri must name a directory or s3:// prefix")
+        return value
+
+    def isvc_name(self, head: str) -> str:
+        return check_dns_label(f"{self.model_name_prefix}-{head.replace('_', '-')}", "model name")
+
+
+@runtime_checkable
+class EvalResultLike(Protocol):
+    """What promotion needs of `lumos.evaluation.evaluate.EvalResult`."""
+
+    head: str
+    passed: bool
+    metrics: dict[str, float]
+    reasons: list[str]
+
+
+class PromoteResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    head: str
+    promoted: bool
+    reasons: list[str]  # why not promoted (empty when promoted)
+    version: str | None = None
+    model_uri: str | None = None  # the storageUri the InferenceService serves
+    record_uri: str | None = None
+    inference_service_name: str | None = None
+    inference_service_uri: str | None = None  # the manifest file
+    previous_version: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class PromotionError(RuntimeError):
+    """Promotion cannot proceed: the inputs disagree or are missing; the message says which."""
+
+
+def _eval_dict(eval_result: Mapping[str, Any] | EvalResultLike | BaseModel) -> dict[str, Any]:
+    if isinstance(eval_result, BaseModel):
+        data = eval_result.model_dump(mode="json")
+    elif isinstance(eval_result, Mapping):
+        data = dict(eval_result)
+    else:
+        names = (
+            "head",
+            "passed",
+            "metrics",
+            "reasons",
+            "checkpoint_uri",
+            "dataset_uri",
+            "report_uri",
+        )
+        data = {n: getattr(eval_result, n) for n in names if hasattr(eval_result, n)}
+    missing = [k for k in ("head", "passed", "metrics") if k not in data]
+    if missing:
+        raise PromotionError(
+            f"eval_result lacks {', '.join(missing)}: pass lumos.evaluation.evaluate.EvalResult "
+            "or a dict with head, passed, metrics and reasons"
+        )
+    if data["head"] not in HEADS:
+        raise PromotionError(f"eval_result.head {data['head']!r} is not one of {', '.join(HEADS)}")
+    if not isinstance(data["passed"], bool):
+        raise PromotionError(f"eval_result.passed must be a bool, got {data['passed']!r}")
+    data.setdefault("reasons", [])
+    return data
+
+
+def current_promoted(registry_uri: str, head: str) -> dict[str, Any] | None:
+    """The record of the model currently promoted for `head`, or None if there is none yet."""
+    registry = Storage.from_uri(registry_uri)
+    key = f"{head}/{CURRENT_KEY}"
+    return registry.read_json(key) if registry.exists(key) else None
+
+
+def _next_version(registry: Storage, head: str) -> str:
+    numbers = [
+        int(m.group(1))
+        for obj in registry.list(f"{head}/")
+        if (m := _VERSION.match(obj.key.removeprefix(f"{head}/")))
+    ]
+    return f"v{max(numbers, default=0) + 1:04d}"
+
+
+def _read_export(export: Storage, head: str) -> dict[str, Any]:
+    if not export.exists(EXPORT_JSON):
+        raise PromotionError(
+            f"{export.key_uri(EXPORT_JSON)} not found: promote an export directory written by "
+            "`lumos export`"
+        )
+    meta = export.read_json(EXPORT_JSON)
+    if meta.get("head") != head:
+        raise PromotionError(
+            f"the export at {export.uri} is of head {meta.get('head')!r} but the evaluation is of "
+            f"head {head!r}: promote the export of the evaluated checkpoint"
+        )
+    onnx_files = [o.key for o in export.list() if o.key.endswith(".onnx")]
+    if not onnx_files:
+        raise PromotionError(f"the export at {export.uri} holds no .onnx file")
+    return meta
+
+
+def _copy_export(export: Storage, target: Storage) -> None:
+    # through a local directory: exports hold multi-GB weight files, kept out of memory
+    with tempfile.TemporaryDirectory(prefix="lumos-promote-") as tmp:
+        export.download_dir("", tmp)
+        target.upload_dir(tmp)
+
+
+def render_inference_service(
+    cfg: PromoteConfig, head: str, model_uri: str, version: str, record_uri: str
+) -> dict[str, Any]:
+    """The InferenceService serving `model_uri` with the lumos-onnx runtime, validated."""
+    model: dict[str, Any] = {
+        "modelFormat": {"name": cfg.model_format, "version": "1"},
+        "runtime": cfg.runtime,
+        "storageUri": model_uri,
+        "resources": cfg.resources.to_k8s(),
+    }
+    predictor: dict[str, Any] = {
+        "serviceAccountName": cfg.service_account,
+        "minReplicas": cfg.min_replicas,
+        "maxReplicas": cfg.max_replicas,
+        "model": model,
+    }
+    if cfg.node_selector:
+        predictor["nodeSelector"] = dict(cfg.node_selector)
+    if cfg.tolerations:
+        predictor["tolerations"] = [t.to_k8s() for t in cfg.tolerations]
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": cfg.isvc_name(head),
+            "namespace": cfg.namespace,
+            "labels": {
+                "app.kubernetes.io/part-of": "lumos",
+                "app.kubernetes.io/component": "serving",
+                "lumos.dev/head": head.replace("_", "-"),
+                "lumos.dev/model-version": version,
+            },
+            "annotations": {"lumos.dev/registry-record": record_uri},
+        },
+        "spec": {"predictor": predictor},
+    }
+    if cfg.validate_manifest:
+        validate_custom_resource(isvc)
+    return isvc
+
+
+def promote(
+    cfg: PromoteConfig,
+    export_uri: str,
+    eval_result: Mapping[str, Any] | EvalResultLike | BaseModel,
+    out_uri: str,
+) -> PromoteResult:
+    """Register and render the serving manifest of a model that passed its gate (module docstring)."""
+    ev = _eval_dict(eval_result)
+    head = ev["head"]
+    out = Storage.from_uri(out_uri)
+    if not ev["passed"]:
+        reasons = list(ev["reasons"]) or ["the evaluation gate did not pass (no reason given)"]
+        result = PromoteResult(head=head, promoted=False, reasons=reasons)
+        out.write_json(RESULT_FILE, result.model_dump(mode="json"))
+        return result
+
+    export = Storage.from_uri(export_uri)
+    export_meta = _read_export(export, head)
+    registry = Storage.from_uri(cfg.registry_uri)
+    previous = current_promoted(cfg.registry_uri, head)
+    version = _next_version(registry, head)
+
+    model_uri = export.uri
+    if cfg.storage_uri_base:
+        target = Storage.from_uri(cfg.storage_uri_base).child(f"{head}/{version}")
+        _copy_export(export, target)
+        model_uri = target.uri
+    warnings = []
+    if not model_uri.startswith(REMOTE_SCHEMES):
+        warnings.append(
+            f"storageUri {model_uri!r} is a local path that KServe cannot fetch: set "
+            "promote.storage_uri_base to an s3:// prefix to deploy this model on a cluster"
+        )
+
+    checkpoint = export_meta.get("checkpoint") or {}
+    exported_ckpt, evaluated_ckpt = checkpoint.get("uri"), ev.get("checkpoint_uri")
+    if exported_ckpt and evaluated_ckpt and exported_ckpt.rstrip("/") != evaluated_ckpt.rstrip("/"):
+        # the same checkpoint may be named differently (a KFP artifact path vs s3://): record both
+        warnings.append(
+            f"the export was made from {exported_ckpt} but the evaluation names {evaluated_ckpt}: "
+            "check that they are the same checkpoint"
+        )
+
+    record_key = f"{head}/{version}.json"
+    record_uri = registry.key_uri(record_key)
+    isvc = render_inference_service(cfg, head, model_uri, version, record_uri)
+    isvc_uri = out.key_uri(ISVC_FILE)
+    record = {
+        "format": RECORD_FORMAT,
+        "head": head,
+        "version": version,
+        "model_uri": model_uri,
+        "model_format": cfg.model_format,
+        "metrics": ev["metrics"],
+        "evaluation": {
+            "passed": True,
+            "reasons": ev["reasons"],
+            "thresholds": ev.get("thresholds"),
+            "baseline": ev.get("baseline"),
+            "report_uri": ev.get("report_uri"),
+        },
+        "lineage": {
+            "export_uri": export.uri,
+            "checkpoint_uri": exported_ckpt or evaluated_ckpt,
+            "evaluated_checkpoint_uri": evaluated_ckpt,
+            "checkpoint_step": checkpoint.get("step", ev.get("checkpoint_step")),
+            "parent_checkpoint_uri": checkpoint.get("parent"),
+            "dataset_uri": (checkpoint.get("data") or {}).get("dataset_uri")
+            or ev.get("dataset_uri"),
+            "eval_dataset_uri": ev.get("dataset_uri"),
+            "manifest_sha256": (checkpoint.get("data") or {}).get("manifest_sha256"),
+        },
+        "inference_service": {
+            "name": isvc["metadata"]["name"],
+            "namespace": cfg.namespace,
+            "manifest_uri": isvc_uri,
+        },
+        "previous_version": previous["version"] if previous else None,
+        "promoted_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    out.write_bytes(ISVC_FILE, yaml.safe_dump(isvc, sort_keys=False).encode())
+    registry.write_json(record_key, record)
+    registry.write_json(f"{head}/{CURRENT_KEY}", {**record, "record_uri": record_uri})
+    result = PromoteResult(
+        head=head,
+        promoted=True,
+        reasons=[],
+        version=version,
+        model_uri=model_uri,
+        record_uri=record_uri,
+        inference_service_name=isvc["metadata"]["name"],
+        inference_service_uri=isvc_uri,
+        previous_version=record["previous_version"],
+        warnings=warnings,
+    )
+    out.write_json(RESULT_FILE, result.model_dump(mode="json"))
+    return result

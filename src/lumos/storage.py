@@ -1,0 +1,446 @@
+"""One interface over a local directory and an S3 / MinIO prefix.
+
+    store = Storage.from_uri("s3://bucket/prefix")   # or "/local/dir" or "file:///local/dir"
+    store.write_json("manifest.json", {...})          # atomic: readers see the old object or the new one
+    for obj in store.list("shards/"):                 # recursive, sorted by key
+        data = store.read_bytes(obj.key)
+
+Keys are "/"-separated paths relative to the store's root. S3 endpoint and credentials come from the
+environment, as a Kubernetes secret provides them: `LUMOS_S3_ENDPOINT` (e.g. http://minio:9000),
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and optionally `LUMOS_S3_REGION`.
+
+Every failure is a `StorageError` (or its subclass `ObjectNotFound`) whose message names the URI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlparse
+
+# Temporary files of atomic local writes carry this marker; `list` never shows them.
+_TMP_MARKER = ".lumos-tmp-"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI and what to do."""
+
+
+class ObjectNotFound(StorageError):
+    """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's root, "/"-separated
+    size: int  # bytes
+    etag: str | None = None  # S3 ETag (None for local files)
+    mtime: float | None = None  # seconds since the epoch
+
+    @property
+    def version(self) -> str:
+        """A string that changes when the object's content changes (ETag, else size and mtime)."""
+        return self.etag or f"{self.size}:{self.mtime}"
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+        raise StorageError(
+            f"invalid storage key {key!r}: use a non-empty relative '/'-separated path "
+            "without '.', '..' or empty parts"
+        )
+    return key
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix else key
+
+
+class Storage:
+    """Base class: `from_uri` picks the backend. Subclasses implement the primitive operations."""
+
+    uri: str
+
+    @staticmethod
+    def from_uri(uri: str) -> Storage:
+        """`s3://bucket/prefix` -> S3Storage; `/dir`, `relative/dir` or `file:///dir` -> LocalStorage."""
+        if not isinstance(uri, str) or not uri:
+            raise StorageError(f"storage URI must be a non-empty string, got {uri!r}")
+        if uri.startswith("s3://"):
+            rest = uri[len("s3://") :]
+            bucket, _, prefix = rest.partition("/")
+            if not bucket:
+                raise StorageError(f"S3 URI {uri!r} has no bucket: use s3://bucket/prefix")
+            return S3Storage(bucket, prefix.strip("/"))
+        if uri.startswith("file://"):
+            parsed = urlparse(uri)
+            if parsed.netloc not in ("", "localhost"):
+                raise StorageError(f"file URI {uri!r} names a host: use file:///absolute/path")
+            return LocalStorage(Path(parsed.path))
+        if "://" in uri:
+            raise StorageError(
+                f"unsupported storage URI {uri!r}: use s3://bucket/prefix, a local path or file:///path"
+            )
+        return LocalStorage(Path(uri))
+
+    # -- primitives, per backend ---------------------------------------------------------------
+    def child(self, sub: str) -> Storage:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def open_read(self, key: str) -> BinaryIO:
+        """A readable binary stream of the object (close it after use); for large objects."""
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Delete an object; deleting a missing object is not an error (as in S3)."""
+        raise NotImplementedError
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        raise NotImplementedError
+
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        raise NotImplementedError
+
+    # -- shared on top of the primitives -------------------------------------------------------
+    def key_uri(self, key: str) -> str:
+        """The full URI of `key` (for messages and for handing to other stages)."""
+        return f"{self.uri}/{key}" if key else self.uri
+
+    def read_json(self, key: str) -> Any:
+        data = self.read_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as err:
+            raise StorageError(f"{self.key_uri(key)} is not valid JSON: {err}") from err
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8") + b"\n")
+
+    def upload_dir(self, local_dir: str | Path, prefix: str = "") -> None:
+        """Upload every file under `local_dir` to `prefix/<relative path>`."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StorageError(f"cannot upload {local_dir}: not a directory")
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            self.upload_file(path, _join(prefix.strip("/"), rel))
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> None:
+        """Download every object under `prefix` into `local_dir`, keeping relative paths."""
+        local_dir = Path(local_dir)
+        prefix = prefix.strip("/")
+        list_prefix = f"{prefix}/" if prefix else ""
+        found = False
+        for obj in self.list(list_prefix):
+            found = True
+            self.download_file(obj.key, local_dir / obj.key[len(list_prefix) :])
+        if not found:
+            raise ObjectNotFound(f"nothing to download under {self.key_uri(prefix)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+class LocalStorage(Storage):
+    """A directory on the local filesystem. Writes go to a temporary file, then `os.replace`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def child(self, sub: str) -> LocalStorage:
+        sub = sub.strip("/")
+        return LocalStorage(self.root / _check_key(sub)) if sub else self
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Walk only the directory part of the prefix; the rest filters names (S3 prefix semantics).
+        base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return iter(())
+        found = []
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if _TMP_MARKER in name:
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    found.append(key)
+        return self._infos(sorted(found))
+
+    def _infos(self, keys: list[str]) -> Iterator[ObjectInfo]:
+        for key in keys:
+            path = self.root / key
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                try:  # a dangling link is still listed: reading it will fail, loudly
+                    st = path.lstat()
+                except FileNotFoundError:
+                    continue  # deleted since the directory walk
+            yield ObjectInfo(key=key, size=st.st_size, etag=None, mtime=st.st_mtime)
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as err:
+            raise ObjectNotFound(f"no object at {path}") from err
+        except OSError as err:
+            raise StorageError(f"cannot read {path}: {err}") from err
+
+    def open_read(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return open(path, "rb")  # noqa: SIM115 - the caller closes the stream
+        except FileNotFoundError as err:
+            raise ObjectNotFound(f"no object at {path}") from err
+        except OSError as err:
+            raise StorageError(f"cannot read {path}: {err}") from err
+
+    def _tmp_path(self, path: Path) -> Path:
+        return path.with_name(f".{path.name}{_TMP_MARKER}{uuid.uuid4().hex[:8]}")
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._tmp_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {err}") from err
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot delete {path}: {err}") from err
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        path = self._path(key)
+        tmp = self._tmp_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot upload {local_path} to {path}: {err}") from err
+
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(f"no object at {path}")
+        local_path = Path(local_path)
+        tmp = self._tmp_path(local_path)
+        try:
+            local_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, local_path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot download {path} to {local_path}: {err}") from err
+
+
+def s3_client_from_env():  # -> minio.Minio
+    """A minio client for `LUMOS_S3_ENDPOINT` with credentials from `AWS_ACCESS_KEY_ID` / `..._SECRET_...`."""
+    from minio import Minio
+
+    endpoint = os.environ.get("LUMOS_S3_ENDPOINT", "").strip()
+    if not endpoint:
+        raise StorageError(
+            "LUMOS_S3_ENDPOINT is not set: set it to the S3 / MinIO endpoint, e.g. http://minio:9000"
+        )
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise StorageError(
+            f"LUMOS_S3_ENDPOINT={endpoint!r} is not an http(s) endpoint: use e.g. http://minio:9000"
+        )
+    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access_key or not secret_key:
+        raise StorageError(
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set for S3 access "
+            f"(endpoint {endpoint}): mount the object-store secret as environment variables"
+        )
+    return Minio(
+        parsed.netloc,
+        access_key=access_key,
+        secret_key=secret_key,
+        session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+        secure=parsed.scheme == "https",
+        region=os.environ.get("LUMOS_S3_REGION") or None,
+    )
+
+
+class S3Storage(Storage):
+    """`s3://bucket/prefix` through the minio client. A PUT (single or multipart) is atomic."""
+
+    def __init__(self, bucket: str, prefix: str = "") -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client = None  # created on first use, so a Storage pickles into worker processes
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client_from_env()
+        return self._client
+
+    def child(self, sub: str) -> S3Storage:
+        sub = sub.strip("/")
+        return S3Storage(self.bucket, _join(self.prefix, _check_key(sub))) if sub else self
+
+    def _name(self, key: str) -> str:
+        return _join(self.prefix, _check_key(key))
+
+    def _error(self, err: Exception, key: str, action: str) -> StorageError:
+        """Translate a minio / urllib3 error into a StorageError naming the URI."""
+        from minio.error import S3Error
+
+        uri = self.key_uri(key)
+        if isinstance(err, S3Error):
+            if err.code in ("NoSuchKey", "NoSuchObject"):
+                return ObjectNotFound(f"no object at {uri}")
+            if err.code == "NoSuchBucket":
+                return StorageError(
+                    f"cannot {action} {uri}: bucket {self.bucket!r} does not exist; create it first"
+                )
+            if err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(
+                    f"cannot {action} {uri}: access denied ({err.code}); check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY"
+                )
+            return StorageError(f"cannot {action} {uri}: {err.code}: {err.message}")
+        return StorageError(
+            f"cannot {action} {uri}: {type(err).__name__}: {err} "
+            f"(is LUMOS_S3_ENDPOINT={os.environ.get('LUMOS_S3_ENDPOINT')!r} reachable?)"
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            # S3 lists keys in UTF-8 byte order, which is the sorted order the contract promises.
+            for obj in self.client.list_objects(self.bucket, prefix=full_prefix, recursive=True):
+                if obj.is_dir:
+                    continue
+                yield ObjectInfo(
+                    key=obj.object_name[strip:],
+                    size=int(obj.size or 0),
+                    etag=(obj.etag or "").strip('"') or None,
+                    mtime=obj.last_modified.timestamp() if obj.last_modified else None,
+                )
+        except StorageError:
+            raise
+        except Exception as err:
+            raise self._error(err, prefix, "list") from err
+
+    def read_bytes(self, key: str) -> bytes:
+        response = None
+        try:
+            response = self.client.get_object(self.bucket, self._name(key))
+            return response.read()
+        except StorageError:
+            raise
+        except Exception as err:
+            raise self._error(err, key, "read") from err
+        finally:
+            if response is not None:
+                response.close()
+                response.release_conn()
+
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            return self.client.get_object(self.bucket, self._name(key))
+        except StorageError:
+            raise
+        except Exception as err:
+            raise self._error(err, key, "read") from err
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+        except StorageError:
+            raise
+        except Exception as err:
+            raise self._error(err, key, "write") from err
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, self._name(key))
+            return True
+        except StorageError:
+            raise
+        except Exception as err:
+            translated = self._error(err, key, "check")
+            if isinstance(translated, ObjectNotFound):
+                return False
+            raise translated from err
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, self._name(key))
+        except StorageError:
+            raise
+        except Exception as err:
+            translated = self._error(err, key, "delete")
+            if not isinstance(translated, ObjectNotFound):
+                raise translated from err
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        if not Path(local_path).is_file():
+            raise StorageError(f"cannot upload {local_path} to {self.key_uri(key)}: no such file")
+        try:
+            self.client.fput_object(self.bucket, self._name(key), str(local_path))
+        except StorageError:
+            raise
+        except Exception as err:
+            raise self._error(err, key, "upload to") from err
+
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        local_path = Path(local_path)
+        tmp = local_path.with_name(f".{local_path.name}{_TMP_MARKER}{uuid.uuid4().hex[:8]}")
+        try:
+            local_path.parent.mkdir(parents=True, exist_ok=True)
+            self.client.fget_object(
+                self.bucket, self._name(key), str(local_path), tmp_file_path=str(tmp)
+            )
+        except StorageError:
+            raise
+        except Exception as err:
+            tmp.unlink(missing_ok=True)
+            raise self._error(err, key, "download") from err

@@ -1,0 +1,162 @@
+"""Checkpoints: a directory (local or in the object store) that describes itself.
+
+A training run writes its checkpoints under its output URI, one directory per step:
+
+    <out_uri>/step-0001000/transformer/          save_pretrained of the raw model
+                          /transformer_ema/      the EMA weights: what sampling and export use
+                          /training_state/       optimizer.pt, data.json, rng-rank-XXXXX.pt
+                          /lumos_checkpoint.json written last: a checkpoint without it is partial
+
+A new directory per step (instead of overwriting one) means a job killed while saving still has
+its previous complete checkpoint to resume from; older ones are pruned once a newer one is
+complete. Every reader accepts either a checkpoint directory or a run's output URI, which stands
+for the run's latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lumos.models.lumos_dit import LumosDiT
+from lumos.storage import LocalStorage, Storage
+
+CHECKPOINT_FORMAT = "lumos-checkpoint/1"
+META_FILE = "lumos_checkpoint.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """No complete checkpoint where one was expected."""
+
+
+def checkpoint_dirname(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(out_uri: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under a run's output URI as (step, uri), oldest first."""
+    store = Storage.from_uri(out_uri)
+    found = []
+    for obj in store.list():
+        parts = obj.key.split("/")
+        if len(parts) == 2 and parts[1] == META_FILE and (m := _STEP_DIR.match(parts[0])):
+            found.append((int(m.group(1)), store.child(parts[0]).uri))
+    return sorted(found)
+
+
+def latest_checkpoint(out_uri: str) -> str | None:
+    """The URI of the checkpoint `out_uri` stands for: itself if it is one, else its latest step."""
+    if Storage.from_uri(out_uri).exists(META_FILE):
+        return Storage.from_uri(out_uri).uri
+    found = list_checkpoints(out_uri)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """Like `latest_checkpoint`, but a missing checkpoint is an error that says what to do."""
+    resolved = latest_checkpoint(uri)
+    if resolved is None:
+        raise CheckpointNotFound(
+            f"no checkpoint at URI: {uri} (expected {META_FILE} there or in a step-XXXXXXX/ "
+            "directory under it; train first, or check the URI)"
+        )
+    return resolved
+
+
+def read_checkpoint_meta(uri: str) -> dict[str, Any]:
+    """`lumos_checkpoint.json` of a checkpoint (or of a run's latest one), with its `uri` added."""
+    resolved = resolve_checkpoint(uri)
+    meta = Storage.from_uri(resolved).read_json(META_FILE)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{resolved}/{META_FILE} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
+        )
+    return {**meta, "uri": resolved}
+
+
+def save_checkpoint(
+    checkpoint_uri: str,
+    model: LumosDiT,
+    ema_model: LumosDiT,
+    meta: dict[str, Any],
+    training_state: dict[str, bytes] | None = None,
+) -> str:
+    """Write a complete checkpoint to `checkpoint_uri`; `lumos_checkpoint.json` goes last.
+
+    `meta` holds the contract's fields (head, step, encoders, data, parent, train_config,
+    transfer_report); `training_state` maps file names under `training_state/` to their bytes.
+    """
+    store = Storage.from_uri(checkpoint_uri)
+    with tempfile.TemporaryDirectory(prefix="lumos-ckpt-") as tmp:
+        model.save_pretrained(Path(tmp) / "transformer")
+        ema_model.save_pretrained(Path(tmp) / "transformer_ema")
+        for name, data in (training_state or {}).items():
+            path = Path(tmp) / "training_state" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        store.upload_dir(tmp)
+    store.write_json(META_FILE, {"format": CHECKPOINT_FORMAT, **meta})
+    return store.uri
+
+
+def prune_checkpoints(out_uri: str, keep: int) -> None:
+    """Delete all but the `keep` latest complete checkpoints of a run (metadata first)."""
+    assert keep >= 1, "keep at least the latest checkpoint"
+    store = Storage.from_uri(out_uri)
+    for step, _ in list_checkpoints(out_uri)[:-keep]:
+        old = store.child(checkpoint_dirname(step))
+        old.delete(META_FILE)  # first, so a half-deleted checkpoint never looks complete
+        for obj in list(old.list()):
+            old.delete(obj.key)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: LumosDiT | None  # raw weights (None when loaded with raw=False)
+    ema_model: LumosDiT  # EMA weights: use these for sampling, evaluation and export
+    meta: dict[str, Any]  # lumos_checkpoint.json, with "uri"
+    uri: str
+
+
+def load_checkpoint(
+    uri: str, device: str | torch.device = "cpu", raw: bool = True
+) -> LoadedCheckpoint:
+    """Load a checkpoint (or a run's latest one) for evaluation, export or fine-tuning.
+
+    Both models come back in eval mode. `raw=False` skips the raw weights (half the memory).
+    """
+    meta = read_checkpoint_meta(uri)
+    resolved = meta["uri"]
+    with local_copy(
+        resolved, ["transformer_ema", "transformer"] if raw else ["transformer_ema"]
+    ) as root:
+        ema_model = LumosDiT.from_pretrained(root / "transformer_ema").to(device).eval()
+        model = LumosDiT.from_pretrained(root / "transformer").to(device).eval() if raw else None
+    return LoadedCheckpoint(model=model, ema_model=ema_model, meta=meta, uri=resolved)
+
+
+class local_copy:
+    """Context manager: a local directory holding `subdirs` of a checkpoint (no copy if local)."""
+
+    def __init__(self, checkpoint_uri: str, subdirs: list[str]) -> None:
+        self.store = Storage.from_uri(checkpoint_uri)
+        self.subdirs = subdirs
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> Path:
+        if isinstance(self.store, LocalStorage):
+            return self.store.root
+        self._tmp = tempfile.TemporaryDirectory(prefix="lumos-ckpt-")
+        for sub in self.subdirs:
+            self.store.download_dir(sub, Path(self._tmp.name) / sub)
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()

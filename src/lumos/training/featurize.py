@@ -1,0 +1,304 @@
+"""Featurize: run the frozen encoders once per image and store the features with the dataset.
+
+The VAE, DINO and T5 never change during training, and the SD VAE encoder alone is slower than
+an XL/2 training step, so the loop reads cached features instead of images:
+
+    <dataset>/features/part-00000.safetensors       latents (N,C,h,w) f16 scaled, image_embeds (N,D) f16
+                      /part-00000.text.safetensors  rows (M,), text_embeds (M,L,Dt) f16, text_mask (M,L)
+                      /part-00000.json              keys, meta (the per-sample json of the shard)
+                      /features.json                written last: encoders, counts, shapes
+
+One part per shard. A part's json is written after its tensors and records the encoders and the
+shard it came from, so a rerun (a retried pipeline step) skips every part already featurized with
+the same encoders and redoes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from lumos.data.shards import iter_shard_records
+from lumos.encoders.config import EncodersConfig
+from lumos.storage import Storage
+from lumos.training.data import FEATURES_DIR
+
+FEATURES_FORMAT = "lumos-features/1"
+DATASET_FORMAT = "lumos-dataset/1"
+
+
+class FeaturizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    encoders: EncodersConfig = Field(default_factory=EncodersConfig)
+    batch_size: int = Field(64, ge=1, description="images per encoder call")
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
+    progress_bar: bool = True
+
+
+class FeaturizeResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    features_uri: str
+    num_samples: int
+    num_paired: int  # samples with text embeddings
+    parts: int
+    parts_skipped: int  # already featurized with the same encoders
+    shapes: dict[str, list[int] | None]
+    images_per_second: float  # over the parts computed in this call
+
+
+def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
+    """Compute the features of every shard of `dataset_uri` (skipping parts already done)."""
+    from lumos.encoders import FrozenEncoders  # heavy: transformers / diffusers models
+
+    dataset = Storage.from_uri(dataset_uri)
+    manifest_bytes = _read_manifest_bytes(dataset)
+    manifest = json.loads(manifest_bytes)
+    features = dataset.child(FEATURES_DIR)
+    encoders_spec = cfg.encoders.model_dump(mode="json")
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoders = None  # built on the first part that needs it: a full rerun loads no weights
+
+    parts, skipped, computed_images, compute_seconds = [], 0, 0, 0.0
+    shapes: dict[str, list[int] | None] = {}
+    bar = tqdm(manifest["shards"], desc="featurize", unit="shard", disable=not cfg.progress_bar)
+    for index, shard in enumerate(bar):
+        name = f"part-{index:05d}"
+        done = _existing_part(features, name, shard, encoders_spec)
+        if done is None:
+            if encoders is None:
+                encoders = FrozenEncoders(cfg.encoders, device=device)
+            start = time.perf_counter()
+            records, images = read_shard(dataset, shard["name"])
+            done = _featurize_part(encoders, cfg.batch_size, records, images)
+            write_feature_part(features, name, records, shard=shard, encoders=encoders_spec, **done)
+            compute_seconds += time.perf_counter() - start
+            computed_images += len(records)
+            done = _existing_part(features, name, shard, encoders_spec)
+            assert done is not None, f"{name} was just written but does not read back"
+        else:
+            skipped += 1
+        parts.append(done["part"])
+        for key, shape in done["shapes"].items():
+            if shape and shapes.get(key) and shapes[key] != shape:
+                raise ValueError(
+                    f"{name} has {key} of shape {shape}, earlier parts {shapes[key]}: a dataset "
+                    "must have one image size (re-ingest at one resolution)"
+                )
+            shapes[key] = shapes.get(key) or shape
+    bar.close()
+
+    spec = write_features_spec(
+        features,
+        parts=parts,
+        shapes=shapes,
+        encoders=encoders_spec,
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        resolution=manifest.get("resolution"),
+        dataset_uri=dataset.uri,
+    )
+    return FeaturizeResult(
+        features_uri=features.uri,
+        num_samples=spec["counts"]["samples"],
+        num_paired=spec["counts"]["paired"],
+        parts=len(parts),
+        parts_skipped=skipped,
+        shapes=shapes,
+        images_per_second=computed_images / compute_seconds if compute_seconds else 0.0,
+    )
+
+
+def _read_manifest_bytes(dataset: Storage) -> bytes:
+    if not dataset.exists("manifest.json"):
+        raise FileNotFoundError(
+            f"no dataset at {dataset.uri}: manifest.json is missing (ingest writes it last, so "
+            "the dataset is absent or its ingest did not finish); run `lumos ingest` first"
+        )
+    data = dataset.read_bytes("manifest.json")
+    fmt = json.loads(data).get("format")
+    if fmt != DATASET_FORMAT:
+        raise ValueError(
+            f"{dataset.uri}/manifest.json has format {fmt!r}, expected {DATASET_FORMAT!r}"
+        )
+    return data
+
+
+def read_shard(dataset: Storage, name: str) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """The samples of one shard: per-sample json records and RGB uint8 (H, W, 3) images."""
+    records, images = [], []
+    for key, files in iter_shard_records(dataset, name):
+        image_ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in files), None)
+        if "json" not in files or image_ext is None:
+            raise ValueError(
+                f"shard {dataset.key_uri(f'shards/{name}')}: sample {key!r} lacks its image or "
+                f"json (has {sorted(files)}); re-run ingest"
+            )
+        records.append(json.loads(files["json"]))
+        with Image.open(io.BytesIO(files[image_ext])) as img:
+            images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    sizes = {im.shape for im in images}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"shard {name} of {dataset.uri} mixes image sizes {sorted(sizes)}: featurize caches one "
+            "latent size per dataset; ingest without aspect_buckets (one square resolution)"
+        )
+    return records, images
+
+
+@torch.no_grad()
+def _featurize_part(
+    encoders: Any, batch_size: int, records: list[dict[str, Any]], images: list[np.ndarray]
+) -> dict[str, torch.Tensor | None]:
+    latents, embeds = [], []
+    for start in range(0, len(images), batch_size):
+        batch = np.stack(images[start : start + batch_size])  # (B, H, W, 3) uint8
+        latents.append(encoders.encode_images(batch).to("cpu", torch.float16))  # (B, C, h, w)
+        embeds.append(encoders.embed_images(batch).to("cpu", torch.float16))  # (B, D)
+    # Text only for captioned pairs: T2I fine-tuning uses them, the other heads never do.
+    rows = [i for i, r in enumerate(records) if r.get("paired") and r.get("caption")]
+    text_embeds = text_mask = None
+    if rows:
+        chunks, masks = [], []
+        for start in range(0, len(rows), batch_size):
+            captions = [records[i]["caption"] for i in rows[start : start + batch_size]]
+            emb, mask = encoders.embed_texts(captions)  # (M, L, Dt), (M, L)
+            chunks.append(emb.to("cpu", torch.float16))
+            masks.append(mask.to("cpu", torch.bool))
+        text_embeds, text_mask = torch.cat(chunks), torch.cat(masks)
+    return {
+        "image_size": list(images[0].shape[:2]),  # (H, W) pixels
+        "latents": torch.cat(latents),
+        "image_embeds": torch.cat(embeds),
+        "text_rows": torch.tensor(rows, dtype=torch.int64),
+        "text_embeds": text_embeds,
+        "text_mask": text_mask,
+    }
+
+
+def write_feature_part(
+    features: Storage,
+    name: str,
+    records: list[dict[str, Any]],
+    latents: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_rows: torch.Tensor | None = None,
+    text_embeds: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    shard: dict[str, Any] | None = None,
+    encoders: dict[str, Any] | None = None,
+    image_size: list[int] | None = None,
+) -> None:
+    """Write one part in the contract layout; its json last (the json marks the part complete)."""
+    n = len(records)
+    assert latents.shape[0] == n and image_embeds.shape[0] == n, "one feature row per record"
+    features.write_bytes(
+        f"{name}.safetensors",
+        save_safetensors(
+            {
+                "latents": latents.to(torch.float16).contiguous(),
+                "image_embeds": image_embeds.to(torch.float16).contiguous(),
+            }
+        ),
+    )
+    paired = 0 if text_rows is None else len(text_rows)
+    if paired:
+        assert text_embeds is not None and text_mask is not None
+        assert text_embeds.shape[0] == text_mask.shape[0] == paired, "one text row per paired row"
+        features.write_bytes(
+            f"{name}.text.safetensors",
+            save_safetensors(
+                {
+                    "rows": text_rows.to(torch.int64).contiguous(),
+                    "text_embeds": text_embeds.to(torch.float16).contiguous(),
+                    "text_mask": text_mask.to(torch.bool).contiguous(),
+                }
+            ),
+        )
+    else:
+        features.delete(f"{name}.text.safetensors")  # a stale one from other encoders
+    features.write_json(
+        f"{name}.json",
+        {
+            "keys": [r["key"] for r in records],
+            "meta": records,
+            # Beyond the contract's keys: what makes a rerun able to skip this part.
+            "shard": shard,
+            "encoders": encoders,
+            "count": n,
+            "paired": paired,
+            "shapes": {
+                "image": image_size or [int(latents.shape[-2]), int(latents.shape[-1])],
+                "latents": list(latents.shape[1:]),
+                "image_embeds": list(image_embeds.shape[1:]),
+                "text_embeds": list(text_embeds.shape[1:])
+                if paired and text_embeds is not None
+                else None,
+            },
+        },
+    )
+
+
+def _existing_part(
+    features: Storage, name: str, shard: dict[str, Any], encoders: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The summary of a complete part made from this shard with these encoders, else None."""
+    if not features.exists(f"{name}.json"):
+        return None
+    part = features.read_json(f"{name}.json")
+    same_shard = part.get("shard") == shard  # name, count and bytes from the manifest
+    if not same_shard or part.get("encoders") != encoders:
+        return None
+    return {
+        "part": {
+            "name": name,
+            "shard": shard.get("name"),
+            "count": part["count"],
+            "paired": part["paired"],
+        },
+        "shapes": part["shapes"],
+    }
+
+
+def write_features_spec(
+    features: Storage,
+    parts: list[dict[str, Any]],
+    shapes: dict[str, list[int] | None],
+    encoders: dict[str, Any],
+    manifest_sha256: str | None,
+    resolution: int | None,
+    dataset_uri: str,
+) -> dict[str, Any]:
+    """`features.json`, written last: a reader that finds it finds every part complete."""
+    image_h, latent_h = shapes["image"][0], shapes["latents"][-2]
+    spec = {
+        "format": FEATURES_FORMAT,
+        "dataset_uri": dataset_uri,
+        "manifest_sha256": manifest_sha256,
+        "encoders": encoders,
+        "resolution": resolution,
+        # Pixels per latent cell (8 for the SD VAE, 1 in pixel space): T2I's size condition.
+        "latent_downsample": image_h // latent_h,
+        "parts": parts,
+        "counts": {
+            "samples": sum(p["count"] for p in parts),
+            "paired": sum(p["paired"] for p in parts),
+        },
+        "shapes": shapes,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    features.write_json("features.json", spec)
+    return spec

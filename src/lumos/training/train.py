@@ -1,0 +1,481 @@
+"""One training loop for I2I pretraining and every fine-tune (t2i, novel_view, video).
+
+Reads top to bottom like DiT's train.py: setup, data, model and EMA, optimizer, resume, loop,
+checkpoint. Heads differ only by their model config and how a batch becomes model inputs
+(`lumos.heads`); the loop is the same.
+
+    result = train(TrainConfig(head="i2i", model_size="XL/2"), "s3://lumos/datasets/images",
+                   "s3://lumos/runs/r1/checkpoints/i2i")
+    result = train(TrainConfig(head="t2i"), dataset_uri, out_uri, init_from=result.checkpoint_uri)
+
+Single process, or several under `accelerate launch --multi_gpu` (DDP): `batch_size` is per
+process and per micro-step, so one optimizer step sees batch_size x grad_accum x processes items.
+A run whose `out_uri` already holds a checkpoint resumes from it: model, EMA, optimizer, LR
+schedule (a function of the step), RNG states of every process and the data position, so the
+resumed run continues the uninterrupted run's loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import random
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from lumos.diffusion.gaussian import GaussianDiffusion
+from lumos.heads import HEADS, batch_to_model_inputs, head_model_config
+from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
+from lumos.models.transfer import transfer_weights
+from lumos.storage import Storage
+from lumos.training.checkpoint import (
+    checkpoint_dirname,
+    latest_checkpoint,
+    load_checkpoint,
+    local_copy,
+    prune_checkpoints,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+from lumos.training.data import (
+    MULTI_FRAME_HEADS,
+    FeatureDataset,
+    ResumableSampler,
+    load_feature_table,
+    read_features_spec,
+)
+from lumos.training.monitoring import TrainingMetrics
+
+logger = logging.getLogger(__name__)
+
+Head = Literal["i2i", "t2i", "novel_view", "video"]
+
+# Settings that may change between an interrupted run and its resumption; any other difference
+# means out_uri holds another run's checkpoints, and resuming from them would be wrong.
+RESUME_MAY_CHANGE = (
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "pushgateway_url",
+    "compile",
+    "progress_bar",
+)
+
+
+class TrainConfig(BaseModel):
+    """One training run. The defaults are the pretraining recipe (PixArt-alpha's, see the method)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    head: Head = "i2i"
+    model_size: str = "XL/2"  # a key of lumos.models.lumos_dit.LUMOS_SIZES
+    # LumosDiT config overrides (e.g. {"depth": 1}); data dims (latent size, embedding widths)
+    # come from the features and must not be repeated here.
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    steps: int = Field(400_000, ge=0, description="optimizer steps (ours: not published)")
+    batch_size: int = Field(64, ge=1, description="per process and micro-step (PixArt: 64/GPU)")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.03, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-10, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    warmup_steps: int = Field(500, ge=0, description="linear warm-up, then constant LR")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    # EMA decay min(ema_decay, (1 + step) / (10 + step)) (diffusers' EMA warm-up): a 0.9999 EMA
+    # of a short fine-tune would still be mostly its initialisation.
+    ema_warmup: bool = True
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    compile: bool = True  # torch.compile the model for the training step
+    num_frames: int | None = Field(
+        None, ge=2, description="frames per item for novel_view / video (default 4)"
+    )
+    init_from_ema: bool = True  # fine-tunes start from the I2I checkpoint's EMA weights
+    checkpoint_every: int = Field(5_000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept in out_uri")
+    log_every: int = Field(100, ge=1)
+    seed: int = 0
+    pushgateway_url: str | None = None  # e.g. http://prometheus-pushgateway:9091
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _frames_match_head(self) -> TrainConfig:
+        if self.head in MULTI_FRAME_HEADS and self.num_frames is None:
+            self.num_frames = 4
+        if self.head not in MULTI_FRAME_HEADS and self.num_frames is not None:
+            raise ValueError(f"num_frames is for novel_view / video, not head {self.head!r}")
+        return self
+
+
+class TrainResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint_uri: str  # the final checkpoint (a step-XXXXXXX directory under out_uri)
+    head: str
+    step: int
+    final_loss: float | None  # mean loss of the last logged interval (None after 0 steps)
+    losses: list[tuple[int, float]]  # (step, mean loss since the previous log) of this call
+    images_per_second: float  # over this call's steps, all processes (frames count as images)
+    # Over the last log interval only: the steady state, without torch.compile's warm-up.
+    last_images_per_second: float
+    num_parameters: int
+    train_items: int
+    global_batch: int  # items per optimizer step
+    resumed_from: str | None
+    transfer_report: dict[str, Any] | None
+
+
+def train(
+    cfg: TrainConfig, dataset_uri: str, out_uri: str, init_from: str | None = None
+) -> TrainResult:
+    """Train `cfg.head` on the features of `dataset_uri`, checkpointing to `out_uri`.
+
+    `init_from` (a checkpoint or run URI) initialises the model through weight transfer, for
+    fine-tuning a head from the I2I checkpoint. `steps=0` writes an untrained checkpoint.
+    """
+    # --- setup --------------------------------------------------------------------------------
+    accelerator = _make_accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        raise NotImplementedError(
+            f"distributed type {accelerator.distributed_type} is not supported yet: the EMA and "
+            "the checkpoints need unsharded parameters (one process or DDP via --multi_gpu)"
+        )
+    resume_uri = latest_checkpoint(out_uri)
+    resume_meta = read_checkpoint_meta(resume_uri) if resume_uri else None
+    if resume_meta is not None:
+        _check_resumable(cfg, resume_meta)
+        if resume_meta["step"] >= cfg.steps:
+            logger.info(
+                "%s already holds step %d >= %d steps", out_uri, resume_meta["step"], cfg.steps
+            )
+            return _result_from_meta(resume_meta)
+    # A different stream per process, so the processes draw different noise and timesteps.
+    _seed_everything(cfg.seed * world + rank)
+
+    # --- data: cached features -> items of this head ------------------------------------------
+    spec = read_features_spec(dataset_uri)
+    table = load_feature_table(dataset_uri, split="train")
+    dataset = FeatureDataset.for_head(table, cfg.head, num_frames=cfg.num_frames or 1)
+    sampler = ResumableSampler(len(dataset), cfg.batch_size * world, cfg.seed, rank, world)
+    frames = cfg.num_frames or 1
+    images_per_step = cfg.batch_size * world * cfg.grad_accum * frames
+    latent_downsample = int(spec["latent_downsample"])
+
+    # --- model and EMA ------------------------------------------------------------------------
+    model_cfg = build_model_config(cfg, spec)
+    model = LumosDiT(**model_cfg)
+    transfer_report, parent = None, None
+    if resume_meta is not None:  # the transfer happened in the run being resumed
+        transfer_report, parent = resume_meta.get("transfer_report"), resume_meta.get("parent")
+    elif init_from is not None:
+        transfer_report = initialise_from(init_from, model, cfg)
+        parent = transfer_report["source"]
+    model.to(device).train()
+    # The EMA starts as a copy of the initial (or transferred) weights, as in DiT.
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    num_parameters = sum(p.numel() for p in model.parameters())
+
+    # --- optimizer ----------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=cfg.adam_betas,
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",  # one kernel for all parameters
+    )
+
+    # --- resume -------------------------------------------------------------------------------
+    step = 0
+    if resume_meta is not None:
+        step = _load_training_state(resume_meta["uri"], model, ema, optimizer, sampler, rank)
+        logger.info("resumed from %s at step %d", resume_meta["uri"], step)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_model = torch.compile(model) if cfg.compile else model
+    diffusion = GaussianDiffusion()  # DDPM, linear betas 1e-4..0.02, 1000 steps, learned sigma
+
+    meta = {
+        "head": cfg.head,
+        "encoders": spec.get("encoders"),
+        "data": {"dataset_uri": dataset_uri, "manifest_sha256": spec.get("manifest_sha256")},
+        "features": {k: spec.get(k) for k in ("shapes", "latent_downsample", "resolution")},
+        "parent": parent,
+        "train_config": cfg.model_dump(mode="json"),
+        "transfer_report": transfer_report,
+        "num_parameters": num_parameters,
+        "train_items": len(dataset),
+    }
+
+    def checkpoint(step: int, loss: float | None) -> str:
+        ckpt = Storage.from_uri(out_uri).child(checkpoint_dirname(step))
+        # Every process saves its own RNG state; the main process writes the rest, meta last.
+        ckpt.write_bytes(f"training_state/rng-rank-{rank:05d}.pt", _to_bytes(_rng_state()))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # The LR schedule is a function of the step: the step is its whole state.
+            position = {"step": step, "data": sampler.state_dict(), "world_size": world}
+            state = {
+                "optimizer.pt": _to_bytes(optimizer.state_dict()),
+                "state.json": json.dumps(position, indent=2).encode(),
+            }
+            raw = accelerator.unwrap_model(model)
+            save_checkpoint(ckpt.uri, raw, ema, {**meta, "step": step, "loss": loss}, state)
+            prune_checkpoints(out_uri, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return ckpt.uri
+
+    # --- loop ---------------------------------------------------------------------------------
+    push_url = cfg.pushgateway_url if accelerator.is_main_process else None
+    metrics = TrainingMetrics(
+        run=Storage.from_uri(out_uri).uri, head=cfg.head, pushgateway_url=push_url
+    )
+    losses: list[tuple[int, float]] = []
+    final_loss = resume_meta.get("loss") if resume_meta else None
+    start_step, start_time = step, time.perf_counter()
+    running_loss, log_steps, log_time = torch.zeros((), device=device), 0, time.perf_counter()
+    images_per_second = 0.0
+    checkpoint_uri = resume_meta["uri"] if resume_meta else None
+    show_bar = cfg.progress_bar and accelerator.is_main_process
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.head}", disable=not show_bar)
+    if step == 0 and cfg.steps == 0:
+        checkpoint_uri = checkpoint(0, None)  # an untrained model: the gate must reject it
+    while step < cfg.steps:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            batch = _to_device(dataset.batch(sampler.next_batch()), device)
+            x0, model_kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
+            t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
+            with accelerator.accumulate(model):
+                loss = diffusion.training_losses(train_model, x0, t, model_kwargs)["loss"].mean()
+                accelerator.backward(loss)  # divided by grad_accum inside
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()  # a no-op until the last micro-step (accelerate)
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach() / cfg.grad_accum
+        decay = cfg.ema_decay
+        if cfg.ema_warmup:
+            decay = min(decay, (1 + step) / (10 + step))
+        update_ema(ema, accelerator.unwrap_model(model), decay)
+        step += 1
+        log_steps += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            # One sync per log interval (as DiT): the mean loss over steps and processes.
+            mean_loss = accelerator.reduce(running_loss / log_steps, reduction="mean").item()
+            now = time.perf_counter()
+            images_per_second = images_per_step * log_steps / (now - log_time)
+            losses.append((step, mean_loss))
+            final_loss = mean_loss
+            bar.set_postfix(
+                loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.1f}", lr=f"{lr:.2e}"
+            )
+            metrics.update(step=step, loss=mean_loss, images_per_second=images_per_second)
+            metrics.push()
+            running_loss.zero_()
+            log_steps, log_time = 0, now
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint_uri = checkpoint(step, final_loss)
+    bar.close()
+
+    elapsed = time.perf_counter() - start_time
+    steps_done = step - start_step
+    assert checkpoint_uri is not None
+    return TrainResult(
+        checkpoint_uri=checkpoint_uri,
+        head=cfg.head,
+        step=step,
+        final_loss=final_loss,
+        losses=losses,
+        images_per_second=images_per_step * steps_done / elapsed if steps_done else 0.0,
+        last_images_per_second=images_per_second,
+        num_parameters=num_parameters,
+        train_items=len(dataset),
+        global_batch=cfg.batch_size * world * cfg.grad_accum,
+        resumed_from=resume_meta["uri"] if resume_meta else None,
+        transfer_report=transfer_report,
+    )
+
+
+def build_model_config(cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """The LumosDiT config for a head: registry size, data dims from the features, overrides."""
+    shapes = spec["shapes"]
+    channels, height, width = shapes["latents"]
+    assert height == width, f"square latents expected, got {height}x{width}"
+    base = lumos_dit_config(cfg.model_size, input_size=height, in_channels=channels)
+    data_dims: dict[str, Any] = {"image_embed_dim": shapes["image_embeds"][0]}
+    if cfg.head == "t2i":
+        if not shapes.get("text_embeds"):
+            raise ValueError("head 't2i' needs text embeddings: the dataset has no paired samples")
+        data_dims.update(text_tokens=shapes["text_embeds"][0], text_dim=shapes["text_embeds"][1])
+    elif cfg.head == "novel_view":
+        data_dims["num_views"] = cfg.num_frames
+    elif cfg.head == "video":
+        data_dims["num_frames"] = cfg.num_frames
+    config = head_model_config(base, cfg.head, **data_dims)
+    config.update(cfg.model_overrides)
+    return lumos_dit_config(cfg.model_size, **config)  # validates the override keys
+
+
+def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[str, Any]:
+    """Load an (I2I) checkpoint's weights into `model` by weight transfer; returns the report."""
+    source = load_checkpoint(init_from, raw=not cfg.init_from_ema)
+    weights = source.ema_model if cfg.init_from_ema else source.model
+    assert weights is not None, "load_checkpoint(raw=True) returns the raw weights"
+    report = transfer_weights(weights.state_dict(), model, HEADS[cfg.head].allowed_new)
+    logger.info("%s from %s", report.summary(), source.uri)
+    return {
+        "source": source.uri,
+        "source_head": source.meta.get("head"),
+        "source_step": source.meta.get("step"),
+        "source_weights": "ema" if cfg.init_from_ema else "raw",
+        "summary": report.summary(),
+        **report.model_dump(),
+    }
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter (DiT)."""
+    ema_params = dict(ema.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].lerp_(param.detach(), 1.0 - decay)
+
+
+# --- helpers: accelerator, RNG, resume ------------------------------------------------------------
+
+
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    try:
+        return Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
+        )
+    except ValueError:
+        # accelerate keeps one state per process; a second run in the same (non-distributed)
+        # process with another precision (tests, an in-process pipeline) must start it afresh.
+        if AcceleratorState().distributed_type != DistributedType.NO:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
+        )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    # weights_only=False: python / numpy RNG states are tuples of ints; these are our own files.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _check_resumable(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    saved = meta.get("train_config") or {}
+    now = cfg.model_dump(mode="json")
+    differs = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
+    if differs:
+        raise ValueError(
+            f"{meta['uri']} holds a checkpoint of another run: its {differs} differ from this "
+            f"config ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in differs)}); "
+            "use a fresh out_uri, or the same config to resume"
+        )
+
+
+def _load_training_state(
+    checkpoint_uri: str,
+    model: LumosDiT,
+    ema: LumosDiT,
+    optimizer: torch.optim.Optimizer,
+    sampler: ResumableSampler,
+    rank: int,
+) -> int:
+    """Restore everything a resumed run needs; returns the step to continue from."""
+    store = Storage.from_uri(checkpoint_uri)
+    with local_copy(checkpoint_uri, ["transformer", "transformer_ema"]) as root:
+        for target, sub in ((model, "transformer"), (ema, "transformer_ema")):
+            weights = load_file(str(root / sub / "diffusion_pytorch_model.safetensors"))
+            target.load_state_dict(weights, strict=True)
+    state = store.read_json("training_state/state.json")
+    optimizer.load_state_dict(_from_bytes(store.read_bytes("training_state/optimizer.pt")))
+    sampler.load_state_dict(state["data"])
+    rng_key = f"training_state/rng-rank-{rank:05d}.pt"
+    if not store.exists(rng_key):
+        raise ValueError(
+            f"{checkpoint_uri} has no RNG state for process {rank}: it was saved by "
+            f"{state['world_size']} processes; resume with the same number"
+        )
+    _set_rng_state(_from_bytes(store.read_bytes(rng_key)))
+    return int(state["step"])
+
+
+def _result_from_meta(meta: dict[str, Any]) -> TrainResult:
+    """The result of a run that was already complete (a retried pipeline step)."""
+    cfg = meta["train_config"]
+    return TrainResult(
+        checkpoint_uri=meta["uri"],
+        head=meta["head"],
+        step=meta["step"],
+        final_loss=meta.get("loss"),
+        losses=[],
+        images_per_second=0.0,
+        last_images_per_second=0.0,
+        num_parameters=meta.get("num_parameters", 0),
+        train_items=meta.get("train_items", 0),
+        global_batch=cfg["batch_size"] * cfg["grad_accum"],
+        resumed_from=meta["uri"],
+        transfer_report=meta.get("transfer_report"),
+    )
+
+
+__all__ = ["TrainConfig", "TrainResult", "build_model_config", "train", "update_ema"]

@@ -1,0 +1,92 @@
+"""evaluate end to end on tiny untrained checkpoints: the embedded dataset, ingested and
+featurized by the real stages; every head runs, writes its files, scores low and fails the gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lumos.data.ingest import IngestConfig, ingest
+from lumos.data.synthetic import SynthConfig, generate_default_dataset
+from lumos.encoders import EncodersConfig
+from lumos.evaluation.evaluate import EvalResult, EvaluateConfig, evaluate
+from lumos.training.featurize import FeaturizeConfig, featurize
+from lumos.training.train import TrainConfig, train
+
+HEAD_DATA = {"i2i": "images", "t2i": "images", "novel_view": "views", "video": "clips"}
+TINY_MODEL = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+EVAL = EvaluateConfig(num_samples=3, sampling_steps=2, batch_size=2, device="cpu", report_samples=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    """head -> (untrained checkpoint URI, dataset URI)."""
+    root = tmp_path_factory.mktemp("eval")
+    synth = SynthConfig(resolution=32, num_images=16, num_objects=4, views_per_object=3,
+                        num_clips=4, frames_per_clip=3, eval_fraction=0.25)  # fmt: skip
+    generate_default_dataset(synth, str(root / "source"))
+    # The synthetic images are alike on purpose: no near-duplicate detection; every caption paired.
+    ingest_cfg = IngestConfig(resolution=16, image_format="png", near_duplicate_distance=None,
+                              paired_fraction=1.0, workers=1)  # fmt: skip
+    encoders = EncodersConfig.tiny(max_tokens=16)
+    for kind in ("images", "views", "clips"):
+        ingest(ingest_cfg, str(root / "source" / kind), str(root / kind), progress=False)
+        featurize(
+            FeaturizeConfig(encoders=encoders, device="cpu", progress_bar=False), str(root / kind)
+        )
+    out = {}
+    for head, kind in HEAD_DATA.items():
+        frames = {"num_frames": 3} if kind != "images" else {}
+        cfg = TrainConfig(head=head, model_size="tiny", model_overrides=TINY_MODEL, steps=0,
+                          batch_size=2, mixed_precision="no", compile=False, progress_bar=False, **frames)  # fmt: skip
+        result = train(cfg, str(root / kind), str(root / "ckpt" / head))
+        out[head] = (result.checkpoint_uri, str(root / kind))
+    return out
+
+
+@pytest.mark.parametrize("head", list(HEAD_DATA))
+def test_untrained_checkpoint_scores_low_and_fails(checkpoints, tmp_path: Path, head: str) -> None:
+    ckpt, dataset = checkpoints[head]
+    result = evaluate(EVAL, ckpt, dataset, str(tmp_path))
+    assert result.head == head
+    # 16 images / 4 groups with eval_fraction 0.25: 4 eval images (3 used), 1 eval group.
+    assert result.num_samples == (1 if head in ("novel_view", "video") else 3)
+    assert not result.passed and result.reasons
+    for name in ("metrics.json", "report.html", "eval.json", "samples.json"):
+        assert (tmp_path / name).is_file(), name
+    assert EvalResult.model_validate_json((tmp_path / "eval.json").read_text()) == result
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert metrics == result.metrics
+    page = (tmp_path / "report.html").read_text()
+    assert "FAILED" in page and "data:image/png;base64," in page
+    if head == "t2i":
+        assert result.metrics["all_accuracy"] < 0.5
+        # The measurement itself is exact on the true images at the training resolution.
+        assert result.metrics["reference_all_accuracy"] == 1.0
+        assert "a " in page and " at the " in page  # captions shown as conditions
+    elif head == "i2i":
+        assert result.metrics["all_agreement"] < 0.5
+    else:
+        assert result.metrics["psnr"] < result.metrics["psnr_copy_input"]
+        assert result.metrics["ssim"] < 0.5
+
+
+def test_same_seed_same_metrics_and_baseline_regression(checkpoints, tmp_path: Path) -> None:
+    ckpt, dataset = checkpoints["video"]
+    lenient = EVAL.model_copy(update={"thresholds": {"video": {"psnr": 0.0, "ssim": -1.0}}})
+    first = evaluate(lenient, ckpt, dataset, str(tmp_path / "a"))
+    assert first.passed and first.reasons == []
+    again = evaluate(
+        lenient, ckpt, dataset, str(tmp_path / "b"), baseline={"psnr": first.metrics["psnr"] * 2}
+    )
+    assert again.metrics == first.metrics
+    assert not again.passed and "regressed" in again.reasons[0]
+
+
+def test_config_is_strict() -> None:
+    with pytest.raises(ValueError, match="extra"):
+        EvaluateConfig(num_sample=3)
+    with pytest.raises(ValueError, match="unknown heads"):
+        EvaluateConfig(thresholds={"t2v": {"psnr": 1.0}})

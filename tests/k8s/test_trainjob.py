@@ -1,0 +1,211 @@
+"""TrainJob rendering is validated against the real Trainer CRD. No Kubernetes cluster exists
+here, so `launch_and_wait` runs against a fake API server object that walks a TrainJob through the
+status conditions the Trainer controller sets; the polling, failure and log logic is real."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from lumos.k8s.crd_validation import ResourceValidationError, validate_resource
+from lumos.k8s.resources import Toleration
+from lumos.k8s.trainjob import (
+    POD_LABEL,
+    DistributedConfig,
+    TrainJobFailed,
+    launch_and_wait,
+    render_trainjob,
+)
+
+COMMAND = ["lumos", "pretrain", "--config", "/etc/lumos/config.yaml"]
+
+
+def test_render_default_is_valid_and_complete(crds_dir: Path) -> None:
+    cfg = DistributedConfig(num_nodes=4, gpus_per_node=8, env={"NCCL_DEBUG": "WARN"})
+    job = render_trainjob(cfg, COMMAND, "lumos-pretrain-42")
+    validate_resource(job, crds_dir)
+    spec = job["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                  "name": "torch-distributed"}  # fmt: skip
+    trainer = spec["trainer"]
+    assert trainer["command"] == COMMAND and trainer["numNodes"] == 4
+    assert trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    assert trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"] == "8"
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "lumos-s3", "key": "AWS_ACCESS_KEY_ID"}  # fmt: skip
+    assert env["LUMOS_S3_REGION"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["NCCL_DEBUG"] == {"name": "NCCL_DEBUG", "value": "WARN"}
+    [patch] = spec["runtimePatches"]
+    [job_patch] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert job_patch["name"] == "node"
+    pod = job_patch["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                   "effect": "NoSchedule"}]  # fmt: skip
+
+
+def test_cpu_only_cluster_runtime_without_placement(crds_dir: Path) -> None:
+    cfg = DistributedConfig(num_nodes=1, gpus_per_node=0, node_selector={}, tolerations=[],
+                            runtime_kind="ClusterTrainingRuntime", env_secret=None,
+                            active_deadline_s=3600)  # fmt: skip
+    job = render_trainjob(cfg, ["lumos", "pretrain"], "cpu-run")
+    assert "runtimePatches" not in job["spec"] and "env" not in job["spec"]["trainer"]
+    assert job["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
+    assert job["spec"]["trainer"]["numProcPerNode"] == 1
+    assert "nvidia.com/gpu" not in job["spec"]["trainer"]["resourcesPerNode"]["limits"]
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+
+
+def test_bad_inputs_fail_loudly(crds_dir: Path) -> None:
+    cfg = DistributedConfig()
+    with pytest.raises(ValueError, match="DNS-1123"):
+        render_trainjob(cfg, COMMAND, "Lumos_Pretrain")
+    with pytest.raises(ValueError, match="start with a letter"):
+        render_trainjob(cfg, COMMAND, "1-pretrain")
+    with pytest.raises(ValueError, match="non-empty list"):
+        render_trainjob(cfg, [], "pretrain")
+    with pytest.raises(ValidationError, match="extra"):
+        DistributedConfig(num_node=2)
+    with pytest.raises(ValidationError, match="Kubernetes quantity"):
+        DistributedConfig(memory="480 GB")
+    with pytest.raises(ValidationError, match="Equal needs a value"):
+        Toleration(key="k", operator="Equal")
+
+
+def test_tampered_trainjob_fails_crd_validation(crds_dir: Path) -> None:
+    job = render_trainjob(DistributedConfig(), COMMAND, "pretrain")
+    bad = copy.deepcopy(job)
+    bad["spec"]["trainer"]["nodeSelector"] = {"a": "b"}  # not a trainer field: use runtimePatches
+    with pytest.raises(ResourceValidationError, match=r"spec\.trainer: Additional properties"):
+        validate_resource(bad, crds_dir)
+
+
+class FakeTrainerAPI:
+    """Stands in for the API server: returns the TrainJob with the next status on every get."""
+
+    def __init__(self, statuses: list[dict]) -> None:
+        self.statuses = statuses
+        self.created: list[dict] = []
+        self.gets = 0
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kw):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        assert namespace == body["metadata"]["namespace"]
+        self.created.append(body)
+        return body
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+        status = self.statuses[min(self.gets, len(self.statuses) - 1)]
+        self.gets += 1
+        return {**self.created[-1], "status": status}
+
+
+class FakeCoreAPI:
+    def __init__(self, logs: dict[str, str]) -> None:
+        self.logs = logs
+        self.selectors: list[str] = []
+
+    def list_namespaced_pod(self, namespace, label_selector=None, **kw):
+        self.selectors.append(label_selector)
+        return SimpleNamespace(
+            items=[SimpleNamespace(metadata=SimpleNamespace(name=n)) for n in self.logs]
+        )
+
+    def read_namespaced_pod_log(self, name, namespace, container=None, tail_lines=None, **kw):
+        if self.logs[name] is None:
+            raise RuntimeError("container not started")
+        return "\n".join(self.logs[name].splitlines()[-tail_lines:])
+
+
+def cond(kind: str, status: str = "True", reason: str = "", message: str = "") -> dict:
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture()
+def job() -> dict:
+    return render_trainjob(DistributedConfig(num_nodes=2), COMMAND, "pretrain-7")
+
+
+def test_wait_until_complete(job: dict) -> None:
+    api = FakeTrainerAPI([{}, {"conditions": [cond("Created")]},
+                          {"conditions": [cond("Created"), cond("Complete", reason="JobSetCompleted")]}])  # fmt: skip
+    core = FakeCoreAPI({"pretrain-7-node-0-0": "step 1\nstep 2\ndone", "pretrain-7-node-0-1": "ok"})
+    clock = FakeClock()
+    outcome = launch_and_wait(
+        job, api, core, timeout_s=600, poll_s=10, sleep=clock.sleep, clock=clock
+    )
+    assert api.created == [job] and api.gets == 3
+    assert outcome.state == "Complete" and outcome.seconds == 20.0
+    assert outcome.message == "JobSetCompleted"
+    assert outcome.logs["pretrain-7-node-0-0"].endswith("done")
+    assert core.selectors == [f"{POD_LABEL}=pretrain-7"]
+
+
+def test_failure_raises_with_message_and_log_tail(job: dict) -> None:
+    failed = cond("Failed", reason="JobSetFailed", message="node-0 exited with code 1")
+    api = FakeTrainerAPI([{"conditions": [cond("Complete", status="False")]},
+                          {"conditions": [failed]}])  # fmt: skip
+    core = FakeCoreAPI({
+        "pretrain-7-node-0-0": "\n".join(f"line {i}" for i in range(200)) + "\nCUDA out of memory",
+        "pretrain-7-node-0-1": None,
+    })  # fmt: skip
+    clock = FakeClock()
+    with pytest.raises(TrainJobFailed) as info:
+        launch_and_wait(job, api, core, timeout_s=600, poll_s=5, sleep=clock.sleep, clock=clock)
+    text = str(info.value)
+    assert "lumos/pretrain-7 failed: JobSetFailed: node-0 exited with code 1" in text
+    assert "CUDA out of memory" in text and "line 151" in text and "line 149" not in text
+    assert "<no log: container not started>" in text
+    assert info.value.outcome.state == "Failed"
+
+
+def test_timeout(job: dict) -> None:
+    api = FakeTrainerAPI([{"conditions": [cond("Created")]}])
+    clock = FakeClock()
+    with pytest.raises(TrainJobFailed, match="timed out: no Complete/Failed condition after 60s"):
+        launch_and_wait(job, api, FakeCoreAPI({}), timeout_s=60, poll_s=15,
+                        sleep=clock.sleep, clock=clock)  # fmt: skip
+    assert api.gets == 5  # at 0, 15, 30, 45 and 60 s
+
+
+def test_retried_step_follows_the_existing_job(job: dict) -> None:
+    class AlreadyExists(Exception):
+        status = 409  # what kubernetes.client.ApiException carries for AlreadyExists
+
+    class RetriedAPI(FakeTrainerAPI):
+        def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kw):
+            self.created.append(body)
+            raise AlreadyExists()
+
+    api = RetriedAPI([{"conditions": [cond("Complete")]}])
+    clock = FakeClock()
+    outcome = launch_and_wait(job, api, FakeCoreAPI({}), sleep=clock.sleep, clock=clock)
+    assert outcome.state == "Complete"
+
+    class Forbidden(Exception):
+        status = 403
+
+    class ForbiddenAPI(FakeTrainerAPI):
+        def create_namespaced_custom_object(self, *args, **kw):
+            raise Forbidden("trainjobs is forbidden")
+
+    with pytest.raises(Forbidden):
+        launch_and_wait(job, ForbiddenAPI([{}]), FakeCoreAPI({}), sleep=clock.sleep, clock=clock)

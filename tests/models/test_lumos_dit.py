@@ -1,0 +1,186 @@
+"""Contract tests of the Lumos transformer for every registry size, at tiny width."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lumos.diffusion import GaussianDiffusion
+from lumos.models import LUMOS_SIZES, LumosDiT, lumos_dit, lumos_dit_config
+from lumos.models.lumos_dit import CrossAttention
+
+LATENT = 8  # latent grid of the tiny tests
+COND_DIM = 16
+
+
+def tiny_config(size: str, **overrides) -> dict:
+    """The size's patch and head structure with a tiny width and depth."""
+    heads = LUMOS_SIZES[size]["num_heads"]
+    base = dict(hidden_size=heads * 8, depth=2, input_size=LATENT, cond_dim=COND_DIM)
+    return lumos_dit_config(size, **{**base, **overrides})
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere: zero-initialised layers would make many checks vacuous."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def inputs(batch: int = 2, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, LATENT, LATENT, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    cond = torch.randn(batch, COND_DIM, generator=gen)
+    return x, t, cond
+
+
+@pytest.mark.parametrize("size", sorted(LUMOS_SIZES))
+def test_output_shape(size):
+    model = LumosDiT(**tiny_config(size)).eval()
+    x, t, cond = inputs()
+    out = model(x, t, cond)
+    assert out.shape == (2, 8, LATENT, LATENT)  # epsilon (4) + learned variance (4)
+
+
+@pytest.mark.parametrize("size", sorted(LUMOS_SIZES))
+def test_seeded_construction_is_deterministic(size):
+    torch.manual_seed(0)
+    a = LumosDiT(**tiny_config(size)).eval()
+    torch.manual_seed(0)
+    b = LumosDiT(**tiny_config(size)).eval()
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    randomize(a)
+    randomize(b)
+    x, t, cond = inputs()
+    assert torch.equal(a(x, t, cond), b(x, t, cond))
+
+
+@pytest.mark.parametrize("size", sorted(LUMOS_SIZES))
+def test_save_load_round_trip_keeps_outputs_and_null_embedding(size, tmp_path):
+    model = randomize(LumosDiT(**tiny_config(size))).eval()
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    assert "cond_projector.null_embedding" in saved, "the null embedding must be saved"
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["hidden_size"]
+        == model.config.hidden_size
+    )
+
+    torch.manual_seed(123)  # a different RNG state: a re-drawn null buffer would differ
+    loaded = LumosDiT.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.cond_projector.null_embedding, model.cond_projector.null_embedding)
+    x, t, cond = inputs()
+    drop = torch.tensor([False, True])
+    assert torch.equal(model(x, t, cond, force_drop=drop), loaded(x, t, cond, force_drop=drop))
+
+
+@pytest.mark.parametrize("size", sorted(LUMOS_SIZES))
+def test_one_training_step_is_finite(size):
+    torch.manual_seed(0)
+    model = LumosDiT(**tiny_config(size)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    diffusion = GaussianDiffusion()
+    x, _, cond = inputs(batch=4)
+    t = torch.tensor([0, 10, 500, 999])
+    losses = diffusion.training_losses(model, x, t, {"cond": cond})
+    loss = losses["loss"].mean()
+    assert torch.isfinite(loss)
+    before = model.final_layer.linear.weight.detach().clone()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    assert not torch.equal(before, model.final_layer.linear.weight), "the step changed nothing"
+
+
+def test_xl2_parameter_count_matches_the_paper():
+    with torch.device("meta"):
+        model = lumos_dit("XL/2")
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - 822e6) / 822e6 < 0.01, f"XL/2 has {count / 1e6:.1f}M parameters"
+
+
+def test_single_token_shortcut_equals_general_attention():
+    torch.manual_seed(0)
+    attn = randomize(CrossAttention(32, 4))
+    x = torch.randn(3, 10, 32)
+    c = torch.randn(3, 1, 32)
+    general = attn.forward_general(x, c)
+    shortcut = attn(x, c)  # takes the shortcut: one token, no mask
+    torch.testing.assert_close(shortcut, general, rtol=1e-5, atol=1e-6)
+
+
+def test_text_condition_ignores_padding_tokens():
+    cfg = tiny_config("tiny", cond_kind="text", cond_tokens=5, micro_conditions=True)
+    model = randomize(LumosDiT(**cfg)).eval()
+    x, t, _ = inputs()
+    text = torch.randn(2, 5, COND_DIM)
+    mask = torch.tensor([[True, True, True, False, False]] * 2)
+    micro = torch.tensor([[64.0, 64.0], [64.0, 96.0]])
+    out = model(x, t, text, mask, micro_cond=micro)
+    changed = text.clone()
+    changed[:, 3:] = torch.randn(2, 2, COND_DIM)
+    torch.testing.assert_close(model(x, t, changed, mask, micro_cond=micro), out)
+    assert not torch.allclose(model(x, t, text, mask, micro_cond=micro.flip(1)), out)
+
+
+def test_force_drop_replaces_the_condition_with_the_null_embedding():
+    model = randomize(LumosDiT(**tiny_config("tiny"))).eval()
+    x, t, cond = inputs()
+    drop = torch.tensor([True, True])
+    a = model(x, t, cond, force_drop=drop)
+    b = model(x, t, torch.randn_like(cond), force_drop=drop)
+    assert torch.equal(a, b)
+    assert not torch.allclose(model(x, t, cond), a)
+
+
+def test_condition_dropout_only_in_training():
+    model = randomize(LumosDiT(**tiny_config("tiny", cond_dropout_prob=1.0)))
+    x, t, cond = inputs()
+    null = model.eval()(x, t, cond, force_drop=torch.tensor([True, True]))
+    torch.testing.assert_close(model.train()(x, t, cond), null)
+    assert not torch.allclose(model.eval()(x, t, cond), null)
+
+
+def test_multi_frame_at_init_equals_the_single_frame_model_per_frame():
+    single = randomize(LumosDiT(**tiny_config("tiny"))).eval()
+    multi = LumosDiT(**tiny_config("tiny", num_frames=3, frame_embed="index")).eval()
+    state = multi.state_dict()
+    state.update(single.state_dict())  # temporal layers and frame embedder keep their zero init
+    multi.load_state_dict(state)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, LATENT, LATENT, generator=gen)
+    _, t, cond = inputs()
+    frames = torch.arange(3).expand(2, 3)
+    out = multi(x, t, cond, frame_cond=frames)
+    assert out.shape == (2, 3, 8, LATENT, LATENT)
+    for f in range(3):
+        torch.testing.assert_close(out[:, f], single(x[:, f], t, cond), rtol=1e-4, atol=1e-5)
+
+
+def test_other_resolutions_and_aspect_ratios():
+    model = randomize(LumosDiT(**tiny_config("tiny"))).eval()
+    x = torch.randn(2, 4, 8, 12)
+    _, t, cond = inputs()
+    assert model(x, t, cond).shape == (2, 8, 8, 12)
+
+
+def test_bad_configs_and_inputs_fail_loudly():
+    with pytest.raises(ValueError, match="unknown Lumos size"):
+        lumos_dit_config("XXL/2")
+    with pytest.raises(ValueError, match="unknown LumosDiT config keys"):
+        lumos_dit_config("tiny", widht=3)
+    with pytest.raises(ValueError, match="cond_kind"):
+        LumosDiT(**tiny_config("tiny", cond_kind="audio"))
+    with pytest.raises(ValueError, match="num_frames"):
+        LumosDiT(**tiny_config("tiny", frame_embed="index"))
+    model = LumosDiT(**tiny_config("tiny"))
+    x, t, cond = inputs()
+    with pytest.raises(AssertionError, match="x must be"):
+        model(x[:, None], t, cond)

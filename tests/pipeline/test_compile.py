@@ -1,0 +1,74 @@
+"""The compiled pipeline: committed YAML is fresh, every component compiles, GPU settings show."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import yaml
+from kfp import compiler
+
+import components
+from lumos.config import load_config
+from pipelines.lumos_pipeline import COMPILED_PATH, COMPILED_PRESET, compile_pipeline
+
+
+def test_committed_pipeline_yaml_is_fresh(tmp_path) -> None:
+    fresh = compile_pipeline(load_config(preset=COMPILED_PRESET), tmp_path / "p.yaml")
+    assert COMPILED_PATH.exists(), "run `make compile` and commit pipelines/lumos_pipeline.yaml"
+    assert fresh.read_text() == COMPILED_PATH.read_text(), (
+        "pipelines/lumos_pipeline.yaml is stale: run `make compile` and commit it"
+    )
+
+
+def test_every_component_compiles(tmp_path) -> None:
+    names = [m.name for m in pkgutil.iter_modules(components.__path__) if m.ispkg]
+    assert len(names) >= 10
+    for name in names:
+        module = importlib.import_module(f"components.{name}.component")
+        comp = getattr(module, name)
+        compiler.Compiler().compile(comp, package_path=str(tmp_path / f"{name}.yaml"))
+        spec = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+        image = spec["deploymentSpec"]["executors"][f"exec-{name.replace('_', '-')}"]["container"][
+            "image"
+        ]
+        assert image.startswith("ghcr.io/lumos-mlops/lumos-train")
+
+
+def _docs(path):
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+def test_gpu_steps_request_gpus_nodes_and_tolerations() -> None:
+    cfg = load_config(preset=COMPILED_PRESET)
+    pipeline_spec, platform = _docs(COMPILED_PATH)
+    executors = pipeline_spec["deploymentSpec"]["executors"]
+    train = executors["exec-pretrain"]["container"]
+    assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert int(train["resources"]["accelerator"]["resourceCount"]) == cfg.cluster.gpus_per_step
+    assert train["image"] == cfg.cluster.image
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    pre = k8s["exec-pretrain"]
+    assert pre["nodeSelector"]["labels"] == cfg.cluster.gpu_node_selector
+    assert pre["tolerations"][0]["key"] == cfg.cluster.gpu_tolerations[0].key
+    assert pre["secretAsEnv"][0]["secretName"] == cfg.cluster.s3_secret
+    assert pre["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    # CPU steps get the secret but no GPU
+    assert "accelerator" not in executors["exec-ingest-plan"]["container"].get("resources", {})
+    assert "nodeSelector" not in k8s["exec-ingest-plan"]
+
+
+def test_pipeline_shape_fan_out_parallel_heads_and_gate() -> None:
+    pipeline_spec, _ = _docs(COMPILED_PATH)
+    root = pipeline_spec["root"]["dag"]["tasks"]
+    text = yaml.safe_dump(pipeline_spec)
+    assert "parameterIterator" in text  # ParallelFor over ingest partitions
+    for head in ("t2i", "novel_view", "video"):
+        assert any(t.startswith("condition") or "gate" in t for t in root) or "gate" in text
+        assert f"finetune-{head}" in text.replace("_", "-") or f"finetune-{head}" in text
+    # fine-tunes depend on pretraining only, so they run in parallel
+    finetunes = [t for name, t in root.items() if name.startswith("finetune")]
+    assert len(finetunes) == 3
+    for t in finetunes:
+        assert "pretrain" in t["dependentTasks"]
+        assert not any(d.startswith("finetune") for d in t["dependentTasks"])

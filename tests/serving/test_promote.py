@@ -1,0 +1,175 @@
+"""Promotion on a local registry and on a real S3 server (moto, tests/conftest.py); the
+InferenceService is validated against the KServe CRD in ../shared/crds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper
+from pydantic import ValidationError
+
+from lumos.evaluation.evaluate import EvalResult
+from lumos.k8s.crd_validation import validate_resource
+from lumos.serving.promote import (
+    PromoteConfig,
+    PromotionError,
+    current_promoted,
+    promote,
+)
+from lumos.storage import Storage
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def crds() -> None:
+    path = Path(os.environ.get("LUMOS_CRDS_DIR") or REPO_ROOT.parent / "shared" / "crds")
+    if not path.is_dir():
+        pytest.skip(f"CRD directory {path} not found (set LUMOS_CRDS_DIR)")
+
+
+def make_export(root: Path, head: str = "t2i") -> Path:
+    """An export directory as `lumos export` writes it: a (tiny, real) ONNX graph + export.json."""
+    root.mkdir(parents=True)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["out"])], "tiny", [x], [out])
+    onnx.save(helper.make_model(graph), root / "model.onnx")
+    (root / "export.json").write_text(json.dumps({
+        "format": "lumos-export/1",
+        "head": head,
+        "checkpoint": {"uri": f"s3://lumos/runs/r1/checkpoints/{head}", "step": 500,
+                       "parent": "s3://lumos/runs/r1/checkpoints/i2i",
+                       "data": {"dataset_uri": "s3://lumos/runs/r1/datasets/images",
+                                "manifest_sha256": "ab" * 32}},
+    }))  # fmt: skip
+    return root
+
+
+def eval_result(head: str = "t2i", passed: bool = True, **kw) -> EvalResult:
+    fields = dict(
+        head=head, metrics={"clip_attribute_accuracy": 0.8, "fid_proxy": 12.5}, passed=passed,
+        reasons=[] if passed else ["fid_proxy 55.0 > threshold 40.0"], num_samples=16,
+        report_uri="/r/report.html", metrics_uri="/r/metrics.json", out_uri="/r",
+        checkpoint_uri=f"s3://lumos/runs/r1/checkpoints/{head}", checkpoint_step=500,
+        dataset_uri="s3://lumos/runs/r1/datasets/images", thresholds={"fid_proxy": 40.0},
+        baseline=None,
+    )  # fmt: skip
+    fields.update(kw)
+    return EvalResult(**fields)
+
+
+def test_passed_model_is_registered_and_served(tmp_path: Path) -> None:
+    export = make_export(tmp_path / "export")
+    cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
+    result = promote(cfg, str(export), eval_result(), str(tmp_path / "promote"))
+
+    assert result.promoted and result.version == "v0001" and result.reasons == []
+    assert result.model_uri == str(export) and result.previous_version is None
+    assert "KServe cannot fetch" in result.warnings[0]  # a local path: say so, do not hide it
+    record = json.loads((tmp_path / "registry" / "t2i" / "v0001.json").read_text())
+    assert record["model_uri"] == str(export)
+    assert record["metrics"] == {"clip_attribute_accuracy": 0.8, "fid_proxy": 12.5}
+    assert record["lineage"]["checkpoint_uri"] == "s3://lumos/runs/r1/checkpoints/t2i"
+    assert record["lineage"]["dataset_uri"] == "s3://lumos/runs/r1/datasets/images"
+    assert record["lineage"]["parent_checkpoint_uri"] == "s3://lumos/runs/r1/checkpoints/i2i"
+    assert record["promoted_at"].endswith("Z")
+    current = current_promoted(cfg.registry_uri, "t2i")
+    assert current["version"] == "v0001" and current["record_uri"] == result.record_uri
+
+    isvc = yaml.safe_load(Path(result.inference_service_uri).read_text())
+    validate_resource(isvc)
+    assert isvc["metadata"]["name"] == "lumos-t2i" == result.inference_service_name
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["serviceAccountName"] == "lumos-serving"
+    assert predictor["model"]["runtime"] == "lumos-onnx"
+    assert predictor["model"]["storageUri"] == str(export)
+    assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    saved = json.loads((tmp_path / "promote" / "promote.json").read_text())
+    assert saved == result.model_dump(mode="json")
+
+
+def test_second_promotion_becomes_current(tmp_path: Path) -> None:
+    cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
+    first = promote(cfg, str(make_export(tmp_path / "e1")), eval_result(), str(tmp_path / "p1"))
+    better = eval_result(metrics={"clip_attribute_accuracy": 0.9, "fid_proxy": 10.0})
+    second = promote(cfg, str(make_export(tmp_path / "e2")), better, str(tmp_path / "p2"))
+    assert (first.version, second.version, second.previous_version) == ("v0001", "v0002", "v0001")
+    current = current_promoted(cfg.registry_uri, "t2i")
+    assert current["version"] == "v0002" and current["metrics"]["fid_proxy"] == 10.0
+    assert current_promoted(cfg.registry_uri, "video") is None
+
+
+def test_mismatched_checkpoint_is_recorded_and_warned(tmp_path: Path) -> None:
+    cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
+    other = eval_result(checkpoint_uri="s3://lumos/runs/r2/checkpoints/t2i")
+    result = promote(cfg, str(make_export(tmp_path / "e")), other, str(tmp_path / "p"))
+    assert any("check that they are the same checkpoint" in w for w in result.warnings)
+    lineage = current_promoted(cfg.registry_uri, "t2i")["lineage"]
+    assert lineage["checkpoint_uri"] == "s3://lumos/runs/r1/checkpoints/t2i"
+    assert lineage["evaluated_checkpoint_uri"] == "s3://lumos/runs/r2/checkpoints/t2i"
+
+
+def test_failed_model_is_not_promoted(tmp_path: Path) -> None:
+    cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
+    failed = eval_result(passed=False)
+    result = promote(cfg, str(make_export(tmp_path / "e")), failed, str(tmp_path / "p"))
+    assert not result.promoted and result.version is None
+    assert result.reasons == ["fid_proxy 55.0 > threshold 40.0"]
+    assert not (tmp_path / "registry").exists()
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["promote.json"]
+    assert current_promoted(cfg.registry_uri, "t2i") is None
+    # a plain dict works as well, and an empty reason list still explains itself
+    as_dict = {"head": "t2i", "passed": False, "metrics": {}, "reasons": []}
+    result = promote(cfg, str(tmp_path / "e"), as_dict, str(tmp_path / "p"))
+    assert result.reasons == ["the evaluation gate did not pass (no reason given)"]
+
+
+def test_inputs_that_disagree_fail_loudly(tmp_path: Path) -> None:
+    cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
+    video_export = make_export(tmp_path / "video", head="video")
+    with pytest.raises(PromotionError, match="head 'video' but the evaluation is of head 't2i'"):
+        promote(cfg, str(video_export), eval_result(), str(tmp_path / "p"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PromotionError, match="export.json not found"):
+        promote(cfg, str(tmp_path / "empty"), eval_result(), str(tmp_path / "p"))
+    with pytest.raises(PromotionError, match="lacks passed"):
+        promote(cfg, str(video_export), {"head": "t2i", "metrics": {}}, str(tmp_path / "p"))
+    with pytest.raises(PromotionError, match="not one of"):
+        promote(cfg, str(video_export), {"head": "x", "passed": True, "metrics": {}}, str(tmp_path))
+    assert not (tmp_path / "registry").exists()
+
+
+def test_config_is_strict() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        PromoteConfig(min_replica=1)
+    with pytest.raises(ValidationError, match="DNS-1123"):
+        PromoteConfig(model_name_prefix="Lumos")
+    with pytest.raises(ValidationError, match="Kubernetes quantity"):
+        PromoteConfig(resources={"memory": "16 GB"})
+
+
+def test_promotion_to_s3_copies_the_model(tmp_path: Path, s3_bucket: str) -> None:
+    export = make_export(tmp_path / "export", head="novel_view")
+    cfg = PromoteConfig(registry_uri=f"s3://{s3_bucket}/registry",
+                        storage_uri_base=f"s3://{s3_bucket}/models", min_replicas=0,
+                        resources={"cpu": "2", "memory": "8Gi", "gpu": 0})  # fmt: skip
+    ev = {"head": "novel_view", "passed": True, "metrics": {"psnr": 21.0}, "reasons": []}
+    result = promote(cfg, str(export), ev, f"s3://{s3_bucket}/runs/r1/promote")
+
+    assert result.model_uri == f"s3://{s3_bucket}/models/novel_view/v0001"
+    assert result.warnings == [] and result.inference_service_name == "lumos-novel-view"
+    models = Storage.from_uri(result.model_uri)
+    assert sorted(o.key for o in models.list()) == ["export.json", "model.onnx"]
+    assert models.read_bytes("model.onnx") == (export / "model.onnx").read_bytes()
+    runs = Storage.from_uri(f"s3://{s3_bucket}/runs/r1/promote")
+    isvc = yaml.safe_load(runs.read_bytes("inferenceservice.yaml"))
+    validate_resource(isvc)
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == result.model_uri
+    assert isvc["spec"]["predictor"]["minReplicas"] == 0
+    assert current_promoted(cfg.registry_uri, "novel_view")["metrics"] == {"psnr": 21.0}

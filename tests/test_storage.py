@@ -1,0 +1,125 @@
+"""Storage: the same behaviour on a local directory and on the S3 test server."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from lumos.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, StorageError
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Storage:
+    if request.param == "local":
+        return Storage.from_uri(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return Storage.from_uri(f"s3://{bucket}/some/prefix")
+
+
+def test_write_read_list_delete(store: Storage):
+    store.write_bytes("b/two.bin", b"\x00\x01")
+    store.write_bytes("a.txt", b"hello")
+    store.write_bytes("b/c/three.txt", b"333")
+    store.write_json("meta/info.json", {"x": [1, 2], "y": "z"})
+
+    assert store.read_bytes("a.txt") == b"hello"
+    assert store.read_json("meta/info.json") == {"x": [1, 2], "y": "z"}
+    keys = [o.key for o in store.list()]
+    assert keys == ["a.txt", "b/c/three.txt", "b/two.bin", "meta/info.json"]  # sorted, recursive
+    sizes = {o.key: o.size for o in store.list()}
+    assert sizes["b/two.bin"] == 2
+    assert [o.key for o in store.list("b/")] == ["b/c/three.txt", "b/two.bin"]
+    assert [o.key for o in store.list("b/t")] == ["b/two.bin"]  # S3 prefix semantics
+    assert list(store.list("nothing/")) == []
+
+    assert store.exists("a.txt") and not store.exists("missing.txt")
+    store.write_bytes("a.txt", b"replaced")  # overwrite is atomic and complete
+    assert store.read_bytes("a.txt") == b"replaced"
+    store.delete("a.txt")
+    store.delete("a.txt")  # deleting a missing object is not an error
+    assert not store.exists("a.txt")
+
+    with store.open_read("b/c/three.txt") as stream:
+        assert stream.read() == b"333"
+
+
+def test_child_and_uri(store: Storage):
+    child = store.child("sub/dir")
+    child.write_bytes("x.txt", b"x")
+    assert child.uri == store.uri + "/sub/dir"
+    assert store.read_bytes("sub/dir/x.txt") == b"x"
+    again = Storage.from_uri(child.uri)
+    assert again.uri == child.uri and again.read_bytes("x.txt") == b"x"
+    assert child.key_uri("x.txt") == child.uri + "/x.txt"
+
+
+def test_missing_object_names_the_uri(store: Storage):
+    with pytest.raises(ObjectNotFound, match="nope.bin"):
+        store.read_bytes("nope.bin")
+    with pytest.raises(ObjectNotFound) as info:
+        store.read_json("dir/nope.json")
+    assert store.uri in str(info.value)
+    assert isinstance(info.value, StorageError)
+    with pytest.raises(ObjectNotFound):
+        store.download_file("nope.bin", "/tmp/never-written")
+
+
+def test_files_and_dirs_round_trip(store: Storage, tmp_path):
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    (src / "top.txt").write_bytes(b"top")
+    (src / "nested" / "deep.bin").write_bytes(bytes(range(256)) * 1000)
+    store.upload_dir(src, prefix="up")
+    assert [o.key for o in store.list("up/")] == ["up/nested/deep.bin", "up/top.txt"]
+
+    out = tmp_path / "out"
+    store.download_dir("up", out)
+    assert (out / "top.txt").read_bytes() == b"top"
+    assert (out / "nested" / "deep.bin").read_bytes() == bytes(range(256)) * 1000
+
+    store.upload_file(src / "top.txt", "single/top.txt")
+    store.download_file("single/top.txt", tmp_path / "one" / "t.txt")
+    assert (tmp_path / "one" / "t.txt").read_bytes() == b"top"
+    assert not list(tmp_path.glob("one/.*"))  # no temporary files left behind
+
+
+def test_invalid_keys_are_rejected(store: Storage):
+    for bad in ["", "/abs", "a/../b", "a//b"]:
+        with pytest.raises(StorageError, match="invalid storage key"):
+            store.write_bytes(bad, b"x")
+
+
+def test_from_uri_forms(tmp_path):
+    assert isinstance(Storage.from_uri(str(tmp_path)), LocalStorage)
+    assert Storage.from_uri(f"file://{tmp_path}").uri == str(tmp_path)
+    s3 = Storage.from_uri("s3://bucket/a/b/")
+    assert isinstance(s3, S3Storage) and s3.uri == "s3://bucket/a/b"
+    assert Storage.from_uri("s3://bucket").uri == "s3://bucket"
+    with pytest.raises(StorageError, match="unsupported storage URI"):
+        Storage.from_uri("gs://bucket/x")
+    with pytest.raises(StorageError, match="no bucket"):
+        Storage.from_uri("s3:///x")
+
+
+def test_local_write_is_atomic_no_tmp_visible(tmp_path):
+    store = Storage.from_uri(str(tmp_path))
+    (tmp_path / ".x.bin.lumos-tmp-deadbeef").write_bytes(b"partial")  # a crashed writer's leftover
+    store.write_bytes("x.bin", b"full")
+    assert [o.key for o in store.list()] == ["x.bin"]
+
+
+def test_s3_errors_are_clear(s3_env, s3_bucket, monkeypatch):
+    store = Storage.from_uri(f"s3://{s3_bucket}-does-not-exist/p")
+    with pytest.raises(StorageError, match="does not exist"):
+        store.write_bytes("x", b"x")
+    monkeypatch.delenv("LUMOS_S3_ENDPOINT")
+    with pytest.raises(StorageError, match="LUMOS_S3_ENDPOINT is not set"):
+        Storage.from_uri(f"s3://{s3_bucket}").read_bytes("x")
+
+
+def test_s3_storage_pickles_for_worker_processes(s3_bucket):
+    store = Storage.from_uri(f"s3://{s3_bucket}/p")
+    store.write_bytes("k", b"v")  # the client exists now
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.read_bytes("k") == b"v"

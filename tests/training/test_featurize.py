@@ -1,0 +1,135 @@
+"""Featurize on a tiny dataset in the contract layout (tar shards + manifest), tiny encoders."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from lumos.data.shards import ShardWriter
+from lumos.encoders import EncodersConfig, FrozenEncoders
+from lumos.storage import Storage
+from lumos.training.data import FeatureDataset, load_feature_table
+from lumos.training.featurize import FeaturizeConfig, featurize
+from lumos.training.train import train
+
+SIZE = 16
+
+
+def _png(seed: int) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_dataset(uri: str, count: int = 10, per_shard: int = 4) -> str:
+    """`count` images in shards of `per_shard`, every third one captioned and paired."""
+    store = Storage.from_uri(uri)
+    writer = ShardWriter(store, first_index=0, max_bytes=per_shard * 2 * (1024 + 2048))
+    for i in range(count):
+        paired = i % 3 == 0
+        sample = {
+            "key": f"img-{i:04d}",
+            "source_key": f"img-{i:04d}.png",
+            "width": SIZE,
+            "height": SIZE,
+            "meta": {"split": "eval"} if i == 1 else {},
+            "caption": f"a picture number {i}" if paired else None,
+            "paired": paired,
+        }
+        writer.add(sample["key"], "png", _png(i), sample)
+    shards = [s.to_json() for s in writer.close()]
+    store.write_json(
+        "manifest.json",
+        {
+            "format": "lumos-dataset/1",
+            "resolution": SIZE,
+            "shards": shards,
+            "counts": {"samples": count},
+        },
+    )
+    return store.uri
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> str:
+    return write_dataset(str(tmp_path / "dataset"))
+
+
+def tiny_featurize_config() -> FeaturizeConfig:
+    return FeaturizeConfig(
+        encoders=EncodersConfig.tiny(max_tokens=8), batch_size=3, device="cpu", progress_bar=False
+    )
+
+
+def test_featurize_writes_the_contract_layout(dataset):
+    cfg = tiny_featurize_config()
+    result = featurize(cfg, dataset)
+
+    features = Storage.from_uri(dataset).child("features")
+    spec = features.read_json("features.json")
+    assert spec["format"] == "lumos-features/1"
+    assert spec["encoders"] == cfg.encoders.model_dump(mode="json")
+    assert spec["counts"] == {"samples": 10, "paired": 4}
+    assert spec["shapes"]["latents"] == [3, SIZE, SIZE] and spec["latent_downsample"] == 1
+    assert result.parts == len(spec["parts"]) >= 2 and result.parts_skipped == 0
+
+    # The cached features are exactly what the encoders give for the shard's images.
+    part = features.read_json("part-00000.json")
+    tensors = load_safetensors(features.read_bytes("part-00000.safetensors"))
+    assert (
+        tensors["latents"].dtype == torch.float16 and tensors["image_embeds"].dtype == torch.float16
+    )
+    first = np.array(Image.open(io.BytesIO(_png(int(part["keys"][0].split("-")[1])))))[None]
+    encoders = FrozenEncoders(cfg.encoders)
+    torch.testing.assert_close(
+        tensors["latents"][:1].float(), encoders.encode_images(first), atol=2e-3, rtol=0
+    )
+    torch.testing.assert_close(
+        tensors["image_embeds"][:1].float(), encoders.embed_images(first), atol=5e-3, rtol=1e-3
+    )
+    text = load_safetensors(features.read_bytes("part-00000.text.safetensors"))
+    paired_rows = [i for i, m in enumerate(part["meta"]) if m["paired"]]
+    assert text["rows"].tolist() == paired_rows
+    assert text["text_embeds"].shape == (len(paired_rows), 8, spec["shapes"]["text_embeds"][1])
+    assert text["text_mask"].dtype == torch.bool and text["text_mask"][:, 0].all()
+
+
+def test_featurize_skips_parts_done_with_the_same_encoders(dataset):
+    cfg = tiny_featurize_config()
+    featurize(cfg, dataset)
+    features = Storage.from_uri(dataset).child("features")
+    before = features.read_bytes("part-00001.safetensors")
+    features.delete("part-00001.json")  # as if the job died while writing part 1
+
+    again = featurize(cfg, dataset)
+    assert again.parts_skipped == again.parts - 1
+    assert features.read_bytes("part-00001.safetensors") == before  # deterministic encoders
+
+    other = cfg.model_copy(update={"encoders": EncodersConfig.tiny(seed=1, max_tokens=8)})
+    assert featurize(other, dataset).parts_skipped == 0  # other encoders: everything again
+    assert (
+        json.loads(features.read_bytes("features.json"))["encoders"]["image_encoder"]["seed"] == 1
+    )
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no dataset at .*manifest.json is missing"):
+        featurize(tiny_featurize_config(), str(tmp_path / "nothing"))
+
+
+def test_training_reads_what_featurize_wrote(dataset, tmp_path, tiny_config):
+    featurize(tiny_featurize_config(), dataset)
+    table = load_feature_table(dataset)
+    assert len(table) == 9 and table.excluded_eval == 1  # img-0001 is in the eval split
+    t2i = FeatureDataset.for_head(table, "t2i")
+    assert len(t2i) == 4 and t2i.batch([0, 1])["text_embeds"].shape == (2, 8, 32)
+
+    result = train(tiny_config(steps=2, batch_size=2), dataset, str(tmp_path / "i2i"))
+    assert result.step == 2 and result.train_items == 9

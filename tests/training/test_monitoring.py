@@ -1,0 +1,85 @@
+"""Training metrics pushed to a real Pushgateway process (Debian's prometheus-pushgateway)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from lumos.training.monitoring import TrainingMetrics
+from lumos.training.train import train
+
+PUSHGATEWAY = shutil.which("prometheus-pushgateway")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def pushgateway_url():
+    if PUSHGATEWAY is None:
+        pytest.skip(
+            "prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway)"
+        )
+    port = _free_port()
+    proc = subprocess.Popen(
+        [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+            break
+        except OSError as err:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"prometheus-pushgateway did not start on {url}") from err
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _gauges(url: str) -> dict[str, tuple[str, float]]:
+    """The lumos_train_* samples on the gateway: name -> (label text, value)."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("lumos_train_"):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            found[name] = (labels, float(value))
+    return found
+
+
+def test_training_pushes_its_metrics(pushgateway_url, images_features, tmp_path, tiny_config):
+    cfg = tiny_config(steps=3, log_every=1, pushgateway_url=pushgateway_url)
+    result = train(cfg, images_features, str(tmp_path / "run"))
+
+    gauges = _gauges(pushgateway_url)
+    labels, step = gauges["lumos_train_step"]
+    assert step == 3.0
+    assert 'head="i2i"' in labels and 'job="lumos-train"' in labels and "run=" in labels
+    assert gauges["lumos_train_loss"][1] == pytest.approx(result.final_loss, rel=1e-6)
+    assert gauges["lumos_train_images_per_second"][1] > 0
+    assert gauges["lumos_train_gpu_memory_bytes"][1] == 0.0  # CPU run
+
+
+def test_an_unreachable_gateway_is_a_warning_not_an_error():
+    metrics = TrainingMetrics(
+        run="r", head="i2i", pushgateway_url=f"http://127.0.0.1:{_free_port()}"
+    )
+    metrics.update(step=1, loss=0.5, images_per_second=10.0)
+    with pytest.warns(RuntimeWarning, match="could not push training metrics"):
+        assert metrics.push() is False
+    assert metrics.push_failures == 1

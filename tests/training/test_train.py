@@ -1,0 +1,141 @@
+"""The training loop on tiny features: steps, checkpoints, exact resume, fine-tune transfer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lumos.training.checkpoint import (
+    CheckpointNotFound,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint_meta,
+)
+from lumos.training.train import train
+
+
+def test_i2i_trains_and_writes_a_complete_checkpoint(images_features, tmp_path, tiny_config):
+    out = str(tmp_path / "run")
+    result = train(tiny_config(steps=3), images_features, out)
+
+    assert result.step == 3 and len(result.losses) == 3
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    assert result.train_items == 18  # 20 images, 2 in the eval split
+    assert result.checkpoint_uri == latest_checkpoint(out)
+    meta = read_checkpoint_meta(out)
+    assert meta["format"] == "lumos-checkpoint/1" and meta["head"] == "i2i" and meta["step"] == 3
+    assert meta["encoders"] == {"vae": {"kind": "pixel"}}
+    assert meta["train_config"]["steps"] == 3 and meta["parent"] is None
+    loaded = load_checkpoint(out)
+    assert loaded.model is not None and not loaded.ema_model.training
+    # The EMA moved away from the raw weights' initial copy, but is not the raw weights.
+    raw, ema = loaded.model.state_dict(), loaded.ema_model.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(images_features, tmp_path, tiny_config):
+    cfg = tiny_config(steps=6, grad_accum=2, checkpoint_every=3)
+    full = train(cfg, images_features, str(tmp_path / "full"))
+
+    interrupted = str(tmp_path / "interrupted")
+    first = train(cfg.model_copy(update={"steps": 3}), images_features, interrupted)
+    second = train(cfg, images_features, interrupted)
+
+    assert second.resumed_from == first.checkpoint_uri
+    curve = torch.tensor([loss for _, loss in first.losses + second.losses], dtype=torch.float64)
+    expected = torch.tensor([loss for _, loss in full.losses], dtype=torch.float64)
+    assert [s for s, _ in first.losses + second.losses] == [s for s, _ in full.losses]
+    torch.testing.assert_close(curve, expected, rtol=1e-6, atol=1e-9)
+    # The final weights agree as well (raw and EMA).
+    a, b = load_checkpoint(full.checkpoint_uri), load_checkpoint(second.checkpoint_uri)
+    for k, v in a.ema_model.state_dict().items():
+        torch.testing.assert_close(v, b.ema_model.state_dict()[k], rtol=1e-5, atol=1e-7)
+
+
+def test_steps_zero_writes_an_untrained_checkpoint(images_features, tmp_path, tiny_config):
+    result = train(tiny_config(steps=0), images_features, str(tmp_path / "run"))
+    assert result.step == 0 and result.final_loss is None and result.losses == []
+    meta = read_checkpoint_meta(result.checkpoint_uri)
+    assert meta["step"] == 0
+    # Rerunning a finished run returns its checkpoint instead of training again.
+    again = train(tiny_config(steps=0), images_features, str(tmp_path / "run"))
+    assert again.checkpoint_uri == result.checkpoint_uri
+
+
+def test_old_checkpoints_are_pruned(images_features, tmp_path, tiny_config):
+    out = str(tmp_path / "run")
+    train(tiny_config(steps=4, checkpoint_every=1, keep_checkpoints=2), images_features, out)
+    assert [step for step, _ in list_checkpoints(out)] == [3, 4]
+
+
+def test_resuming_with_another_config_is_an_error(images_features, tmp_path, tiny_config):
+    out = str(tmp_path / "run")
+    train(tiny_config(steps=1), images_features, out)
+    with pytest.raises(ValueError, match="another run.*batch_size"):
+        train(tiny_config(steps=2, batch_size=2), images_features, out)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointNotFound, match="no checkpoint at URI: .*nothing-here"):
+        load_checkpoint(str(tmp_path / "nothing-here"))
+    assert latest_checkpoint(str(tmp_path / "nothing-here")) is None
+
+
+@pytest.fixture(scope="module")
+def i2i_checkpoint(images_features, tmp_path_factory) -> str:
+    from lumos.training.train import TrainConfig
+
+    cfg = TrainConfig(
+        model_size="tiny",
+        model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2},
+        steps=2,
+        batch_size=4,
+        mixed_precision="no",
+        compile=False,
+        progress_bar=False,
+    )
+    return train(cfg, images_features, str(tmp_path_factory.mktemp("i2i"))).checkpoint_uri
+
+
+@pytest.mark.parametrize(
+    "head, features, new_prefix",
+    [
+        ("t2i", "images_features", "cond_projector."),
+        ("novel_view", "views_features", "temporal_blocks."),
+        ("video", "clips_features", "temporal_blocks."),
+    ],
+)
+def test_finetune_from_i2i_reports_the_transfer(
+    head, features, new_prefix, i2i_checkpoint, request, tmp_path, tiny_config
+):
+    dataset = request.getfixturevalue(features)
+    num_frames = None if head == "t2i" else 3
+    cfg = tiny_config(head=head, steps=2, batch_size=2, num_frames=num_frames)
+    result = train(cfg, dataset, str(tmp_path / head), init_from=i2i_checkpoint)
+
+    report = result.transfer_report
+    assert report is not None and report["source"] == i2i_checkpoint
+    assert report["source_head"] == "i2i" and report["source_weights"] == "ema"
+    assert any(name.startswith("blocks.0.attn.") for name in report["loaded"])
+    assert any(name.startswith(new_prefix) for name in report["new"])
+    if head != "t2i":  # the concatenated input-view / first-frame latent grows the patch embedding
+        assert report["partially_loaded"] == ["x_embedder.weight"]
+    meta = read_checkpoint_meta(result.checkpoint_uri)
+    assert meta["head"] == head and meta["parent"] == i2i_checkpoint
+    assert meta["transfer_report"] == report
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    if head == "t2i":
+        assert result.train_items == 10  # the captioned images (the 2 eval ones have none)
+    else:
+        assert result.train_items == 3 * (5 - 3 + 1)  # 3 training groups, windows of 3 frames
+
+
+def test_checkpoint_to_s3_and_resume_from_it(images_features, s3_bucket, tiny_config):
+    out = f"s3://{s3_bucket}/runs/i2i"
+    first = train(tiny_config(steps=2), images_features, out)
+    assert first.checkpoint_uri == f"{out}/step-0000002"
+    second = train(tiny_config(steps=3), images_features, out)
+    assert second.resumed_from == first.checkpoint_uri and second.step == 3
+    loaded = load_checkpoint(out)
+    assert loaded.meta["step"] == 3 and loaded.uri == f"{out}/step-0000003"
