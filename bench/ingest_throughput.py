@@ -5,7 +5,7 @@
 
 Each measurement reports wall-clock images/s and images per CPU-second (the process's and its
 worker processes' user + system time): the per-core figure, which stays meaningful on a shared,
-busy machine where wall-clock rates swing with other load. Best of --repeat runs.
+busy machine where wall-clock rates swing with other load. Best of --repeat rounds, the measurements interleaved.
 
 Measures:
   decode-only      read + full PIL decode to RGB (the baseline the issue asks us to compare with)
@@ -82,15 +82,26 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measure(work: Callable[[], int], workers: int, repeat: int) -> Measurement:
-    """Run `work` (returns the number of images handled) `repeat` times; keep the best rates."""
-    wall, cpu = [], []
+def run_once(work: Callable[[], int]) -> tuple[float, float]:
+    """(wall-clock images/s, images per CPU-second) of one call of `work` (returns an image count)."""
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    n = work()
+    return n / (time.perf_counter() - wall0), n / max(cpu_seconds() - cpu0, 1e-9)
+
+
+def measure_interleaved(
+    works: dict[str, tuple[int, Callable[[], int]]], repeat: int
+) -> dict[str, Measurement]:
+    """Run every measurement once per round, `repeat` rounds, and keep each one's best rates:
+    interleaving exposes all of them alike to the load of other processes."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in works}
     for _ in range(repeat):
-        cpu0, wall0 = cpu_seconds(), time.perf_counter()
-        n = work()
-        wall.append(n / (time.perf_counter() - wall0))
-        cpu.append(n / max(cpu_seconds() - cpu0, 1e-9))
-    return Measurement(workers, max(wall), max(cpu))
+        for name, (_, work) in works.items():
+            runs[name].append(run_once(work))
+    return {
+        name: Measurement(workers, max(w for w, _ in runs[name]), max(c for _, c in runs[name]))
+        for name, (workers, _) in works.items()
+    }
 
 
 def decode_only(datas: list[bytes]) -> int:
@@ -118,7 +129,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs per measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="best of N interleaved rounds")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lumos-bench-") as tmp:
@@ -141,24 +152,20 @@ def main() -> None:
             return result.ingested
 
         def read_all() -> int:
-            return sum(1 for _ in iter_samples(datasets[-1], shuffle_buffer=256))
+            return sum(1 for _ in iter_samples(datasets[0], shuffle_buffer=256))
 
         decode_only(datas[:20])  # warm up PIL's plugins
         load_before = os.getloadavg()[0]
-        rows: dict[str, Measurement] = {
-            "decode-only (full decode)": measure(lambda: decode_only(datas), 1, args.repeat),
-            "prepare_image, JPEG draft": measure(
-                lambda: prepare_all(datas, recipe, True), 1, args.repeat
-            ),
-            "prepare_image, no draft": measure(
-                lambda: prepare_all(datas, recipe, False), 1, args.repeat
-            ),
+        works: dict[str, tuple[int, Callable[[], int]]] = {
+            "decode-only (full decode)": (1, lambda: decode_only(datas)),
+            "prepare_image, JPEG draft": (1, lambda: prepare_all(datas, recipe, True)),
+            "prepare_image, no draft": (1, lambda: prepare_all(datas, recipe, False)),
         }
         for workers in args.workers:
-            rows[f"full ingest, {workers} worker(s)"] = measure(
-                lambda w=workers: full_ingest(w), workers, args.repeat
-            )
-        rows["reader iter_samples (shuffle 256)"] = measure(read_all, 1, args.repeat)
+            works[f"full ingest, {workers} worker(s)"] = (workers, lambda w=workers: full_ingest(w))
+        full_ingest(1)  # a dataset for the reader to read
+        works["reader iter_samples (shuffle 256)"] = (1, read_all)
+        rows = measure_interleaved(works, args.repeat)
         load_after = os.getloadavg()[0]
 
     baseline = rows["decode-only (full decode)"].images_per_cpu_s

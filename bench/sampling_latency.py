@@ -301,6 +301,16 @@ def main(argv: list[str] | None = None) -> dict:
             else None
         ),
         "skipped": [] if on_cuda else ["pytorch-cudagraphs: needs CUDA"],
+        "notes": (
+            [
+                "onnxruntime ran on CPU while PyTorch ran on CUDA: install onnxruntime-gpu "
+                "(not beside onnxruntime) to compare on the same card"
+            ]
+            if on_cuda
+            and "onnxruntime" in paths
+            and select_providers(onnxruntime_providers())[0] == "CPUExecutionProvider"
+            else []
+        ),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(
@@ -318,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"onnxruntime / best PyTorch: {report['onnx_over_best_pytorch']:.2f}x "
             f"(max |image diff| vs fp32 PyTorch {onnx_info['max_abs_diff_vs_pytorch_fp32']:.1e})"
         )
+    for note in report["notes"]:
+        print(f"note: {note}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -146,8 +146,10 @@ class RefDiT(nn.Module):
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         t_freq = lumos_dit_module.sinusoidal_embedding(t, 256)  # (N, 256)
         c = self.t_embedder(t_freq)  # (N, D)
-        drop = torch.rand(n, device=x.device) < self.cond_dropout_prob  # (N,)
-        y = torch.where(drop[:, None], self.null_embedding, cond)  # (N, Dc)
+        y = cond  # (N, Dc)
+        if self.training and self.cond_dropout_prob > 0:
+            drop = torch.rand(n, device=x.device) < self.cond_dropout_prob  # (N,)
+            y = torch.where(drop[:, None], self.null_embedding, y)  # (N, Dc)
         y = self.y_embedder(F.normalize(y, dim=-1)).unsqueeze(1)  # (N, 1, D)
         for block in self.blocks:
             x = block(x, c, y)  # (N, T, D)
@@ -157,6 +159,60 @@ class RefDiT(nn.Module):
         x = x.reshape(n, hh // p, ww // p, p, p, self.out_channels)  # (N, gh, gw, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, gh, p, gw, p)
         return x.reshape(n, self.out_channels, hh, ww)  # (N, C, H, W)
+
+
+@torch.no_grad()
+def ref_from_lumos(lumos: nn.Module, ref: RefDiT) -> RefDiT:
+    """Copy a LumosDiT's weights into the reference: proves both compute the same function."""
+    d = lumos.config.hidden_size
+    sd = lumos.state_dict()
+    out = {
+        "x_embedder.weight": sd["x_embedder.weight"],
+        "x_embedder.bias": sd["x_embedder.bias"],
+        "null_embedding": sd["cond_projector.null_embedding"],
+        "final_adaLN.1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+        "final_adaLN.1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+        "final_linear.weight": sd["final_layer.linear.weight"],
+        "final_linear.bias": sd["final_layer.linear.bias"],
+    }
+    for i, j in ((0, 0), (2, 2)):
+        for kind in ("weight", "bias"):
+            out[f"t_embedder.{i}.{kind}"] = sd[f"t_embedder.mlp.{j}.{kind}"]
+    for i, fc in ((0, "fc1"), (2, "fc2")):
+        for kind in ("weight", "bias"):
+            out[f"y_embedder.{i}.{kind}"] = sd[f"cond_projector.mlp.{fc}.{kind}"]
+    for b in range(lumos.config.depth):
+        src, dst = f"blocks.{b}.", f"blocks.{b}."
+        for kind in ("weight", "bias"):
+            q, k, v = sd[src + f"attn.qkv.{kind}"].split(d)
+            out[dst + f"attn.q.{kind}"], out[dst + f"attn.k.{kind}"] = q, k
+            out[dst + f"attn.v.{kind}"] = v
+            out[dst + f"attn.proj.{kind}"] = sd[src + f"attn.proj.{kind}"]
+            out[dst + f"cross_attn.q.{kind}"] = sd[src + f"cross_attn.q.{kind}"]
+            k, v = sd[src + f"cross_attn.kv.{kind}"].split(d)
+            out[dst + f"cross_attn.k.{kind}"], out[dst + f"cross_attn.v.{kind}"] = k, v
+            out[dst + f"cross_attn.proj.{kind}"] = sd[src + f"cross_attn.proj.{kind}"]
+            out[dst + f"mlp.0.{kind}"] = sd[src + f"mlp.fc1.{kind}"]
+            out[dst + f"mlp.2.{kind}"] = sd[src + f"mlp.fc2.{kind}"]
+            out[dst + f"adaLN_modulation.1.{kind}"] = sd[src + f"adaLN_modulation.1.{kind}"]
+    ref.load_state_dict(out, strict=True)
+    return ref
+
+
+def check_same_function(size: str = "tiny", seed: int = 0) -> float:
+    """Max |LumosDiT - RefDiT| on random weights and inputs (eval mode, fp32, CPU)."""
+    torch.manual_seed(seed)
+    config = lumos_dit_module.lumos_dit_config(size, input_size=8)
+    lumos = lumos_dit_module.LumosDiT(**config).eval()
+    with torch.no_grad():
+        for p in lumos.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # zero-init layers would hide differences
+    ref = ref_from_lumos(lumos, RefDiT(**config).eval())
+    x = torch.randn(3, config["in_channels"], 8, 8)
+    t = torch.tensor([0, 400, 999])
+    cond = torch.randn(3, config["cond_dim"])
+    with torch.no_grad():
+        return (lumos(x, t, cond) - ref(x, t, cond)).abs().max().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +428,9 @@ def main(argv: list[str] | None = None) -> dict:
     for v in variants:
         parse_variant(v)
 
+    diff = check_same_function()
+    print(f"reference computes the Lumos function: max |diff| = {diff:.2e} (tiny, fp32)")
+    assert diff < 1e-4, f"the reference layout differs from LumosDiT by {diff}"
     ceiling = matmul_ceiling(device, args.matmul_size or (8192 if device.type == "cuda" else 512))
     gen = torch.Generator(device="cpu").manual_seed(0)
     cond_dim = lumos_dit_module.lumos_dit_config(args.size)["cond_dim"]
@@ -405,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "matmul_ceiling_tflops": ceiling,
         "ref_flops_per_step": ref_flops,
+        "reference_check_max_abs_diff": diff,
         "results": results,
     }
     header = f"{'variant':<28}{'img/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'exec TF/s':>10}{'MFU':>7}{'vs ref':>8}{'peak GiB':>9}"

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -191,7 +191,7 @@ class LocalStorage(Storage):
                     found.append(key)
         return self._infos(sorted(found))
 
-    def _infos(self, keys: list[str]) -> Iterator[ObjectInfo]:
+    def _infos(self, keys: Iterable[str]) -> Iterator[ObjectInfo]:
         for key in keys:
             path = self.root / key
             try:

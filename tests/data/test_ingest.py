@@ -16,10 +16,10 @@ from lumos.data.ingest import (
     IngestConfig,
     ingest,
     ingest_partition,
-    is_paired,
     merge_partitions,
     plan_partitions,
 )
+from lumos.data.ingest_run import is_paired
 from lumos.data.reader import load_all_samples
 from lumos.data.sources import read_with_retries
 from lumos.storage import ObjectNotFound, Storage, StorageError

@@ -67,6 +67,7 @@ def test_export_json_describes_itself(t2i_vae_export):
     assert denoiser["inputs"][2] == {"name": "cond", "shape": ["batch", 8, 32], "dtype": "float32"}
     assert denoiser["outputs"] == [{"name": "out", "shape": ["batch", 8, 8, 8], "dtype": "float32"}]
     assert set(denoiser["max_abs_diff"]) == {"1", "3"}
+    assert meta["max_abs_diff"] == t2i_vae_export.result.max_abs_diff
     decoder = meta["graphs"]["decoder"]
     assert decoder["inputs"][0]["shape"] == ["batch", 4, 8, 8]
     assert decoder["outputs"][0]["shape"] == ["batch", 3, 16, 16]

@@ -8,6 +8,7 @@ import torch
 from lumos.training.data import (
     FeatureDataset,
     FeaturesNotFound,
+    FeatureTable,
     ResumableSampler,
     load_feature_table,
 )
@@ -78,3 +79,25 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
 def test_missing_features_is_a_clear_error(tmp_path):
     with pytest.raises(FeaturesNotFound, match="run `lumos featurize`"):
         load_feature_table(str(tmp_path))
+
+
+def test_groups_shorter_than_num_frames_are_counted():
+    records = [
+        {"key": f"c{g}-{f}", "meta": {"group": f"c{g}", "index": f}}
+        for g, frames in ((0, 4), (1, 2))
+        for f in range(frames)
+    ]
+    n = len(records)
+    table = FeatureTable(
+        spec={},
+        records=records,
+        latents=torch.zeros(n, 3, 4, 4),
+        image_embeds=torch.zeros(n, 8),
+        text_embeds=None,
+        text_mask=None,
+        has_text=torch.zeros(n, dtype=torch.bool),
+    )
+    clips = FeatureDataset.for_head(table, "video", num_frames=3)
+    assert clips.items == [[0, 1, 2], [1, 2, 3]] and clips.skipped_groups == 1
+    with pytest.raises(ValueError, match="needs meta.camera on every view"):
+        FeatureDataset.for_head(table, "novel_view", num_frames=3)

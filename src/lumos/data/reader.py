@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lumos.data.manifest import DATASET_FORMAT, MANIFEST
 from lumos.data.shards import iter_shard_records
 from lumos.storage import Storage
 
-DATASET_FORMAT = "lumos-dataset/1"
 _IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
 
 
@@ -44,11 +44,11 @@ class Sample:
 
 def read_dataset_manifest(dataset_uri: str) -> tuple[Storage, dict]:
     store = Storage.from_uri(dataset_uri)
-    if not store.exists("manifest.json"):
+    if not store.exists(MANIFEST):
         raise DatasetNotFound(
             f"no complete dataset at {store.uri} (manifest.json missing): run ingest first"
         )
-    manifest = store.read_json("manifest.json")
+    manifest = store.read_json(MANIFEST)
     if manifest.get("format") != DATASET_FORMAT:
         raise ValueError(
             f"{store.uri}/manifest.json has format {manifest.get('format')!r}, "

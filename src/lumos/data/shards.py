@@ -1,8 +1,9 @@
 """Webdataset tar shards: `key.jpg|key.png` + `key.json` per sample, written and read as streams.
 
-Shards are written to a local temporary file and then uploaded whole (an S3 PUT, a local rename),
-so a shard object is always complete. Tar headers carry fixed metadata (mtime 0, no owner), so
-the same samples give byte-identical shards: re-running an ingest is idempotent to the byte.
+Shards are written to a local temporary file and uploaded whole in the background (an S3 PUT, a
+local rename), so a shard object is always complete. Tar headers carry fixed metadata (mtime 0, no
+owner), so the same samples give byte-identical shards: re-running an ingest is idempotent to the
+byte.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,11 +65,10 @@ class ShardWriter:
         self._path: Path | None = None
         self._count = 0
         self._bytes = 0
-
-    @property
-    def current_name(self) -> str:
-        """The name of the shard the next sample goes to (if it fits)."""
-        return shard_name(self.next_index)
+        # Uploads run in the background, one at a time, while the next shard fills: a 1 GB PUT
+        # does not stall decoding, and at most two shards sit on local disk.
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lumos-shard-upload")
+        self._upload: Future | None = None
 
     def add(self, key: str, image_ext: str, image: bytes, meta: dict) -> str:
         """Append one sample; returns the name of the shard it went into."""
@@ -92,18 +93,29 @@ class ShardWriter:
         assert self._file is not None and self._path is not None
         self._file.write(_END_OF_ARCHIVE)
         self._file.close()
-        name = shard_name(self.next_index)
-        self.store.upload_file(self._path, f"{SHARD_PREFIX}/{name}")
-        self.written.append(ShardInfo(name, self._count, self._path.stat().st_size))
-        self._path.unlink()
+        name, path = shard_name(self.next_index), self._path
+        self.written.append(ShardInfo(name, self._count, path.stat().st_size))
+        self._wait_for_upload()
+        self._upload = self._uploader.submit(self._upload_and_remove, path, name)
         self._file, self._path = None, None
         self._count, self._bytes = 0, 0
         self.next_index += 1
 
+    def _upload_and_remove(self, path: Path, name: str) -> None:
+        self.store.upload_file(path, f"{SHARD_PREFIX}/{name}")
+        path.unlink()
+
+    def _wait_for_upload(self) -> None:
+        if self._upload is not None:
+            self._upload.result()  # raises the upload's StorageError, if any
+            self._upload = None
+
     def close(self) -> list[ShardInfo]:
-        """Upload the last shard; returns every shard written."""
+        """Upload the last shard and wait for every upload; returns every shard written."""
         if self._file is not None:
             self._finish_shard()
+        self._wait_for_upload()
+        self._uploader.shutdown()
         self._tmpdir.cleanup()
         return self.written
 
@@ -112,6 +124,7 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._uploader.shutdown(wait=True, cancel_futures=True)
         self._tmpdir.cleanup()
 
 

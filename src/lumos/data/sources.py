@@ -132,8 +132,11 @@ class Source:
     """Lists and reads the objects of a raw source URI (directory, s3:// prefix, or .tar)."""
 
     def __init__(self, uri: str) -> None:
-        self.uri = uri.rstrip("/")
-        self.is_tar = self.uri.endswith(".tar")
+        uri = uri.rstrip("/")
+        self.is_tar = uri.endswith(".tar")
+        if self.is_tar and not uri.startswith("s3://"):  # canonical: an absolute local path
+            uri = str(Path(uri.removeprefix("file://")).expanduser().absolute())
+        self.uri = uri
         self._tar: tarfile.TarFile | None = None
         self._tar_members: dict[str, tarfile.TarInfo] = {}
         self._tar_lock = threading.Lock()
@@ -143,6 +146,7 @@ class Source:
             self.store = None
         else:
             self.store = Storage.from_uri(self.uri)
+            self.uri = self.store.uri  # canonical, so re-runs recognise the same source
             if isinstance(self.store, LocalStorage) and not self.store.root.is_dir():
                 raise StorageError(f"source directory {self.store.root} does not exist")
 
@@ -154,7 +158,7 @@ class Source:
             path = Path(self._tmpdir) / name
             Storage.from_uri(parent_uri).download_file(name, path)
         else:
-            path = Path(self.uri.removeprefix("file://"))
+            path = Path(self.uri)
             if not path.is_file():
                 raise StorageError(f"no tar archive at {self.uri}")
         try:
@@ -193,6 +197,7 @@ class Source:
         member = self._tar_members.get(key)
         if member is None:
             raise ObjectNotFound(f"no member {key!r} in {self.uri}")
+        assert self._tar is not None, f"{self.uri} is closed"
         with self._tar_lock:  # one file position: members are read one at a time
             try:
                 stream = self._tar.extractfile(member)

@@ -179,6 +179,11 @@ class ConditionProjector(nn.Module):
         force_drop: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = cond.shape[0]
+        null_shape = tuple(self.null_embedding.shape[1:])
+        assert tuple(cond.shape[1:]) == null_shape, (
+            f"cond_kind={self.cond_kind!r} expects cond of shape (N, {', '.join(map(str, null_shape))}) "
+            f"(cond_dim, and cond_tokens for text), got {tuple(cond.shape)}"
+        )
         drop = torch.zeros(n, dtype=torch.bool, device=cond.device)  # (N,)
         if self.training and self.dropout_prob > 0:
             # This enables classifier-free guidance: the model also learns p(x) without condition.

@@ -142,14 +142,15 @@ class FeatureDataset:
             assert num_frames >= 2, f"head {head!r} needs num_frames >= 2, got {num_frames}"
             ds.items, ds.skipped_groups = _frame_windows(table.records, num_frames)
             if head == "novel_view":
+                rows = sorted({r for window in ds.items for r in window})
                 missing = [
-                    table.records[w[0]]["key"]
-                    for w in ds.items
-                    if "camera" not in table.records[w[0]].get("meta", {})
+                    table.records[r]["key"]
+                    for r in rows
+                    if "camera" not in table.records[r].get("meta", {})
                 ]
                 if missing:
                     raise ValueError(
-                        f"head 'novel_view' needs meta.camera on every view; {len(missing)} items "
+                        f"head 'novel_view' needs meta.camera on every view; {len(missing)} views "
                         f"lack it (first: {missing[0]!r}): ingest the views dataset with its sidecars"
                     )
         elif head == "t2i":
@@ -187,7 +188,7 @@ class FeatureDataset:
             "image_embeds": t.image_embeds[rows].float(),  # (B, F, D)
             "frame_index": torch.arange(f).expand(b, f).clone(),  # (B, F)
         }
-        if all("camera" in t.records[r].get("meta", {}) for r in rows[:, 0].tolist()):
+        if self.head == "novel_view":  # for_head checked that every view has its camera
             out["camera"] = torch.tensor(
                 [
                     [absolute_camera(t.records[r]["meta"]["camera"]) for r in item]

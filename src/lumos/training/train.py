@@ -132,6 +132,7 @@ class TrainResult(BaseModel):
     last_images_per_second: float
     num_parameters: int
     train_items: int
+    skipped_groups: int  # multi-frame groups shorter than num_frames (not trained on)
     global_batch: int  # items per optimizer step
     resumed_from: str | None
     transfer_report: dict[str, Any] | None
@@ -162,13 +163,17 @@ def train(
                 "%s already holds step %d >= %d steps", out_uri, resume_meta["step"], cfg.steps
             )
             return _result_from_meta(resume_meta)
-    # A different stream per process, so the processes draw different noise and timesteps.
-    _seed_everything(cfg.seed * world + rank)
+    _seed_everything(cfg.seed)  # the same initial model on every process
 
     # --- data: cached features -> items of this head ------------------------------------------
     spec = read_features_spec(dataset_uri)
     table = load_feature_table(dataset_uri, split="train")
     dataset = FeatureDataset.for_head(table, cfg.head, num_frames=cfg.num_frames or 1)
+    if dataset.skipped_groups:
+        accelerator.print(
+            f"{cfg.head}: {dataset.skipped_groups} groups have fewer than {cfg.num_frames} frames "
+            "and are not used"
+        )
     sampler = ResumableSampler(len(dataset), cfg.batch_size * world, cfg.seed, rank, world)
     frames = cfg.num_frames or 1
     images_per_step = cfg.batch_size * world * cfg.grad_accum * frames
@@ -183,6 +188,7 @@ def train(
     elif init_from is not None:
         transfer_report = initialise_from(init_from, model, cfg)
         parent = transfer_report["source"]
+        accelerator.print(f"{cfg.head}: {transfer_report['summary']} from {parent}")
     model.to(device).train()
     # The EMA starts as a copy of the initial (or transferred) weights, as in DiT.
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -199,6 +205,8 @@ def train(
     )
 
     # --- resume -------------------------------------------------------------------------------
+    # A different stream per process, so the processes draw different noise and timesteps.
+    _seed_everything(cfg.seed * world + rank)
     step = 0
     if resume_meta is not None:
         step = _load_training_state(resume_meta["uri"], model, ema, optimizer, sampler, rank)
@@ -218,6 +226,7 @@ def train(
         "transfer_report": transfer_report,
         "num_parameters": num_parameters,
         "train_items": len(dataset),
+        "skipped_groups": dataset.skipped_groups,
     }
 
     def checkpoint(step: int, loss: float | None) -> str:
@@ -308,6 +317,7 @@ def train(
         last_images_per_second=images_per_second,
         num_parameters=num_parameters,
         train_items=len(dataset),
+        skipped_groups=dataset.skipped_groups,
         global_batch=cfg.batch_size * world * cfg.grad_accum,
         resumed_from=resume_meta["uri"] if resume_meta else None,
         transfer_report=transfer_report,
@@ -340,7 +350,6 @@ def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[s
     weights = source.ema_model if cfg.init_from_ema else source.model
     assert weights is not None, "load_checkpoint(raw=True) returns the raw weights"
     report = transfer_weights(weights.state_dict(), model, HEADS[cfg.head].allowed_new)
-    logger.info("%s from %s", report.summary(), source.uri)
     return {
         "source": source.uri,
         "source_head": source.meta.get("head"),
@@ -353,10 +362,11 @@ def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[s
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model, parameter by parameter (DiT)."""
-    ema_params = dict(ema.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].lerp_(param.detach(), 1.0 - decay)
+    """ema = decay * ema + (1 - decay) * model (DiT), as one multi-tensor op: a per-parameter
+    loop costs hundreds of small kernel launches per step at XL size."""
+    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    assert len(ema_params) == len(params), "the EMA copy and the model differ in parameters"
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
 # --- helpers: accelerator, RNG, resume ------------------------------------------------------------
@@ -472,6 +482,7 @@ def _result_from_meta(meta: dict[str, Any]) -> TrainResult:
         last_images_per_second=0.0,
         num_parameters=meta.get("num_parameters", 0),
         train_items=meta.get("train_items", 0),
+        skipped_groups=meta.get("skipped_groups", 0),
         global_batch=cfg["batch_size"] * cfg["grad_accum"],
         resumed_from=meta["uri"],
         transfer_report=meta.get("transfer_report"),

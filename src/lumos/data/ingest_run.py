@@ -1,0 +1,481 @@
+"""One ingest run over a stream of source items: read (threads), exact-dedup before decoding,
+decode (processes), near-dedup, write shards and the per-object report, in source order.
+
+`ingest`, `ingest_partition` (lumos.data.ingest) drive it; it never writes a manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lumos.data.decode import ImageRecipe, PreparedImage, Rejection, prepare_image
+from lumos.data.dedup import DedupIndex, DuplicateMatch, sha256_digest
+from lumos.data.metrics import IngestMetrics
+from lumos.data.shards import ShardWriter
+from lumos.data.sources import Source, SourceItem, parse_sidecars, read_with_retries
+from lumos.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+
+if TYPE_CHECKING:
+    from lumos.data.ingest import IngestConfig
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def is_paired(seed: int, source_key: str, fraction: float) -> bool:
+    """Deterministic, stable membership of the paired subset: a seeded hash of the source key, so
+    the choice never changes when later (incremental) runs or other partitions add images."""
+    digest = hashlib.sha256(f"{seed}:{source_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def source_fingerprint(source: Source) -> tuple[str, int]:
+    """(SHA-256 over every listed key and version, number of objects): detects an unchanged source."""
+    h = hashlib.sha256()
+    count = 0
+    for obj in source.list():
+        h.update(f"{obj.key}\t{obj.version}\n".encode())
+        count += 1
+    return h.hexdigest(), count
+
+
+def short_side_bin(width: int, height: int) -> str:
+    side = min(width, height)
+    lo = 1 << max(side.bit_length() - 1, 0)
+    return f"{lo}-{2 * lo - 1}"
+
+
+def _ordered_map(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    executor: Executor | None,
+    window: int,
+    arg: Callable[[Any], Any] = lambda item: item,
+) -> Iterator[tuple[Any, Any]]:
+    """(item, fn(arg(item))) in input order, at most `window` calls in flight: bounded memory."""
+    if executor is None:
+        for item in items:
+            yield item, fn(arg(item))
+        return
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, executor.submit(fn, arg(item))))
+        if len(pending) >= window:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a Kubernetes
+    pod's CPU limit), which os.cpu_count() ignores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU limit visible
+    return cpus
+
+
+def _start_decoders(workers: int) -> ProcessPoolExecutor:
+    """A pool of decoding processes, all started now. Fork (where available) starts them fast and
+    works from scripts without a __main__ guard; they are forked before ingest starts its reader
+    threads, so no thread's lock is copied mid-use."""
+    methods = get_all_start_methods()
+    context = get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    pool.submit(int).result()  # with fork, the first submit starts every worker
+    return pool
+
+
+def _prepare_one(raw: bytes, recipe: ImageRecipe) -> PreparedImage | Rejection:
+    try:
+        return prepare_image(raw, recipe)
+    except Exception as err:  # a decoder failure prepare_image did not foresee: still reported
+        return Rejection("truncated_or_corrupt", f"unexpected {type(err).__name__}: {err}")
+
+
+def _prepare_batch(recipe: ImageRecipe, raws: list[bytes | None]) -> list[Any]:
+    """Worker-process entry: prepare each image (None: nothing to decode)."""
+    return [None if raw is None else _prepare_one(raw, recipe) for raw in raws]
+
+
+@dataclass
+class _Fetched:
+    """One item after reading: its bytes and parsed sidecars, or why it is rejected already."""
+
+    item: SourceItem
+    raw: bytes | None = None
+    digest: bytes | None = None
+    meta: dict | None = None
+    caption: str | None = None
+    bytes_read: int = 0
+    rejection: Rejection | None = None
+    exact_of: str | None = None  # an earlier image of this run with the same bytes (source key)
+    exact_match: DuplicateMatch | None = None  # same bytes as an image kept by an earlier run
+
+
+class IngestRun:
+    """Processes items into shards under `out` (a dataset or a staging area)."""
+
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        source: Source,
+        out: Storage,
+        *,
+        run_id: str,
+        index: DedupIndex,
+        first_shard: int,
+        used_keys: set[str],
+        progress_total: int | None,
+        progress: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.recipe = cfg.recipe()
+        self.source = source
+        self.out = out
+        self.run_id = run_id
+        self.index = index
+        self.used_keys = used_keys
+        self.writer = ShardWriter(out, first_index=first_shard, max_bytes=cfg.shard_max_bytes)
+        self._report_dir = tempfile.TemporaryDirectory(prefix="lumos-ingest-report-")
+        self.report_path = Path(self._report_dir.name) / "report.jsonl"
+        self._report = open(self.report_path, "w", encoding="utf-8")  # noqa: SIM115
+        self.counts: Counter[str] = Counter()
+        self.by_reason: Counter[str] = Counter()
+        self.by_kind: Counter[str] = Counter()
+        self.stats: dict[str, Counter[str]] = {
+            "resolution_histogram": Counter(),
+            "source_short_side_histogram": Counter(),
+            "source_formats": Counter(),
+            "source_modes": Counter(),
+        }
+        self.bytes_read = 0
+        self.metrics = IngestMetrics(cfg.pushgateway_url, run_id)
+        # Exact duplicates within this run, decided before decoding: digest -> first source key,
+        # and the outcome of each first occurrence once it is known (rows are accepted in order).
+        self._first_by_digest: dict[bytes, str] = {}
+        self._first_outcome: dict[str, tuple[str, str, str]] = {}  # (outcome, reason|key, detail)
+        self._progress = None
+        self._progress_wanted = progress
+        self._progress_total = progress_total
+        self._started = time.monotonic()
+
+    # -- reading (threads) ---------------------------------------------------------------------
+    def _read(self, key: str) -> bytes:
+        return read_with_retries(
+            self.source.read,
+            key,
+            max_retries=self.cfg.max_retries,
+            backoff_s=self.cfg.retry_backoff_s,
+        )
+
+    def _fetch_batch(self, items: list[SourceItem]) -> list[_Fetched]:
+        return [self._fetch(item) for item in items]
+
+    def _fetch(self, item: SourceItem) -> _Fetched:
+        if item.kind != "image":
+            return _Fetched(item, rejection=Rejection(item.kind, ""))
+        fetched = _Fetched(item)
+        try:
+            raw = self._read(item.source_key)
+            sidecars = {key: self._read(key) for key in item.sidecars}
+        except (StorageError, OSError) as err:
+            fetched.rejection = Rejection("unreadable", str(err))
+            return fetched
+        fetched.bytes_read = len(raw) + sum(len(d) for d in sidecars.values())
+        if not raw:
+            fetched.rejection = Rejection("empty_file")
+            return fetched
+        try:
+            fetched.meta, fetched.caption = parse_sidecars(sidecars)
+        except ValueError as err:
+            fetched.rejection = Rejection("invalid_sidecar", str(err))
+            return fetched
+        fetched.raw = raw
+        fetched.digest = sha256_digest(raw)
+        return fetched
+
+    # -- exact dedup before decoding (main thread, in order) -----------------------------------
+    def _to_decode(self, fetched_items: Iterable[_Fetched]) -> Iterator[_Fetched]:
+        for fetched in fetched_items:
+            if fetched.digest is not None:
+                match = self.index.find_exact(fetched.digest)
+                first = self._first_by_digest.get(fetched.digest)
+                if match is not None:
+                    fetched.exact_match, fetched.raw = match, None
+                elif first is not None:
+                    fetched.exact_of, fetched.raw = first, None
+                else:
+                    self._first_by_digest[fetched.digest] = fetched.item.source_key
+            yield fetched
+
+    # -- accepting results (main thread, in order) ---------------------------------------------
+    def _row(self, item: SourceItem, outcome: str, **fields: Any) -> None:
+        row = {"source_key": item.source_key, "outcome": outcome, **fields}
+        if item.sidecars:
+            row["sidecars"] = list(item.sidecars)
+        self._report.write(json.dumps(row, sort_keys=True) + "\n")
+        self.counts[outcome] += 1
+        self.counts["sidecars"] += len(item.sidecars)
+        self.metrics.seen.inc(1 + len(item.sidecars))
+        if self._progress is not None:
+            self._progress.update(1 + len(item.sidecars))
+
+    def _reject(self, item: SourceItem, rejection: Rejection) -> None:
+        self.by_reason[rejection.reason] += 1
+        self.metrics.rejected.labels(rejection.reason).inc()
+        self._first_outcome[item.source_key] = ("rejected", rejection.reason, rejection.detail)
+        self._row(item, "rejected", reason=rejection.reason, detail=rejection.detail)
+
+    def _duplicate(self, item: SourceItem, match: DuplicateMatch) -> None:
+        self.by_kind[match.kind] += 1
+        self.metrics.duplicate.labels(match.kind).inc()
+        self._first_outcome[item.source_key] = ("duplicate", match.key, "")
+        self._row(
+            item, "duplicate", reason=match.kind, duplicate_of=match.key, distance=match.distance
+        )
+
+    def accept(self, fetched: _Fetched, result: PreparedImage | Rejection | None) -> None:
+        item = fetched.item
+        self.bytes_read += fetched.bytes_read
+        self.metrics.bytes_read.inc(fetched.bytes_read)
+        if fetched.rejection is not None:
+            self._reject(item, fetched.rejection)
+        elif fetched.exact_match is not None:
+            self._duplicate(item, fetched.exact_match)
+        elif fetched.exact_of is not None:
+            # Same bytes as an earlier image of this run: it shares that image's fate.
+            outcome, what, detail = self._first_outcome[fetched.exact_of]
+            if outcome == "rejected":  # `what` is the reason
+                self._reject(item, Rejection(what, f"same bytes as {fetched.exact_of}; {detail}"))
+            else:  # `what` is the kept key (the first copy's own, or the one it duplicates)
+                self._duplicate(item, DuplicateMatch(what, "exact", 0))
+        elif isinstance(result, Rejection):
+            self._reject(item, result)
+        else:
+            assert isinstance(result, PreparedImage), f"no decode result for {item.source_key}"
+            near = self.index.find_near(result.phash)
+            if near is not None:
+                self._duplicate(item, near)
+            else:
+                self._write_sample(fetched, result)
+        self.metrics.push()
+
+    def _unique_key(self, item: SourceItem) -> str:
+        key = item.key
+        if key in self.used_keys:  # another source (or a clashing sanitised name) has it
+            tag = hashlib.sha256(f"{self.source.uri}\t{item.source_key}".encode()).hexdigest()[:8]
+            key = f"{key}-{tag}"
+        self.used_keys.add(key)
+        return key
+
+    def _write_sample(self, fetched: _Fetched, img: PreparedImage) -> None:
+        item = fetched.item
+        assert fetched.digest is not None
+        key = self._unique_key(item)
+        paired = fetched.caption is not None and is_paired(
+            self.cfg.seed, item.source_key, self.cfg.paired_fraction
+        )
+        sample = {
+            "key": key,
+            "source_key": item.source_key,
+            "source_uri": self.source.uri,
+            "width": img.width,
+            "height": img.height,
+            "meta": fetched.meta or {},
+            "caption": fetched.caption,
+            "paired": paired,
+            "source_width": img.source_width,
+            "source_height": img.source_height,
+            "source_format": img.source_format,
+            "source_mode": img.source_mode,
+            "sha256": fetched.digest.hex(),
+            "phash": f"{img.phash:016x}",
+        }
+        shard = self.writer.add(key, self.cfg.image_format, img.data, sample)
+        self.index.add(key, fetched.digest, img.phash)
+        self._first_outcome[item.source_key] = ("ingested", key, "")
+        self.counts["captioned"] += fetched.caption is not None
+        self.counts["paired"] += paired
+        self.stats["resolution_histogram"][f"{img.width}x{img.height}"] += 1
+        self.stats["source_short_side_histogram"][
+            short_side_bin(img.source_width, img.source_height)
+        ] += 1
+        self.stats["source_formats"][img.source_format] += 1
+        self.stats["source_modes"][img.source_mode] += 1
+        self.metrics.ingested.inc()
+        self._row(item, "ingested", key=key, shard=shard, paired=paired)
+
+    # -- the whole stream ----------------------------------------------------------------------
+    def run(self, items: Iterable[SourceItem]) -> None:
+        workers = self.cfg.workers or available_cpus()
+        decoders = _start_decoders(workers) if workers > 1 else None  # before any thread starts
+        readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lumos-ingest-read")
+        if self._progress_wanted:
+            from tqdm import tqdm
+
+            self._progress = tqdm(
+                total=self._progress_total,
+                unit="obj",
+                desc="ingest",
+                smoothing=0.1,
+                mininterval=1.0,
+            )
+        try:
+            # Reads go in batches of 8 items per thread task: fewer hand-offs between threads.
+            fetch_batches = _ordered_map(self._fetch_batch, _batched(items, 8), readers, window=16)
+            fetched = (f for _, batch in fetch_batches for f in batch)
+            groups = _batched(self._to_decode(fetched), 8)  # 8 images per task: less IPC
+            decode = functools.partial(_prepare_batch, self.recipe)
+            decoded = _ordered_map(
+                decode, groups, decoders, window=4 * workers, arg=lambda g: [f.raw for f in g]
+            )
+            for group, results in decoded:
+                for fetched_item, result in zip(group, results, strict=True):
+                    self.accept(fetched_item, result)
+        except BaseException:
+            self.writer.abort()
+            raise
+        finally:
+            readers.shutdown(cancel_futures=True)
+            if decoders is not None:
+                decoders.shutdown(cancel_futures=True)
+            self._report.close()
+            if self._progress is not None:
+                self._progress.close()
+        self.shards = self.writer.close()
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        processed = self.counts["ingested"] + self.counts["duplicate"] + self.counts["rejected"]
+        self.metrics.bytes_per_second.set(self.bytes_read / elapsed)
+        self.metrics.images_per_second.set(processed / elapsed)
+        self.metrics.push(force=True)
+        self.elapsed_s = elapsed
+
+    def upload_report(self, key: str) -> None:
+        self.out.upload_file(self.report_path, key)
+        self._report_dir.cleanup()
+
+    def run_counts(self, listed: int, previously_seen: int) -> dict[str, Any]:
+        counts: dict[str, Any] = {
+            "listed": listed,
+            "previously_seen": previously_seen,
+            "sidecars": self.counts["sidecars"],
+            "ingested": self.counts["ingested"],
+            "duplicate": self.counts["duplicate"],
+            "rejected": self.counts["rejected"],
+            "duplicate_by_kind": dict(sorted(self.by_kind.items())),
+            "rejected_by_reason": dict(sorted(self.by_reason.items())),
+            "captioned": self.counts["captioned"],
+            "paired": self.counts["paired"],
+        }
+        accounted = (
+            previously_seen
+            + counts["sidecars"]
+            + counts["ingested"]
+            + counts["duplicate"]
+            + counts["rejected"]
+        )
+        if accounted != listed:
+            raise RuntimeError(
+                f"ingest accounting broken: {listed} objects listed but {accounted} accounted for "
+                f"({counts}); this is a bug in lumos.data.ingest, please report it"
+            )
+        return counts
+
+    def run_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {k: dict(sorted(v.items())) for k, v in self.stats.items()}
+        stats["bytes_read"] = self.bytes_read
+        stats["elapsed_s"] = round(self.elapsed_s, 3)
+        processed = self.counts["ingested"] + self.counts["duplicate"] + self.counts["rejected"]
+        stats["objects_per_s"] = round(processed / self.elapsed_s, 2)
+        stats["bytes_per_s"] = round(self.bytes_read / self.elapsed_s, 1)
+        return stats
+
+
+class ListingTally:
+    """Counts and fingerprints a listing as it streams past."""
+
+    def __init__(self, objects: Iterable[Any]) -> None:
+        self._objects = objects
+        self.count = 0
+        self._hash = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[Any]:
+        for obj in self._objects:
+            self.count += 1
+            self._hash.update(f"{obj.key}\t{obj.version}\n".encode())
+            yield obj
+
+    @property
+    def fingerprint(self) -> str:
+        return self._hash.hexdigest()
+
+
+def unseen_items(
+    items: Iterable[SourceItem], source_uri: str, seen: set, skipped: Counter
+) -> Iterator:
+    for item in items:
+        if (source_uri, item.source_key) in seen:
+            skipped["objects"] += len(item.all_keys)
+        else:
+            yield item
+
+
+def run_record(
+    run: IngestRun,
+    *,
+    source_uri: str,
+    fingerprint: str,
+    listed: int,
+    previously_seen: int,
+    report: str,
+    index: str,
+    incremental: bool,
+) -> dict:
+    return {
+        "run_id": run.run_id,
+        "source_uri": source_uri,
+        "incremental": incremental,
+        "fingerprint": fingerprint,
+        "report": report,
+        "index": index,
+        "shards": [s.name for s in run.shards],
+        "counts": run.run_counts(listed, previously_seen),
+        "stats": run.run_stats(),
+        "created_at": datetime.now(UTC).isoformat(),
+    }

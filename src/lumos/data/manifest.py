@@ -1,0 +1,160 @@
+"""The dataset manifest and what earlier runs left in a dataset.
+
+The manifest (`<dataset>/manifest.json`) is written last by every run: it lists the shards, the
+runs (each with its report and dedup index), cumulative counts and statistics. A reader that finds
+no manifest sees no dataset; one that finds it sees a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from lumos.data.decode import REJECTION_REASONS
+from lumos.data.dedup import DedupIndex
+from lumos.data.shards import SHARD_PREFIX, ShardInfo
+from lumos.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from lumos.data.ingest import IngestConfig
+
+DATASET_FORMAT = "lumos-dataset/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class DatasetHistory:
+    """Earlier runs' state an incremental run builds on (empty for a full run)."""
+
+    manifest: dict | None
+    index: DedupIndex
+    seen: set[tuple[str, str]]  # (source uri, source key) that need no processing again
+    used_keys: set[str]
+    runs: list[dict]
+    shards: list[dict]
+
+
+def read_manifest(store: Storage) -> dict | None:
+    """The dataset's manifest, or None when there is no complete dataset yet."""
+    if not store.exists(MANIFEST):
+        return None
+    manifest = store.read_json(MANIFEST)
+    if manifest.get("format") != DATASET_FORMAT:
+        raise StorageError(
+            f"{store.key_uri(MANIFEST)} has format {manifest.get('format')!r}, expected "
+            f"{DATASET_FORMAT!r}: ingest into a new dataset URI"
+        )
+    return manifest
+
+
+def load_history(store: Storage, cfg: IngestConfig, manifest: dict | None) -> DatasetHistory:
+    history = DatasetHistory(
+        manifest, DedupIndex(cfg.near_duplicate_distance), set(), set(), [], []
+    )
+    if manifest is None or not cfg.incremental:
+        return history
+    old = {k: manifest["ingest_config"].get(k) for k in cfg.output_settings()}
+    if old != cfg.output_settings():
+        raise ValueError(
+            f"incremental ingest into {store.uri} needs the dataset's output settings {old}, "
+            f"got {cfg.output_settings()}: use the same settings, or run a full ingest "
+            "(incremental=False) into a new dataset URI"
+        )
+    for run in manifest["runs"]:
+        history.index.load_bytes(store.read_bytes(run["index"]))
+        with store.open_read(run["report"]) as stream:
+            for line in stream:
+                row = json.loads(line)
+                if not (row["outcome"] == "rejected" and row.get("reason") == "unreadable"):
+                    history.seen.add((run["source_uri"], row["source_key"]))  # unreadable: retry
+    history.used_keys = set(history.index.keys)
+    history.runs = list(manifest["runs"])
+    history.shards = list(manifest["shards"])
+    return history
+
+
+def next_shard_index(manifest: dict | None) -> int:
+    """Shards of a new run never reuse a name the current manifest refers to (readers of the old
+    manifest keep reading consistent shards until the new manifest replaces it)."""
+    if not manifest or not manifest["shards"]:
+        return 0
+    return 1 + max(
+        int(s["name"].removeprefix("shard-").removesuffix(".tar")) for s in manifest["shards"]
+    )
+
+
+def add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Sum two dicts of counts (nested dicts summed key by key; non-numbers skipped)."""
+    out = dict(total)
+    for key, value in part.items():
+        if isinstance(value, dict):
+            out[key] = add_counts(out.get(key, {}), value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def is_up_to_date(
+    manifest: dict | None, cfg: IngestConfig, source_uri: str, fingerprint: str
+) -> bool:
+    if manifest is None or len(manifest["runs"]) != 1:
+        return False
+    run = manifest["runs"][0]
+    old_cfg = {k: manifest["ingest_config"].get(k) for k in cfg.result_settings()}
+    return (
+        run["source_uri"] == source_uri
+        and run["fingerprint"] == fingerprint
+        and old_cfg == cfg.result_settings()
+    )
+
+
+def commit_manifest(
+    store: Storage,
+    cfg: IngestConfig,
+    history: DatasetHistory,
+    run_record: dict,
+    new_shards: list[ShardInfo],
+) -> dict:
+    """Write the manifest (last: this is what makes the run visible), then drop what no manifest
+    refers to any more (the shards and indexes of a replaced dataset)."""
+    runs = [*history.runs, run_record]
+    shards = [*history.shards, *(s.to_json() for s in new_shards)]
+    counts: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    sources: Counter[str] = Counter()
+    for run in runs:
+        counts = add_counts(counts, run["counts"])
+        stats = add_counts(stats, {k: v for k, v in run["stats"].items() if isinstance(v, dict)})
+        sources[run["source_uri"]] += run["counts"]["ingested"]
+    stats["sources"] = dict(sources)
+    stats["rejection_reasons"] = counts.get("rejected_by_reason", {})
+    manifest = {
+        "format": DATASET_FORMAT,
+        "resolution": cfg.resolution,
+        "output_sizes": [list(s) for s in cfg.output_sizes],
+        "image_format": cfg.image_format,
+        "num_samples": sum(s["count"] for s in shards),
+        "shards": shards,
+        "counts": counts,
+        "stats": stats,
+        "ingest_config": cfg.model_dump(mode="json"),
+        "created_at": datetime.now(UTC).isoformat(),
+        "runs": runs,
+        "rejection_reasons": REJECTION_REASONS,
+    }
+    replaced = history.manifest if not history.runs else None
+    store.write_json(MANIFEST, manifest)
+    if replaced is not None:  # a full rebuild over an older dataset
+        keep = {s["name"] for s in shards}
+        for old in replaced["shards"]:
+            if old["name"] not in keep:
+                store.delete(f"{SHARD_PREFIX}/{old['name']}")
+        for old_run in replaced["runs"]:
+            store.delete(old_run["index"])
+    return manifest
