@@ -15,6 +15,7 @@ Variants are a base (`ref` | `lumos`) with modifiers joined by `-` or `+`:
   eager        no torch.compile
   maxautotune  torch.compile(mode="max-autotune-no-cudagraphs") (compiles for several minutes)
   cudagraphs   torch.compile(mode="max-autotune") (with CUDA graphs)
+  cdt          inductor's coordinate-descent tuning of its own (norm / pointwise) kernels
   cudnn|flash  force that SDPA backend
 The reference is the Lumos layout written plainly: DiT blocks with separate q/k/v/out linears,
 SDPA, and a cross-attention that really attends to its one condition token.
@@ -66,7 +67,20 @@ def load_lumos_dit():
     return module
 
 
-lumos_dit_module = load_lumos_dit()
+try:
+    lumos_dit_module = load_lumos_dit()
+except ImportError as err:  # the GPU image has torch but not diffusers: carry its wheels
+    raise SystemExit(
+        f"train_throughput needs diffusers for LumosDiT ({err}); install the diffusers wheel and "
+        "its requirements (Pillow, huggingface_hub, safetensors, regex, requests, filelock, "
+        "importlib_metadata)"
+    ) from err
+try:  # ModelMixin.to(dtype) warns about fp32-only modules; LumosDiT has none
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+except ImportError:
+    pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +260,7 @@ class MasterWeightAdamW:
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-MODIFIERS = {"bf16w", "eager", "maxautotune", "cudagraphs", "cudnn", "flash"}
+MODIFIERS = {"bf16w", "eager", "maxautotune", "cudagraphs", "cdt", "cudnn", "flash"}
 
 
 def parse_variant(name: str) -> tuple[str, set[str]]:
@@ -306,7 +320,12 @@ class Step:
         if self.compiled:
             mode = "max-autotune-no-cudagraphs" if "maxautotune" in mods else None
             mode = "max-autotune" if "cudagraphs" in mods else mode
-            self.forward = torch.compile(self.model, mode=mode)
+            options = {"coordinate_descent_tuning": True} if "cdt" in mods else None
+            if options and mode:
+                raise SystemExit(
+                    "cdt cannot be combined with maxautotune/cudagraphs (one of mode/options)"
+                )
+            self.forward = torch.compile(self.model, mode=mode, options=options)
         self.sdpa = None
         if mods & {"cudnn", "flash"}:
             from torch.nn.attention import SDPBackend, sdpa_kernel

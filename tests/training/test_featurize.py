@@ -133,3 +133,12 @@ def test_training_reads_what_featurize_wrote(dataset, tmp_path, tiny_config):
 
     result = train(tiny_config(steps=2, batch_size=2), dataset, str(tmp_path / "i2i"))
     assert result.step == 2 and result.train_items == 9
+
+
+def test_featurize_and_train_in_the_object_store(s3_bucket, tiny_config):
+    dataset = write_dataset(f"s3://{s3_bucket}/datasets/images", count=6, per_shard=3)
+    result = featurize(tiny_featurize_config(), dataset)
+    assert result.features_uri == f"{dataset}/features" and result.num_samples == 6
+
+    trained = train(tiny_config(steps=1, batch_size=2), dataset, f"s3://{s3_bucket}/runs/i2i")
+    assert trained.checkpoint_uri == f"s3://{s3_bucket}/runs/i2i/step-0000001"

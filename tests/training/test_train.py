@@ -139,3 +139,33 @@ def test_checkpoint_to_s3_and_resume_from_it(images_features, s3_bucket, tiny_co
     assert second.resumed_from == first.checkpoint_uri and second.step == 3
     loaded = load_checkpoint(out)
     assert loaded.meta["step"] == 3 and loaded.uri == f"{out}/step-0000003"
+
+
+def test_resuming_a_finetune_from_another_parent_is_an_error(
+    images_features, i2i_checkpoint, tmp_path, tiny_config
+):
+    out = str(tmp_path / "t2i")
+    cfg = tiny_config(head="t2i", steps=1, batch_size=2)
+    train(cfg, images_features, out, init_from=i2i_checkpoint)
+    other = train(tiny_config(steps=0), images_features, str(tmp_path / "other-i2i"))
+    with pytest.raises(ValueError, match="was initialised from"):
+        train(
+            cfg.model_copy(update={"steps": 2}),
+            images_features,
+            out,
+            init_from=other.checkpoint_uri,
+        )
+
+
+def test_bf16_autocast_after_a_full_precision_run_in_the_same_process(
+    images_features, tmp_path, tiny_config
+):
+    train(tiny_config(steps=1), images_features, str(tmp_path / "fp32"))
+    result = train(
+        tiny_config(steps=2, mixed_precision="bf16"), images_features, str(tmp_path / "bf16")
+    )
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    # Autocast computes in bf16; the weights (and so the checkpoint) stay float32.
+    assert (
+        next(load_checkpoint(result.checkpoint_uri).ema_model.parameters()).dtype == torch.float32
+    )

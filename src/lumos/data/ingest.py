@@ -100,7 +100,10 @@ class IngestConfig(BaseModel):
     )
     seed: int = Field(0, description="Seeds the choice of the paired subset")
     workers: int | None = Field(
-        None, ge=1, description="Decoding processes; None: one per usable CPU (affinity, cgroup limit); 1: in-process"
+        None,
+        ge=1,
+        description="Decoding processes; None: one per usable CPU (affinity and cgroup limit); "
+        "1: in-process",
     )
     incremental: bool = Field(
         False, description="Process only objects not seen by earlier runs into this dataset"
@@ -446,9 +449,7 @@ def _read_staged(staging_uris: list[str]) -> list[tuple[Storage, dict]]:
     return staged
 
 
-def merge_partitions(
-    cfg: IngestConfig, staging_uris: list[str], dataset_uri: str, progress: bool = False
-) -> IngestResult:
+def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: str) -> IngestResult:
     """Merge staged partitions into the dataset: deduplicate across partitions (and, with
     cfg.incremental, against the dataset's earlier runs), repack into final shards, write one
     report for the whole run, and the manifest last."""

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from lumos.diffusion.gaussian import GaussianDiffusion
 
@@ -40,7 +40,7 @@ def _batch_size(kwargs: dict) -> int | None:
 def _cfg_kwargs(model_kwargs: dict, null_kwargs: dict | None, batch: int, device) -> dict:
     """[conditional; unconditional] kwargs: every tensor doubled, force_drop on the second half."""
     uncond = {**model_kwargs, **(null_kwargs or {})}
-    doubled = {}
+    doubled: dict[str, torch.Tensor | None] = {}
     for key, value in model_kwargs.items():
         if key == "force_drop":
             continue
@@ -110,7 +110,7 @@ def sample(
             if use_cfg:
                 eps_cond, eps_uncond = eps.chunk(2, dim=0)  # (B, [F,] C, H, W) each
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x).prev_sample  # (B, [F,] C, H, W)
+            x = scheduler.step(eps, t, x, return_dict=False)[0]  # (B, [F,] C, H, W)
     finally:
         model.train(was_training)
     return x

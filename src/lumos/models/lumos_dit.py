@@ -23,6 +23,13 @@ COND_KINDS = ("image", "text")
 FRAME_EMBEDS = ("none", "index", "camera")
 
 
+def zero_module(module: nn.Module) -> nn.Module:
+    """Set every parameter of `module` to zero (adaLN-Zero and zero-initialised outputs)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: x (N, T, D), shift/scale (N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -94,7 +101,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = sinusoidal_embedding(t, self.frequency_embedding_size)  # (N, 256)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+        return self.mlp(t_freq.to(next(self.mlp.parameters()).dtype))  # (N, D)
 
 
 class FrameIndexEmbedder(nn.Module):
@@ -154,6 +161,8 @@ class ConditionProjector(nn.Module):
     replace the raw condition and the projector learns what "no condition" maps to. It is a fixed
     random buffer saved with the model: a fresh random one would break guidance of a trained model.
     """
+
+    null_embedding: torch.Tensor
 
     def __init__(
         self,
@@ -331,7 +340,7 @@ class FinalLayer(nn.Module):
         return self.linear(x)  # (N, T, p * p * C_out)
 
 
-class LumosDiT(ModelMixin, ConfigMixin):
+class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
     """The Lumos denoiser. See docs/architecture.md for the forward contract.
 
     input_size is the latent grid (32 for 256 px with the SD VAE); pos_embed_scale is 1.0 at
@@ -340,6 +349,7 @@ class LumosDiT(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = False
+    pos_embed: torch.Tensor
 
     @register_to_config
     def __init__(
@@ -378,6 +388,15 @@ class LumosDiT(ModelMixin, ConfigMixin):
             )
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch {patch_size}")
+        # Plain attributes for forward (typed, and constants to torch.compile).
+        self.patch_size = patch_size
+        self.base_grid = input_size // patch_size
+        self.hidden_size = hidden_size
+        self.pos_embed_scale = pos_embed_scale
+        self.num_frames = num_frames
+        self.frame_embed = frame_embed
+        self.micro_conditions = micro_conditions
+        self.concat_latent_channels = concat_latent_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.multi_frame = num_frames > 1
 
@@ -428,44 +447,39 @@ class LumosDiT(ModelMixin, ConfigMixin):
         # Patch embedding initialised like a linear layer (DiT).
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.x_embedder.bias is not None:
+            nn.init.zeros_(self.x_embedder.bias)
+        for layer in self.t_embedder.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
         nn.init.normal_(self.cond_projector.mlp.fc1.weight, std=0.02)
         nn.init.normal_(self.cond_projector.mlp.fc2.weight, std=0.02)
-        for block in self.blocks:
-            # adaLN-Zero: every residual branch starts closed.
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            # Ungated cross-attention starts as a no-op through its zero output projection.
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
-        if self.temporal_blocks is not None:
-            for temporal in self.temporal_blocks:
-                nn.init.zeros_(temporal.attn.proj.weight)
-                nn.init.zeros_(temporal.attn.proj.bias)
-        for embedder in (self.micro_embedder, self.frame_embedder):
-            if embedder is not None:
-                nn.init.zeros_(embedder.mlp.fc2.weight)
-                nn.init.zeros_(embedder.mlp.fc2.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for module in self.modules():
+            if isinstance(module, LumosBlock):
+                # adaLN-Zero: every residual branch starts closed.
+                zero_module(module.adaLN_modulation)
+                # Ungated cross-attention starts as a no-op through its zero output projection.
+                zero_module(module.cross_attn.proj)
+            elif isinstance(module, TemporalAttention):
+                # Inserted temporal layers leave the pretrained per-frame function unchanged.
+                zero_module(module.attn.proj)
+            elif isinstance(module, FrameIndexEmbedder | CameraEmbedder | MicroConditionEmbedder):
+                zero_module(module.mlp.fc2)
+            elif isinstance(module, FinalLayer):
+                zero_module(module.adaLN_modulation)
+                zero_module(module.linear)
 
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """(1, gh * gw, D): the cached table at the configured size, recomputed for other grids."""
-        base = self.config.input_size // self.config.patch_size
+        base = self.base_grid
         if grid_h == base and grid_w == base:
             return self.pos_embed
-        emb = get_2d_sincos_pos_embed(
-            self.config.hidden_size, grid_h, grid_w, base, self.config.pos_embed_scale
-        )
+        emb = get_2d_sincos_pos_embed(self.hidden_size, grid_h, grid_w, base, self.pos_embed_scale)
         return emb.to(self.pos_embed.device)
 
     def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """(N, T, p * p * C) -> (N, C, H, W)."""
-        p, c = self.config.patch_size, self.out_channels
+        p, c = self.patch_size, self.out_channels
         n = x.shape[0]
         x = x.reshape(n, grid_h, grid_w, p, p, c)  # (N, gh, gw, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, gh, p, gw, p)
@@ -483,28 +497,27 @@ class LumosDiT(ModelMixin, ConfigMixin):
         micro_cond: torch.Tensor | None = None,
         force_drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        cfg = self.config
         expected_ndim = 5 if self.multi_frame else 4
         assert x.ndim == expected_ndim, (
             f"x must be {'(B, F, C, H, W)' if self.multi_frame else '(B, C, H, W)'} "
-            f"for num_frames={cfg.num_frames}, got shape {tuple(x.shape)}"
+            f"for num_frames={self.num_frames}, got shape {tuple(x.shape)}"
         )
-        assert (concat_latent is not None) == (cfg.concat_latent_channels > 0), (
+        assert (concat_latent is not None) == (self.concat_latent_channels > 0), (
             f"concat_latent is required iff concat_latent_channels > 0 "
-            f"(configured {cfg.concat_latent_channels})"
+            f"(configured {self.concat_latent_channels})"
         )
-        assert (frame_cond is not None) == (cfg.frame_embed != "none"), (
-            f"frame_cond is required iff frame_embed != 'none' (configured {cfg.frame_embed!r})"
+        assert (frame_cond is not None) == (self.frame_embed != "none"), (
+            f"frame_cond is required iff frame_embed != 'none' (configured {self.frame_embed!r})"
         )
-        assert (micro_cond is not None) == cfg.micro_conditions, (
-            f"micro_cond is required iff micro_conditions (configured {cfg.micro_conditions})"
+        assert (micro_cond is not None) == self.micro_conditions, (
+            f"micro_cond is required iff micro_conditions (configured {self.micro_conditions})"
         )
         # Cached features are float16; compute in the model's own dtype (bf16/fp32).
         dtype = self.x_embedder.weight.dtype
         b = x.shape[0]
         num_frames = x.shape[1] if self.multi_frame else 1
         h, w = x.shape[-2], x.shape[-1]
-        p = cfg.patch_size
+        p = self.patch_size
         assert h % p == 0 and w % p == 0, f"latent {h}x{w} is not a multiple of patch {p}"
 
         x = x.reshape(b * num_frames, x.shape[-3], h, w).to(dtype)  # (N, C, H, W), N = B * F
@@ -530,7 +543,8 @@ class LumosDiT(ModelMixin, ConfigMixin):
             tokens = tokens.unsqueeze(1).expand(-1, num_frames, -1, -1)  # (B, F, L, D)
             tokens = tokens.reshape(b * num_frames, tokens.shape[2], -1)  # (N, L, D)
             if mask is not None:
-                mask = mask.unsqueeze(1).expand(-1, num_frames, -1).reshape(b * num_frames, -1)
+                mask = mask.unsqueeze(1).expand(-1, num_frames, -1)  # (B, F, L)
+                mask = mask.reshape(b * num_frames, -1)  # (N, L)
         for i, block in enumerate(self.blocks):
             x = block(x, c, tokens, mask)  # (N, T, D)
             if self.temporal_blocks is not None:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -83,11 +84,10 @@ def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
             if encoders is None:
                 encoders = FrozenEncoders(cfg.encoders, device=device)
             start = time.perf_counter()
-            records, images = read_shard(dataset, shard["name"])
-            done = _featurize_part(encoders, cfg.batch_size, records, images)
-            write_feature_part(features, name, records, shard=shard, encoders=encoders_spec, **done)
+            computed = _featurize_shard(encoders, cfg.batch_size, dataset, shard["name"])
+            write_feature_part(features, name, shard=shard, encoders=encoders_spec, **computed)
             compute_seconds += time.perf_counter() - start
-            computed_images += len(records)
+            computed_images += len(computed["records"])
             done = _existing_part(features, name, shard, encoders_spec)
             assert done is not None, f"{name} was just written but does not read back"
         else:
@@ -137,9 +137,8 @@ def _read_manifest_bytes(dataset: Storage) -> bytes:
     return data
 
 
-def read_shard(dataset: Storage, name: str) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """The samples of one shard: per-sample json records and RGB uint8 (H, W, 3) images."""
-    records, images = [], []
+def iter_shard_samples(dataset: Storage, name: str) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """Stream one shard's samples: (per-sample json record, RGB uint8 (H, W, 3) image)."""
     for key, files in iter_shard_records(dataset, name):
         image_ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in files), None)
         if "json" not in files or image_ext is None:
@@ -147,27 +146,38 @@ def read_shard(dataset: Storage, name: str) -> tuple[list[dict[str, Any]], list[
                 f"shard {dataset.key_uri(f'shards/{name}')}: sample {key!r} lacks its image or "
                 f"json (has {sorted(files)}); re-run ingest"
             )
-        records.append(json.loads(files["json"]))
         with Image.open(io.BytesIO(files[image_ext])) as img:
-            images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-    sizes = {im.shape for im in images}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"shard {name} of {dataset.uri} mixes image sizes {sorted(sizes)}: featurize caches one "
-            "latent size per dataset; ingest without aspect_buckets (one square resolution)"
-        )
-    return records, images
+            yield json.loads(files["json"]), np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 @torch.no_grad()
-def _featurize_part(
-    encoders: Any, batch_size: int, records: list[dict[str, Any]], images: list[np.ndarray]
-) -> dict[str, torch.Tensor | None]:
-    latents, embeds = [], []
-    for start in range(0, len(images), batch_size):
-        batch = np.stack(images[start : start + batch_size])  # (B, H, W, 3) uint8
+def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str) -> dict[str, Any]:
+    """Encode a shard batch by batch as it streams in: a 1 GB shard decodes to several GB."""
+    records: list[dict[str, Any]] = []
+    latents, embeds, pending = [], [], []
+    image_size = None
+
+    def encode_pending() -> None:
+        batch = np.stack(pending)  # (B, H, W, 3) uint8
         latents.append(encoders.encode_images(batch).to("cpu", torch.float16))  # (B, C, h, w)
         embeds.append(encoders.embed_images(batch).to("cpu", torch.float16))  # (B, D)
+        pending.clear()
+
+    for record, image in iter_shard_samples(dataset, name):
+        image_size = image_size or image.shape
+        if image.shape != image_size:
+            raise ValueError(
+                f"shard {name} of {dataset.uri} mixes image sizes {image_size} and {image.shape} "
+                f"({record.get('key')}): featurize caches one latent size per dataset; ingest "
+                "without aspect_buckets (one square resolution)"
+            )
+        records.append(record)
+        pending.append(image)
+        if len(pending) == batch_size:
+            encode_pending()
+    if pending:
+        encode_pending()
+    assert image_size is not None, f"shard {name} of {dataset.uri} is empty"
     # Text only for captioned pairs: T2I fine-tuning uses them, the other heads never do.
     rows = [i for i, r in enumerate(records) if r.get("paired") and r.get("caption")]
     text_embeds = text_mask = None
@@ -180,7 +190,8 @@ def _featurize_part(
             masks.append(mask.to("cpu", torch.bool))
         text_embeds, text_mask = torch.cat(chunks), torch.cat(masks)
     return {
-        "image_size": list(images[0].shape[:2]),  # (H, W) pixels
+        "records": records,
+        "image_size": list(image_size[:2]),  # (H, W) pixels
         "latents": torch.cat(latents),
         "image_embeds": torch.cat(embeds),
         "text_rows": torch.tensor(rows, dtype=torch.int64),

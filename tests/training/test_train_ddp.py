@@ -1,0 +1,86 @@
+"""Two processes in data parallel (DDP over gloo on CPUs): the multi-GPU path, resumed exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from lumos.storage import Storage
+from lumos.training.checkpoint import read_checkpoint_meta
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from lumos.training.train import TrainConfig, train
+
+    result = train(TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])
+    if os.environ["RANK"] == "0":
+        print("RESULT " + result.model_dump_json())
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, cfg: dict, dataset: str, out: str) -> dict:
+    script = tmp_path / "run_train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        json.dumps(cfg),
+        dataset,
+        out,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
+    cfg = dict(
+        model_size="tiny",
+        model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2},
+        steps=4,
+        batch_size=2,
+        warmup_steps=2,
+        mixed_precision="no",
+        compile=False,
+        log_every=1,
+        progress_bar=False,
+        lr=1e-3,
+    )
+    full = launch(tmp_path, cfg, images_features, str(tmp_path / "full"))
+    assert full["global_batch"] == 4 and full["step"] == 4
+
+    out = str(tmp_path / "interrupted")
+    first = launch(tmp_path, {**cfg, "steps": 2}, images_features, out)
+    state = Storage.from_uri(first["checkpoint_uri"]).child("training_state")
+    assert state.exists("rng-rank-00000.pt") and state.exists("rng-rank-00001.pt")
+    second = launch(tmp_path, cfg, images_features, out)
+    assert second["resumed_from"] == first["checkpoint_uri"]
+
+    resumed = torch.tensor(
+        [loss for _, loss in first["losses"] + second["losses"]], dtype=torch.float64
+    )
+    expected = torch.tensor([loss for _, loss in full["losses"]], dtype=torch.float64)
+    torch.testing.assert_close(resumed, expected, rtol=1e-6, atol=1e-9)
+    assert read_checkpoint_meta(out)["step"] == 4
