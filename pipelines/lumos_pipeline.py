@@ -82,17 +82,16 @@ def build_pipeline(cfg: PipelineConfig):
         run_root = sources.outputs["run_root"]
 
         # Images fan out over key partitions; views and clips are small and ingest in one step.
-        plan = cpu(ingest_plan(config_json=config_json, source_uri=sources.outputs["images_uri"]))
-        with dsl.ParallelFor(plan.output) as partition:
-            part = cpu(
-                ingest_partition(
-                    config_json=config_json,
-                    source_uri=sources.outputs["images_uri"],
-                    run_root=run_root,
-                    kind="images",
-                    partition=partition,
-                )
+        plan = cpu(
+            ingest_plan(
+                config_json=config_json,
+                source_uri=sources.outputs["images_uri"],
+                run_root=run_root,
+                kind="images",
             )
+        )
+        with dsl.ParallelFor(plan.output) as work_item:
+            part = cpu(ingest_partition(config_json=config_json, work_item=work_item))
         datasets = {
             "images": cpu(
                 ingest_merge(

@@ -88,29 +88,40 @@ def ingest_step(
     describe(dataset, dataset_uri, result)
 
 
-def ingest_plan_step(config_json: str, source_uri: str) -> list[str]:
+def ingest_plan_step(config_json: str, source_uri: str, run_root: str, kind: str) -> list[str]:
+    """One self-contained work item per key partition. Each carries its partition, staging and
+    dataset URIs, so the ParallelFor body needs nothing but the item (kfp.local 2.17 resolves
+    other upstream task outputs inside a ParallelFor to the loop item)."""
     from lumos.data.ingest import plan_partitions
 
     cfg = validate_config(config_json)
-    return plan_partitions(source_uri, cfg.data.ingest_partitions)
+    items = []
+    for partition in plan_partitions(source_uri, cfg.data.ingest_partitions):
+        index = int(json.loads(partition)["index"])
+        work = {
+            "source_uri": source_uri,
+            "partition": partition,
+            "kind": kind,
+            "staging_uri": RunLayout(run_root).staging(kind, index),
+            "dataset_uri": _dataset_uri(cfg, run_root, kind),
+        }
+        items.append(json.dumps(work))
+    return items
 
 
-def ingest_partition_step(
-    config_json: str, source_uri: str, run_root: str, kind: str, partition: str
-) -> str:
+def ingest_partition_step(config_json: str, work_item: str) -> str:
     from lumos.data.ingest import ingest_partition
 
     cfg = validate_config(config_json)
-    index = int(json.loads(partition)["index"])
-    staging_uri = RunLayout(run_root).staging(kind, index)
+    work = json.loads(work_item)
     ingest_partition(
-        _ingest_config(cfg, kind),
-        source_uri,
-        staging_uri,
-        partition,
-        dataset_uri=_dataset_uri(cfg, run_root, kind),
+        _ingest_config(cfg, work["kind"]),
+        work["source_uri"],
+        work["staging_uri"],
+        work["partition"],
+        dataset_uri=work["dataset_uri"],
     )
-    return staging_uri
+    return work["staging_uri"]
 
 
 def ingest_merge_step(
