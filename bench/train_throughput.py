@@ -328,6 +328,10 @@ class Step:
                     "cdt cannot be combined with maxautotune/cudagraphs (one of mode/options)"
                 )
             if "regional" in mods:
+                # Each block is its own module instance: without room for one cache entry per
+                # block, dynamo stops recompiling after 8 and the rest run eagerly.
+                torch._dynamo.config.cache_size_limit = 256
+                torch._dynamo.config.accumulated_cache_size_limit = 4096
                 for block in self.model.blocks:
                     block.compile(mode=mode, options=options)
             else:
