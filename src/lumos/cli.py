@@ -227,6 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"lumos: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:
+        # The library's own errors (missing checkpoint, unreadable source, failed export check,
+        # ...) say what was wrong and what to do: show that, not a traceback.
+        if not type(err).__module__.startswith("lumos."):
+            raise
+        print(f"lumos: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

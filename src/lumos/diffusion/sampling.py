@@ -15,10 +15,22 @@ from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultist
 from lumos.diffusion.gaussian import GaussianDiffusion
 
 
-def make_scheduler(diffusion: GaussianDiffusion | None = None) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (order 2) on the same linear-beta schedule the model was trained with."""
+def make_scheduler(
+    diffusion: GaussianDiffusion | None = None, clip_x0: float | None = None
+) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (order 2) on the same linear-beta schedule the model was trained with.
+
+    clip_x0: for latents with a known bound (pixel space: 1.0), dynamic thresholding of the
+    solver's x0 predictions to it, as DPM-Solver++ recommends for pixel-space models; with a
+    linear schedule, an imperfect epsilon at high noise otherwise yields x0 far out of range."""
     diffusion = diffusion or GaussianDiffusion()
+    thresholding = (
+        {"thresholding": True, "sample_max_value": clip_x0, "dynamic_thresholding_ratio": 0.995}
+        if clip_x0 is not None
+        else {}
+    )
     return DPMSolverMultistepScheduler(
+        **thresholding,
         num_train_timesteps=diffusion.num_timesteps,
         beta_start=diffusion.beta_start,
         beta_end=diffusion.beta_end,
@@ -72,12 +84,14 @@ def sample(
     null_kwargs: dict | None = None,
     diffusion: GaussianDiffusion | None = None,
     device: torch.device | str | None = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Latents of `shape` (B, C, H, W) or (B, F, C, H, W) sampled from noise with CFG.
 
     guidance_scale 1.0 disables guidance (one forward per step). `null_kwargs` overrides entries
     of the unconditional half (e.g. a text mask); the condition itself is dropped by force_drop.
     The first C output channels (epsilon) drive the solver; the learned variance is not needed.
+    clip_x0 bounds the solver's x0 predictions (pass `FrozenEncoders.latent_range`).
     """
     shape = tuple(shape)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -97,7 +111,7 @@ def sample(
     kwargs = _cfg_kwargs(model_kwargs, null_kwargs, batch, device) if use_cfg else model_kwargs
     channels = shape[-3]
 
-    scheduler = make_scheduler(diffusion)
+    scheduler = make_scheduler(diffusion, clip_x0)
     scheduler.set_timesteps(steps, device=device)
     was_training = model.training
     model.eval()

@@ -95,6 +95,13 @@ class FrozenEncoders:
             return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def latent_range(self) -> float | None:
+        """Bound of the latents' values, when there is one: pixel-space latents lie in [-1, 1],
+        so samplers may threshold their x0 predictions to it (DPM-Solver++'s advice for pixel
+        space); VAE latents have no fixed bound."""
+        return 1.0 if self.vae is None else None
+
     @torch.no_grad()
     def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> scaled latents float32 (N, C, H / f, W / f)."""

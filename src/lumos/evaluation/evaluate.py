@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lumos.evaluation.attributes import ATTRIBUTES, Measurement, attribute_accuracy, measure
 from lumos.evaluation.gate import decide
-from lumos.evaluation.image_metrics import psnr, ssim
+from lumos.evaluation.image_metrics import color_histogram_similarity, psnr, ssim
 from lumos.evaluation.report import HeadSection, SampleRow, render_report
 
 logger = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ def _generate(cfg, model, encoders, table, head, items, device) -> list[list[np.
         latents = sample(
             model, tuple(x0.shape), kwargs, steps=cfg.sampling_steps,
             guidance_scale=cfg.guidance_scale, noise=noise, device=device,
+            clip_x0=encoders.latent_range,
         )  # fmt: skip  # (B, [F,] C, h, w)
         frames = latents.shape[1] if latents.ndim == 5 else 1
         images = encoders.decode_latents(latents.reshape(-1, *latents.shape[-3:]))  # (B*F, H, W, 3)
@@ -356,6 +357,9 @@ def _score_t2i(table, items, generated, true_images, report_samples: int) -> _Ou
     # The same measurement on the true images bounds what a perfect model could score.
     reference = attribute_accuracy([measure(t[0]) for t in true_images], expected)
     metrics["reference_all_accuracy"] = reference["all_accuracy"]
+    metrics["color_histogram_similarity"] = color_histogram_similarity(
+        [g[0] for g in generated], [t[0] for t in true_images]
+    )
     rows: list[SampleRow] = []
     per_sample: list[dict[str, Any]] = []
     for record, exp, m, gen, true in zip(
@@ -382,6 +386,9 @@ def _score_i2i(generated, true_images, report_samples: int) -> _Outcome:
     metrics["object_found_rate"] = acc["object_found_rate"]
     metrics["psnr"] = _mean_psnr(
         [(g[0], t[0]) for g, t in zip(generated, true_images, strict=True)]
+    )
+    metrics["color_histogram_similarity"] = color_histogram_similarity(
+        [g[0] for g in generated], [t[0] for t in true_images]
     )
     rows: list[SampleRow] = []
     per_sample: list[dict[str, Any]] = []

@@ -122,6 +122,12 @@ class OnnxPipeline:
         (out,) = self.denoiser.run([OUTPUT_NAME], feed)
         return out
 
+    @property
+    def latent_range(self) -> float | None:
+        """1.0 for pixel-space exports (their x0 predictions are thresholded to [-1, 1], as
+        `FrozenEncoders.latent_range` makes `sample` do), None for VAE latents."""
+        return None if (self.meta.get("decoder") or {}).get("kind") == "vae" else 1.0
+
     def sample_latents(
         self,
         inputs: dict[str, np.ndarray],
@@ -167,7 +173,8 @@ class OnnxPipeline:
 
         d = self.meta["diffusion"]
         scheduler: Any = make_scheduler(
-            GaussianDiffusion(d["num_timesteps"], d["beta_start"], d["beta_end"])
+            GaussianDiffusion(d["num_timesteps"], d["beta_start"], d["beta_end"]),
+            clip_x0=self.latent_range,
         )
         scheduler.set_timesteps(steps)
         channels = shape[-3]

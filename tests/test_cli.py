@@ -1,0 +1,62 @@
+"""The CLI's clear errors at the boundaries: each names the problem, and leaves nothing that
+looks complete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def lumos(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lumos.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_unreadable_source(tmp_path: Path) -> None:
+    out = lumos("ingest", "--source", "/nonexistent/photos", "--dataset", str(tmp_path / "ds"))
+    assert out.returncode == 1
+    assert "/nonexistent/photos" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    out = lumos(
+        "export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "export")
+    )
+    assert out.returncode == 1
+    assert "no checkpoint at" in out.stderr
+    assert not (tmp_path / "export" / "export.json").exists()
+
+
+def test_dataset_without_manifest(tmp_path: Path) -> None:
+    (tmp_path / "half").mkdir()
+    out = lumos("featurize", "--dataset", str(tmp_path / "half"))
+    assert out.returncode == 1
+    assert "manifest.json" in out.stderr
+
+
+def test_corrupt_image_is_rejected_with_its_reason(tmp_path: Path) -> None:
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(src / f"ok-{i}.png")
+    good = (src / "ok-0.png").read_bytes()
+    (src / "broken.png").write_bytes(good[: len(good) // 2])
+    out = lumos("ingest", "--source", str(src), "--dataset", str(tmp_path / "ds"))
+    assert out.returncode == 0, out.stderr
+    import json
+
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    text = json.dumps(manifest)
+    assert "broken" in text or manifest["counts"].get("rejected", 0) == 1
+
+
+def test_invalid_config_fails_before_any_work(tmp_path: Path) -> None:
+    out = lumos("run", "--run-dir", str(tmp_path / "run"), "--set", "ingest.resolution=-5")
+    assert out.returncode == 2
+    assert "ingest.resolution" in out.stderr
+    assert not (tmp_path / "run").exists()
