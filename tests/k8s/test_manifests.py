@@ -4,6 +4,8 @@ The manifests also agree with the code that uses them (names, runtime, secret ke
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +14,11 @@ import pytest
 import yaml
 
 from lumos.k8s.crd_validation import validate_resource, validate_resources
-from lumos.k8s.pipeline_resources import render_pipeline_resources, write_resources
+from lumos.k8s.pipeline_resources import (
+    render_pipeline_resources,
+    retraining_parameters,
+    write_resources,
+)
 from lumos.k8s.resources import S3_SECRET_KEYS, S3_SECRET_OPTIONAL_KEYS
 from lumos.k8s.trainjob import DistributedConfig, render_trainjob
 from lumos.serving.promote import PromoteConfig
@@ -160,5 +166,12 @@ def test_generated_pipeline_manifest_is_current() -> None:
         )
     docs = [d for d in yaml.safe_load_all(checked_in.read_text()) if d]
     version = docs[0]["metadata"]["labels"]["app.kubernetes.io/version"]
-    expected = render_pipeline_resources(COMPILED_PIPELINE, docs[0]["metadata"]["name"], version)
+    expected = render_pipeline_resources(
+        COMPILED_PIPELINE,
+        docs[0]["metadata"]["name"],
+        version,
+        schedule_parameters=retraining_parameters(COMPILED_PIPELINE),
+    )
+    scheduled = json.loads(docs[2]["spec"]["workflow"]["parameters"][0]["value"])
+    assert json.loads(scheduled)["ingest"]["incremental"] is True
     assert docs == expected, "stale: run `python -m lumos.k8s.pipeline_resources`"

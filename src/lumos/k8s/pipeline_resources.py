@@ -150,6 +150,22 @@ def write_resources(resources: list[dict[str, Any]], out: Path) -> None:
     out.write_text(header + yaml.safe_dump_all(resources, sort_keys=False, width=100))
 
 
+def retraining_parameters(compiled_pipeline_yaml: Path, preset: str = "xl") -> dict[str, Any]:
+    """What a scheduled run passes: the preset's config with incremental ingest, so a retraining
+    processes only the objects new since the last manifest. Empty for a pipeline that takes no
+    `config_json` (a test pipeline)."""
+    from lumos.config import load_config
+
+    if not compiled_pipeline_yaml.is_file():
+        return {}  # render_pipeline_resources reports the missing file
+    spec = next(d for d in yaml.safe_load_all(compiled_pipeline_yaml.read_text()) if d)
+    declared = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    if "config_json" not in declared:
+        return {}
+    cfg = load_config(preset=preset, overrides=["ingest.incremental=true"])
+    return {"config_json": cfg.model_dump_json()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compiled", type=Path, default=DEFAULT_COMPILED)
@@ -158,10 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", default=metadata.version("lumos"), help="the project's")
     parser.add_argument("--namespace", default="lumos")
     parser.add_argument("--cron", default=DEFAULT_CRON, help="6 fields, seconds first")
+    parser.add_argument("--retrain-preset", default="xl", help="config of the scheduled runs")
     args = parser.parse_args(argv)
     try:
         resources = render_pipeline_resources(
-            args.compiled, args.name, args.version, namespace=args.namespace, cron=args.cron
+            args.compiled,
+            args.name,
+            args.version,
+            namespace=args.namespace,
+            cron=args.cron,
+            schedule_parameters=retraining_parameters(args.compiled, args.retrain_preset),
         )
     except PipelineResourceError as err:
         raise SystemExit(f"error: {err}") from None
