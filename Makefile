@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint compile bench-cpu clean
+.PHONY: setup system-deps run test lint compile clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,7 @@ test: setup system-deps
 lint: setup
 	$(BIN)/ruff format --check src components pipelines tests bench
 	$(BIN)/ruff check src components pipelines tests bench
+	$(BIN)/mypy
 
 compile: setup
 	$(BIN)/python -m pipelines.lumos_pipeline

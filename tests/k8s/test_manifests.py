@@ -5,7 +5,6 @@ The manifests also agree with the code that uses them (names, runtime, secret ke
 from __future__ import annotations
 
 import json
-
 import shutil
 import subprocess
 from pathlib import Path

@@ -92,7 +92,9 @@ def color_histogram_similarity(
         counts = np.zeros(levels**3, dtype=np.float64)
         for image in images:
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"expected uint8 (H, W, 3) images, got {image.dtype} {image.shape}")
+                raise ValueError(
+                    f"expected uint8 (H, W, 3) images, got {image.dtype} {image.shape}"
+                )
             q = (image.astype(np.int64) * levels) // 256  # (H, W, 3) in [0, levels)
             bins = (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]  # (H, W)
             counts += np.bincount(bins.ravel(), minlength=levels**3)

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import BaseModel
 
@@ -121,7 +121,7 @@ class _StepLog(io.TextIOBase):
         self._file.write(text)
         self._file.flush()
         if self._echo_all:
-            sys.__stdout__.write(text)
+            _console().write(text)
             return len(text)
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
@@ -131,9 +131,14 @@ class _StepLog(io.TextIOBase):
             ):
                 continue
             clean = _ANSI.sub("", line.split(" - ", 2)[-1]).strip()
-            sys.__stdout__.write(f"  [{time.monotonic() - self._t0:6.1f}s] {clean}\n")
-            sys.__stdout__.flush()
+            _console().write(f"  [{time.monotonic() - self._t0:6.1f}s] {clean}\n")
+            _console().flush()
         return len(text)
+
+
+def _console() -> TextIO:
+    """The terminal, even while stdout is redirected into the step log."""
+    return sys.__stdout__ or sys.stderr
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

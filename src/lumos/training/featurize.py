@@ -154,7 +154,9 @@ def iter_shard_samples(dataset: Storage, name: str) -> Iterator[tuple[dict[str, 
 def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str) -> dict[str, Any]:
     """Encode a shard batch by batch as it streams in: a 1 GB shard decodes to several GB."""
     records: list[dict[str, Any]] = []
-    latents, embeds, pending = [], [], []
+    latents: list[torch.Tensor] = []
+    embeds: list[torch.Tensor] = []
+    pending: list[Any] = []
     image_size = None
 
     def encode_pending() -> None:
@@ -227,7 +229,7 @@ def write_feature_part(
     )
     paired = 0 if text_rows is None else len(text_rows)
     if paired:
-        assert text_embeds is not None and text_mask is not None
+        assert text_rows is not None and text_embeds is not None and text_mask is not None
         assert text_embeds.shape[0] == text_mask.shape[0] == paired, "one text row per paired row"
         features.write_bytes(
             f"{name}.text.safetensors",
@@ -294,7 +296,9 @@ def write_features_spec(
     dataset_uri: str,
 ) -> dict[str, Any]:
     """`features.json`, written last: a reader that finds it finds every part complete."""
-    image_h, latent_h = shapes["image"][0], shapes["latents"][-2]
+    image_shape, latent_shape = shapes["image"], shapes["latents"]
+    assert image_shape and latent_shape, "features.json needs the image and latent shapes"
+    image_h, latent_h = image_shape[0], latent_shape[-2]
     spec = {
         "format": FEATURES_FORMAT,
         "dataset_uri": dataset_uri,

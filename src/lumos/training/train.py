@@ -383,7 +383,8 @@ def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[s
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model (DiT), as one multi-tensor op: a per-parameter
     loop costs hundreds of small kernel launches per step at XL size."""
-    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    ema_params: list[torch.Tensor] = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
     assert len(ema_params) == len(params), "the EMA copy and the model differ in parameters"
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
@@ -417,7 +418,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
