@@ -3,50 +3,24 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from local_servers import local_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def s3_endpoint() -> str:
+def s3_endpoint() -> Iterator[str]:
     """Start `moto_server` as a separate process for the whole session; yield its endpoint URL."""
-    port = _free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError as err:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}") from err
-            time.sleep(0.2)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+    exe = str(Path(sys.executable).with_name("moto_server"))
+    with local_server(lambda port: [exe, "-H", "127.0.0.1", "-p", str(port)]) as url:
+        yield url
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kserve.errors import InvalidInput
+from local_servers import free_port
 from PIL import Image
 
 from lumos.encoders import FrozenEncoders
@@ -30,12 +30,6 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "export"))
 from tiny_checkpoints import make_checkpoint  # noqa: E402
 
 MODEL = "lumos"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(b64: str) -> np.ndarray:
@@ -58,7 +52,7 @@ def t2i_export(tmp_path_factory: pytest.TempPathFactory):
 def server(t2i_export):
     """`python -m lumos.serving.server` on a free 127.0.0.1 port; yields its base URL."""
     export_dir, _ = t2i_export
-    port = _free_port()
+    port = free_port()
     # A file, not a pipe nobody reads: a full pipe would block the server's logging.
     log_path = Path(export_dir).parent / "server.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed at teardown)
@@ -74,7 +68,7 @@ def server(t2i_export):
             "--http_port",
             str(port),
             "--grpc_port",
-            str(_free_port()),
+            str(free_port()),
             "--enable_grpc",
             "false",
         ],

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 import urllib.request
 
 import pytest
+from local_servers import free_port, local_server
 
 from lumos.training.monitoring import TrainingMetrics
 from lumos.training.train import train
 
 PUSHGATEWAY = shutil.which("prometheus-pushgateway")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
@@ -28,26 +20,9 @@ def pushgateway_url():
         pytest.skip(
             "prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway)"
         )
-    port = _free_port()
-    proc = subprocess.Popen(
-        [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
-            break
-        except OSError as err:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"prometheus-pushgateway did not start on {url}") from err
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    command = [PUSHGATEWAY, "--web.listen-address=127.0.0.1:{port}"]
+    with local_server(lambda port: [c.format(port=port) for c in command], "/-/ready") as url:
+        yield url
 
 
 def _gauges(url: str) -> dict[str, tuple[str, float]]:
@@ -77,7 +52,7 @@ def test_training_pushes_its_metrics(pushgateway_url, images_features, tmp_path,
 
 def test_an_unreachable_gateway_is_a_warning_not_an_error():
     metrics = TrainingMetrics(
-        run="r", head="i2i", pushgateway_url=f"http://127.0.0.1:{_free_port()}"
+        run="r", head="i2i", pushgateway_url=f"http://127.0.0.1:{free_port()}"
     )
     metrics.update(step=1, loss=0.5, images_per_second=10.0)
     with pytest.warns(RuntimeWarning, match="could not push training metrics"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 
 import torch
+from local_servers import free_port
 
 from lumos.storage import Storage
 from lumos.training.checkpoint import read_checkpoint_meta
@@ -27,12 +27,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp_path, cfg: dict, dataset: str, out: str) -> dict:
     script = tmp_path / "run_train.py"
     script.write_text(SCRIPT)
@@ -44,7 +38,7 @@ def launch(tmp_path, cfg: dict, dataset: str, out: str) -> dict:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(script),
         json.dumps(cfg),
         dataset,
