@@ -10,13 +10,18 @@ checkpoint. Heads differ only by their model config and how a batch becomes mode
 
 Single process, or several under `accelerate launch --multi_gpu` (DDP): `batch_size` is per
 process and per micro-step, so one optimizer step sees batch_size x grad_accum x processes items.
+With `distributed="fsdp"` (same launch) the processes shard the model, its gradients, the
+optimizer state and the EMA instead of each holding a copy (FSDP2 `fully_shard`, one unit per
+block): for sizes whose replicas do not fit. Checkpoints are the same full, unsharded files
+either way (gathered on the main process when saving), so evaluation and export never see FSDP.
 A run whose `out_uri` already holds a checkpoint resumes from it: model, EMA, optimizer, LR
 schedule (a function of the step), RNG states of every process and the data position, so the
 resumed run continues the uninterrupted run's loss curve exactly.
 
-FSDP is refused with a clear error for now: the EMA and the checkpoints here need unsharded
-parameters, and DDP suffices up to XL/2 (822M parameters: 33.5 GiB peak at batch 64 in bf16,
-measured on an H200).
+DDP suffices up to XL/2 (822M parameters: 33.5 GiB peak at batch 64 in bf16, measured on an
+H200). FSDP is wired with torch's `fully_shard` directly, not accelerate's FSDP plugin: accelerate
+1.15 silently falls back to DDP for CPU processes, so its plugin path could not be tested on CPUs,
+whereas this one runs the same code on gloo (tests) and NCCL.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
 
 from lumos.diffusion.gaussian import GaussianDiffusion
@@ -67,6 +81,8 @@ logger = logging.getLogger(__name__)
 Head = Literal["i2i", "t2i", "novel_view", "video"]
 # One process, or DDP on GPUs (NCCL) or CPUs (gloo: how the tests check the multi-process path).
 DATA_PARALLEL = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+# Full (unsharded) state dicts of FSDP modules, gathered onto the main process's CPU memory.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 # Settings that may change between an interrupted run and its resumption; any other difference
 # means out_uri holds another run's checkpoints, and resuming from them would be wrong.
@@ -116,6 +132,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     pushgateway_url: str | None = None  # e.g. http://prometheus-pushgateway:9091
     progress_bar: bool = True
+    # "ddp": every process holds the whole model (replicas); "fsdp": the processes shard model,
+    # gradients, optimizer state and EMA (ZeRO-3), for sizes whose replicas do not fit.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _frames_match_head(self) -> TrainConfig:
@@ -165,8 +184,14 @@ def train(
         )
     if accelerator.distributed_type not in DATA_PARALLEL:
         raise NotImplementedError(
-            f"distributed type {accelerator.distributed_type} is not supported yet: the EMA and "
-            "the checkpoints need unsharded parameters (one process, or DDP: --multi_gpu)"
+            f"distributed type {accelerator.distributed_type} is not supported: launch one "
+            "process or several with --multi_gpu, and set TrainConfig(distributed='fsdp') to "
+            "shard the model (accelerate's own FSDP launch, --use_fsdp, is not used here)"
+        )
+    if cfg.distributed == "fsdp" and world == 1:
+        raise ValueError(
+            "distributed='fsdp' shards the model across processes, but this run has one: "
+            "launch several (accelerate launch --multi_gpu) or use distributed='ddp'"
         )
     resume_uri = latest_checkpoint(out_uri)
     resume_meta = read_checkpoint_meta(resume_uri) if resume_uri else None
@@ -212,8 +237,15 @@ def train(
     # The EMA starts as a copy of the initial (or transferred) weights, as in DiT.
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     num_parameters = sum(p.numel() for p in model.parameters())
+    if cfg.distributed == "fsdp":
+        # Every process starts from the same full model (same seed) and keeps its 1/world shard.
+        # The EMA is sharded alike, so its update stays an elementwise op on the local shards.
+        mesh = init_device_mesh(device.type, (world,))
+        _shard(model, mesh, cfg.mixed_precision)
+        _shard(ema, mesh, cfg.mixed_precision)
 
     # --- optimizer ----------------------------------------------------------------------------
+    # Built after sharding: under FSDP its state covers only this process's shards.
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
@@ -231,7 +263,13 @@ def train(
         step = _load_training_state(resume_meta["uri"], model, ema, optimizer, sampler, rank)
         logger.info("resumed from %s at step %d", resume_meta["uri"], step)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.distributed == "fsdp":
+        # Already sharded: accelerate adds autocast and gradient accumulation but must not wrap
+        # it in DDP, which `evaluation_mode` skips (it does not switch the model to eval).
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     train_model = torch.compile(model) if cfg.compile else model
     diffusion = GaussianDiffusion()  # DDPM, linear betas 1e-4..0.02, 1000 steps, learned sigma
 
@@ -252,16 +290,24 @@ def train(
         ckpt = Storage.from_uri(out_uri).child(checkpoint_dirname(step))
         # Every process saves its own RNG state; the main process writes the rest, meta last.
         ckpt.write_bytes(f"training_state/rng-rank-{rank:05d}.pt", _to_bytes(_rng_state()))
+        raw, ema_weights = accelerator.unwrap_model(model), ema
+        if cfg.distributed == "fsdp":
+            # Gathering the shards is collective (every process calls it); the main process
+            # receives full weights and optimizer state, the same files DDP writes.
+            optimizer_state = get_optimizer_state_dict(raw, optimizer.optimizer, options=FULL_STATE)
+            raw, ema_weights = _gather(raw, model_cfg), _gather(ema, model_cfg)
+        else:
+            optimizer_state = optimizer.state_dict()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # The LR schedule is a function of the step: the step is its whole state.
             position = {"step": step, "data": sampler.state_dict(), "world_size": world}
             state = {
-                "optimizer.pt": _to_bytes(optimizer.state_dict()),
+                "optimizer.pt": _to_bytes(optimizer_state),
                 "state.json": json.dumps(position, indent=2).encode(),
             }
-            raw = accelerator.unwrap_model(model)
-            save_checkpoint(ckpt.uri, raw, ema, {**meta, "step": step, "loss": loss}, state)
+            assert raw is not None and ema_weights is not None, "gathered on the main process"
+            save_checkpoint(ckpt.uri, raw, ema_weights, {**meta, "step": step, "loss": loss}, state)
             prune_checkpoints(out_uri, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
         return ckpt.uri
@@ -389,7 +435,32 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-# --- helpers: accelerator, RNG, resume ------------------------------------------------------------
+# --- helpers: accelerator, FSDP, RNG, resume ------------------------------------------------------
+
+
+def _shard(model: LumosDiT, mesh: Any, mixed_precision: str) -> None:
+    """FSDP2 in place: one unit per block (gathered only while it computes), then the rest."""
+    # bf16 all-gathers halve the traffic; the sharded master weights and the gradient
+    # reduction stay fp32, and accelerate's autocast still picks each op's precision.
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
+        reduce_dtype=torch.float32,
+    )
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _gather(model: LumosDiT, config: dict[str, Any]) -> LumosDiT | None:
+    """The full weights of an FSDP-sharded model as a plain LumosDiT on the main process (None
+    on the others). Collective: every process must call it."""
+    weights = get_model_state_dict(model, options=FULL_STATE)  # empty except on the main process
+    if not weights:
+        return None
+    with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
+        full = LumosDiT(**config)
+    full.load_state_dict(weights, strict=True, assign=True)
+    return full
 
 
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -456,7 +527,10 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 def _check_resumable(cfg: TrainConfig, meta: dict[str, Any]) -> None:
     saved = meta.get("train_config") or {}
     now = cfg.model_dump(mode="json")
-    differs = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
+    # A field added after the checkpoint was written counts as its default (the old behaviour).
+    fields = TrainConfig.model_fields
+    saved = {k: saved.get(k, fields[k].get_default(call_default_factory=True)) for k in now}
+    differs = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
     if differs:
         raise ValueError(
             f"{meta['uri']} holds a checkpoint of another run: its {differs} differ from this "
@@ -478,9 +552,21 @@ def _load_training_state(
     with local_copy(checkpoint_uri, ["transformer", "transformer_ema"]) as root:
         for target, sub in ((model, "transformer"), (ema, "transformer_ema")):
             weights = load_file(str(root / sub / "diffusion_pytorch_model.safetensors"))
-            target.load_state_dict(weights, strict=True)
+            if isinstance(target, FSDPModule):  # every process keeps its shard of the full file
+                set_model_state_dict(
+                    target, weights, options=StateDictOptions(full_state_dict=True)
+                )
+            else:
+                target.load_state_dict(weights, strict=True)
     state = store.read_json("training_state/state.json")
-    optimizer.load_state_dict(_from_bytes(store.read_bytes("training_state/optimizer.pt")))
+    optimizer_state = _from_bytes(store.read_bytes("training_state/optimizer.pt"))
+    if isinstance(model, FSDPModule):  # saved full (by parameter name) by get_optimizer_state_dict
+        # Not strict: a parameter that never had a gradient (the cross-attention's query with one
+        # image token) has no Adam state, as in a plain optimizer's state dict.
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     sampler.load_state_dict(state["data"])
     rng_key = f"training_state/rng-rank-{rank:05d}.pt"
     if not store.exists(rng_key):

@@ -1,0 +1,128 @@
+"""Two processes sharding the model (FSDP over gloo on CPUs): full checkpoints, resumed exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lumos.training.checkpoint import load_checkpoint, read_checkpoint_meta
+from lumos.training.train import TrainConfig, train
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from lumos.training.train import TrainConfig, train
+
+    result = train(TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])
+    if os.environ["RANK"] == "0":
+        print("RESULT " + result.model_dump_json())
+    """
+)
+
+CONFIG = dict(
+    model_size="tiny",
+    # depth 2: two FSDP units plus the root, so the gather spans several units.
+    model_overrides={"depth": 2, "hidden_size": 32, "num_heads": 2},
+    steps=4,
+    batch_size=2,
+    warmup_steps=2,
+    mixed_precision="no",
+    compile=False,
+    log_every=1,
+    progress_bar=False,
+    lr=1e-3,
+    ema_decay=0.5,  # an EMA that visibly differs from the raw weights after 4 steps
+    distributed="fsdp",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, cfg: dict, dataset: str, out: str) -> dict:
+    script = tmp_path / "run_train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        json.dumps(cfg),
+        dataset,
+        out,
+    ]
+    # A session of its own, so that a run past its time limit takes its workers down with it.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_fsdp_trains_like_ddp_saves_full_checkpoints_and_resumes_exactly(images_features, tmp_path):
+    full = launch(tmp_path, CONFIG, images_features, str(tmp_path / "full"))
+    assert full["global_batch"] == 4 and full["step"] == 4
+
+    # Sharding changes where the parameters live, not the maths: DDP on the same data and seeds
+    # follows the same loss curve and ends at the same raw and EMA weights.
+    ddp = launch(tmp_path, {**CONFIG, "distributed": "ddp"}, images_features, str(tmp_path / "ddp"))
+    torch.testing.assert_close(
+        torch.tensor([loss for _, loss in full["losses"]], dtype=torch.float64),
+        torch.tensor([loss for _, loss in ddp["losses"]], dtype=torch.float64),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+    # The checkpoint is a normal full one: one process loads it without any process group.
+    loaded = load_checkpoint(full["checkpoint_uri"])
+    reference = load_checkpoint(ddp["checkpoint_uri"])
+    assert loaded.model is not None and reference.model is not None
+    assert loaded.meta["train_config"]["distributed"] == "fsdp"
+    assert sum(p.numel() for p in loaded.model.parameters()) == full["num_parameters"]
+    for got, want in ((loaded.model, reference.model), (loaded.ema_model, reference.ema_model)):
+        torch.testing.assert_close(got.state_dict(), want.state_dict(), rtol=1e-4, atol=1e-6)
+    raw, ema = loaded.model.state_dict(), loaded.ema_model.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw), "the EMA is not the raw model"
+
+    out = str(tmp_path / "interrupted")
+    first = launch(tmp_path, {**CONFIG, "steps": 2}, images_features, out)
+    second = launch(tmp_path, CONFIG, images_features, out)
+    assert second["resumed_from"] == first["checkpoint_uri"]
+    resumed = torch.tensor(
+        [loss for _, loss in first["losses"] + second["losses"]], dtype=torch.float64
+    )
+    expected = torch.tensor([loss for _, loss in full["losses"]], dtype=torch.float64)
+    torch.testing.assert_close(resumed, expected, rtol=1e-6, atol=1e-9)
+    assert read_checkpoint_meta(out)["step"] == 4
+    torch.testing.assert_close(
+        load_checkpoint(out).ema_model.state_dict(), loaded.ema_model.state_dict()
+    )
+
+
+def test_fsdp_needs_several_processes(images_features, tmp_path):
+    with pytest.raises(ValueError, match="launch several"):
+        train(TrainConfig(**{**CONFIG, "steps": 1}), images_features, str(tmp_path / "out"))
