@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -167,7 +166,7 @@ def train_step(
         cli_args += ["--init", init_uri]
     dist = cfg.cluster.distributed
     if head == "i2i" and dist is not None and dist.num_nodes * dist.gpus_per_node > 1:
-        result = _train_as_trainjob(cfg, config_json, head, cli_args)
+        result = _train_as_trainjob(cfg, config_json, head, cli_args, out_uri)
     elif _local_gpu_count() > 1:
         result = _train_with_accelerate(config_json, head, cli_args, out_uri)
     else:
@@ -199,25 +198,26 @@ def _train_with_accelerate(config_json: str, head: str, cli_args: list[str], out
     return read_checkpoint_meta(out_uri)
 
 
-def _train_as_trainjob(cfg: PipelineConfig, config_json: str, head: str, cli_args: list[str]):
+def _train_as_trainjob(
+    cfg: PipelineConfig, config_json: str, head: str, cli_args: list[str], out_uri: str
+) -> dict[str, Any]:
+    """Run the same `lumos` command on N nodes x M GPUs as a Kubeflow Trainer TrainJob (the
+    torch-distributed runtime starts it under torchrun), wait for it, and read its checkpoint."""
     from lumos.k8s.trainjob import launch_and_wait, render_trainjob
-
-    assert cfg.cluster.distributed is not None
-    command = ["lumos", *_stage_command(head, cli_args), "--config-json", config_json]
-    dist = cfg.cluster.distributed
-    run_id = os.environ.get("KFP_RUN_ID", "run")[:8]
-    name = f"{cfg.name}-{head.replace('_', '-')}-{run_id}".lower()
-    job = render_trainjob(dist, command, name)
-    print("launching TrainJob:", name, shlex.join(command[:4]), "...", flush=True)
-    outcome = launch_and_wait(job, timeout_s=dist.timeout_s, poll_s=dist.poll_s)
-    out_uri = cli_args[cli_args.index("--out") + 1]
     from lumos.training.checkpoint import read_checkpoint_meta
 
-    meta = read_checkpoint_meta(out_uri)
+    dist = cfg.cluster.distributed
+    assert dist is not None, "a TrainJob needs cluster.distributed"
+    command = ["lumos", *_stage_command(head, cli_args), "--config-json", config_json]
+    # The run root ends with the KFP run id: one TrainJob per run and head.
+    run_id = out_uri.rstrip("/").split("/")[-3][-8:]
+    name = f"{cfg.name}-{head.replace('_', '-')}-{run_id}".lower()
+    job = render_trainjob(dist, command, name)
+    print(f"launching TrainJob {name}: {dist.num_nodes} x {dist.gpus_per_node} GPUs", flush=True)
+    outcome = launch_and_wait(job, timeout_s=dist.timeout_s, poll_s=dist.poll_s)
     return {
         "trainjob": outcome.model_dump(mode="json"),
-        "checkpoint": meta,
-        "uri": join_uri(out_uri),
+        "checkpoint": read_checkpoint_meta(out_uri),
     }
 
 
