@@ -165,6 +165,7 @@ def train_step(
     if init_uri:
         cli_args += ["--init", init_uri]
     dist = cfg.cluster.distributed
+    result: BaseModel | dict[str, Any]
     if head == "i2i" and dist is not None and dist.num_nodes * dist.gpus_per_node > 1:
         result = _train_as_trainjob(cfg, config_json, head, cli_args, out_uri)
     elif _local_gpu_count() > 1:
