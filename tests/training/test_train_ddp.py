@@ -2,62 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-
 import torch
-from local_servers import free_port
+from two_processes import launch
 
 from lumos.storage import Storage
 from lumos.training.checkpoint import read_checkpoint_meta
-
-SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    from lumos.training.train import TrainConfig, train
-
-    result = train(TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])
-    if os.environ["RANK"] == "0":
-        print("RESULT " + result.model_dump_json())
-    """
-)
-
-
-def launch(tmp_path, cfg: dict, dataset: str, out: str) -> dict:
-    script = tmp_path / "run_train.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(script),
-        json.dumps(cfg),
-        dataset,
-        out,
-    ]
-    # A session of its own, so that a run past its time limit takes its workers down with it.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
-    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
 
 
 def test_two_processes_train_and_resume_exactly(images_features, tmp_path):

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from two_processes import launch
 
 from lumos.training.checkpoint import load_checkpoint, read_checkpoint_meta
 from lumos.training.train import TrainConfig, train
-
-SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    from lumos.training.train import TrainConfig, train
-
-    result = train(TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])
-    if os.environ["RANK"] == "0":
-        print("RESULT " + result.model_dump_json())
-    """
-)
 
 CONFIG = dict(
     model_size="tiny",
@@ -42,45 +24,6 @@ CONFIG = dict(
     ema_decay=0.5,  # an EMA that visibly differs from the raw weights after 4 steps
     distributed="fsdp",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(tmp_path, cfg: dict, dataset: str, out: str) -> dict:
-    script = tmp_path / "run_train.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(script),
-        json.dumps(cfg),
-        dataset,
-        out,
-    ]
-    # A session of its own, so that a run past its time limit takes its workers down with it.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
-    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
 
 
 def test_fsdp_trains_like_ddp_saves_full_checkpoints_and_resumes_exactly(images_features, tmp_path):
