@@ -190,6 +190,13 @@ class IngestResult(BaseModel):
         return self.previously_seen + self.sidecars + self.ingested + self.duplicate + self.rejected
 
 
+# The per-run counts a manifest (or a staged partition) records, as IngestResult names them.
+RUN_COUNTS = (
+    "listed", "previously_seen", "sidecars", "ingested", "duplicate", "rejected",
+    "duplicate_by_kind", "rejected_by_reason", "paired",
+)  # fmt: skip
+
+
 def result_from_manifest(store: Storage, manifest: dict, *, up_to_date: bool) -> IngestResult:
     run = manifest["runs"][-1]
     c = run["counts"]
@@ -199,15 +206,7 @@ def result_from_manifest(store: Storage, manifest: dict, *, up_to_date: bool) ->
         report_uri=store.key_uri(run["report"]),
         run_id=run["run_id"],
         up_to_date=up_to_date,
-        listed=c["listed"],
-        previously_seen=c["previously_seen"],
-        sidecars=c["sidecars"],
-        ingested=c["ingested"],
-        duplicate=c["duplicate"],
-        rejected=c["rejected"],
-        duplicate_by_kind=c["duplicate_by_kind"],
-        rejected_by_reason=c["rejected_by_reason"],
-        paired=c["paired"],
+        **{name: c[name] for name in RUN_COUNTS},
         new_shards=len(run["shards"]),
         num_shards=len(manifest["shards"]),
         num_samples=manifest["num_samples"],
@@ -408,15 +407,7 @@ def ingest_partition(
         manifest_uri=staging.key_uri(PARTITION_DONE),
         report_uri=staging.key_uri("report.jsonl"),
         run_id=run_id,
-        listed=c["listed"],
-        previously_seen=c["previously_seen"],
-        sidecars=c["sidecars"],
-        ingested=c["ingested"],
-        duplicate=c["duplicate"],
-        rejected=c["rejected"],
-        duplicate_by_kind=c["duplicate_by_kind"],
-        rejected_by_reason=c["rejected_by_reason"],
-        paired=c["paired"],
+        **{name: c[name] for name in RUN_COUNTS},
         new_shards=len(run.shards),
         num_shards=len(run.shards),
         num_samples=c["ingested"],
