@@ -25,6 +25,7 @@ from components.ingest_plan.component import ingest_plan
 from components.pretrain.component import pretrain
 from components.promote.component import promote
 from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
+from lumos.pipeline.layout import HEAD_DATASET
 
 COMPILED_PATH = Path(__file__).with_name("lumos_pipeline.yaml")
 COMPILED_PRESET = "xl"
@@ -122,9 +123,8 @@ def build_pipeline(cfg: PipelineConfig):
         i2i = gpu(
             pretrain(config_json=config_json, run_root=run_root, features=features["images"].output)
         )
-        head_data = {"t2i": "images", "novel_view": "views", "video": "clips"}
         for head in FINETUNE_HEADS:
-            feats = features[head_data[head]].output
+            feats = features[HEAD_DATASET[head]].output
             tuned = gpu(
                 finetune(
                     config_json=config_json,

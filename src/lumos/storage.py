@@ -246,29 +246,24 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot delete {path}: {err}") from err
 
     def upload_file(self, local_path: str | Path, key: str) -> None:
-        path = self._path(key)
-        tmp = self._tmp_path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot upload {local_path} to {path}: {err}") from err
+        self._copy_atomically(Path(local_path), self._path(key), "upload")
 
     def download_file(self, key: str, local_path: str | Path) -> None:
         path = self._path(key)
         if not path.is_file():
             raise ObjectNotFound(f"no object at {path}")
-        local_path = Path(local_path)
-        tmp = self._tmp_path(local_path)
+        self._copy_atomically(path, Path(local_path), "download")
+
+    def _copy_atomically(self, src: Path, dst: Path, what: str) -> None:
+        """Copy to a temporary name beside `dst`, then rename: no reader sees half a file."""
+        tmp = self._tmp_path(dst)
         try:
-            local_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, local_path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot download {path} to {local_path}: {err}") from err
+            raise StorageError(f"cannot {what} {src} to {dst}: {err}") from err
 
 
 def s3_client_from_env():  # -> minio.Minio

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DATASETS = ("images", "views", "clips")
 HEAD_DATASET = {"i2i": "images", "t2i": "images", "novel_view": "views", "video": "clips"}
 
 

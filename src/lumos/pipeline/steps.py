@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from lumos.config import PipelineConfig, validate_config
-from lumos.pipeline.layout import HEAD_DATASET, RunLayout, join_uri
+from lumos.pipeline.layout import RunLayout, join_uri
 
 
 class KfpArtifact(Protocol):
@@ -291,7 +291,6 @@ def promote_step(
 
 
 __all__ = [
-    "HEAD_DATASET",
     "default_sources",
     "describe",
     "described_uri",
