@@ -10,8 +10,9 @@ output channel gets a gradient), backward, AdamW (fused on CUDA), zero_grad. Dat
 frozen encoders are excluded (features are cached in this project).
 
 Variants are a base (`ref` | `lumos`) with modifiers joined by `-` or `+`:
-  bf16w        bf16 weights and activations, fp32 master weights in the optimizer (else: fp32
-               weights under bf16 autocast, as the reference)
+  bf16w        bf16 weights and activations, fp32 master weights in the optimizer: the library's
+               MasterWeightAdamW, as the training loop's mixed_precision "bf16-weights" (else:
+               fp32 weights under bf16 autocast, as the reference and the loop's "bf16")
   eager        no torch.compile
   maxautotune  torch.compile(mode="max-autotune-no-cudagraphs") (compiles for several minutes)
   cudagraphs   torch.compile(mode="max-autotune") (with CUDA graphs)
@@ -27,8 +28,8 @@ use the *reference layout's* FLOPs for every variant (model FLOPs, so a variant 
 work is credited with speed, not with FLOPs); the executed FLOPs are reported beside them. MFU is
 against the bf16 matmul ceiling measured in the same run (8192^3, median of 10).
 
-Imports only torch, diffusers and lumos/models/lumos_dit.py (loaded by path when the project is
-not installed), so it runs on a GPU image without the project's other dependencies.
+Imports only torch, diffusers, lumos/models/lumos_dit.py and lumos/training/optim.py (loaded by
+path from the checkout), so it runs on a GPU image without the project's other dependencies.
 Writes JSON to $OUT/train_throughput.json, else bench/results/train_throughput.json.
 """
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import importlib.util
 import json
 import math
@@ -55,22 +57,23 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_lumos_dit():
-    """lumos/models/lumos_dit.py by path: the package __init__s pull in pydantic, this does not."""
-    path = REPO / "src" / "lumos" / "models" / "lumos_dit.py"
+def load_lumos_file(name: str):
+    """lumos/<name>.py by path (name like "models.lumos_dit"): the package __init__s pull in
+    pydantic, these files do not. Falls back to the installed package outside a checkout."""
+    path = REPO / "src" / "lumos" / (name.replace(".", "/") + ".py")
     if not path.exists():
-        import lumos.models.lumos_dit as module
-
-        return module
-    spec = importlib.util.spec_from_file_location("lumos_dit_bench", path)
+        return importlib.import_module(f"lumos.{name}")
+    spec = importlib.util.spec_from_file_location(f"{name.replace('.', '_')}_bench", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
+# The training loop's optimizer for bf16 weights: the benchmark measures the library's code.
+MasterWeightAdamW = load_lumos_file("training.optim").MasterWeightAdamW
 try:
-    lumos_dit_module = load_lumos_dit()
+    lumos_dit_module = load_lumos_file("models.lumos_dit")
 except ImportError as err:  # the GPU image has torch but not diffusers: carry its wheels
     raise SystemExit(
         f"train_throughput needs diffusers for LumosDiT ({err}); install the diffusers wheel and "
@@ -232,34 +235,6 @@ def check_same_function(size: str = "tiny", seed: int = 0) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer with fp32 master weights for bf16 models
-# ----------------------------------------------------------------------------------------------
-class MasterWeightAdamW:
-    """AdamW on fp32 copies of bf16 parameters: bf16 compute, fp32 updates (no drift)."""
-
-    def __init__(self, params, **kwargs):
-        self.params = [p for p in params if p.requires_grad]
-        self.master = [p.detach().float().clone() for p in self.params]
-        for m in self.master:
-            m.grad = torch.zeros_like(m)
-        self.opt = torch.optim.AdamW(self.master, **kwargs)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        # Parameters without a gradient (the one-token cross-attention never uses its query
-        # projection) get a zero gradient, as they would through a real one-key attention.
-        pairs = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True)]
-        with_grad = [(mg, pg) for mg, pg in pairs if pg is not None]
-        torch._foreach_copy_([mg for mg, _ in with_grad], [pg for _, pg in with_grad])
-        self.opt.step()
-        torch._foreach_copy_(self.params, self.master)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-
-# ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
 MODIFIERS = {"regional", "bf16w", "eager", "maxautotune", "cudagraphs", "cdt", "cudnn", "flash"}
@@ -314,6 +289,7 @@ class Step:
         adamw["fused" if device.type == "cuda" else "foreach"] = True
         if self.bf16_weights:
             self.model.to(torch.bfloat16)
+            # No clipping, as in the fp32-weight variants (the loop passes max_grad_norm).
             self.opt = MasterWeightAdamW(self.model.parameters(), **adamw)
         else:
             self.opt = torch.optim.AdamW(self.model.parameters(), **adamw)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from pydantic import ValidationError
+from torch.nn.modules.module import register_module_forward_pre_hook
 
+from lumos.models.lumos_dit import LumosDiT
+from lumos.storage import Storage
 from lumos.training.checkpoint import (
     CheckpointNotFound,
     latest_checkpoint,
@@ -169,3 +175,85 @@ def test_bf16_autocast_after_a_full_precision_run_in_the_same_process(
     assert (
         next(load_checkpoint(result.checkpoint_uri).ema_model.parameters()).dtype == torch.float32
     )
+
+
+def test_bf16_weights_train_bf16_parameters_on_fp32_masters(images_features, tmp_path, tiny_config):
+    seen: set[torch.dtype] = set()
+
+    def record_dtypes(module: torch.nn.Module, args: object) -> None:
+        if isinstance(module, LumosDiT):
+            seen.update(p.dtype for p in module.parameters())
+
+    hook = register_module_forward_pre_hook(record_dtypes)
+    try:
+        result = train(
+            tiny_config(steps=3, mixed_precision="bf16-weights"), images_features, str(tmp_path)
+        )
+    finally:
+        hook.remove()
+
+    assert seen == {torch.bfloat16}, "the model computes with bf16 parameters"
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    state = Storage.from_uri(result.checkpoint_uri).read_bytes("training_state/optimizer.pt")
+    masters = torch.load(io.BytesIO(state), weights_only=False)["master_weights"]
+    assert len(masters) == len(list(load_checkpoint(result.checkpoint_uri).model.parameters()))
+    assert all(m.dtype == torch.float32 for m in masters)
+    # bf16 compute follows the fp32 run closely (the zero-initialised output makes step 1 equal).
+    fp32 = train(tiny_config(steps=3), images_features, str(tmp_path / "fp32"))
+    torch.testing.assert_close(
+        torch.tensor([loss for _, loss in result.losses]),
+        torch.tensor([loss for _, loss in fp32.losses]),
+        rtol=1e-2,
+        atol=0,
+    )
+
+
+def test_bf16_weights_resume_reproduces_the_uninterrupted_loss_curve(
+    images_features, tmp_path, tiny_config
+):
+    # A small grad_clip, so that clipping (of the fp32 gradient copies) takes part.
+    cfg = tiny_config(
+        steps=6, grad_accum=2, checkpoint_every=3, mixed_precision="bf16-weights", grad_clip=0.05
+    )
+    full = train(cfg, images_features, str(tmp_path / "full"))
+
+    interrupted = str(tmp_path / "interrupted")
+    first = train(cfg.model_copy(update={"steps": 3}), images_features, interrupted)
+    second = train(cfg, images_features, interrupted)
+
+    assert second.resumed_from == first.checkpoint_uri
+    curve = torch.tensor([loss for _, loss in first.losses + second.losses], dtype=torch.float64)
+    expected = torch.tensor([loss for _, loss in full.losses], dtype=torch.float64)
+    assert [s for s, _ in first.losses + second.losses] == [s for s, _ in full.losses]
+    torch.testing.assert_close(curve, expected, rtol=1e-6, atol=1e-9)
+    a, b = load_checkpoint(full.checkpoint_uri), load_checkpoint(second.checkpoint_uri)
+    assert a.model is not None and b.model is not None
+    for got, want in ((b.model, a.model), (b.ema_model, a.ema_model)):
+        torch.testing.assert_close(got.state_dict(), want.state_dict(), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_weights_checkpoint_loads_like_any_other(images_features, tmp_path, tiny_config):
+    cfg = tiny_config(steps=2, mixed_precision="bf16-weights")
+    result = train(cfg, images_features, str(tmp_path / "i2i"))
+
+    # What evaluation and export load: fp32 weights, the masters as the raw model.
+    loaded = load_checkpoint(result.checkpoint_uri)
+    assert loaded.model is not None
+    assert loaded.meta["train_config"]["mixed_precision"] == "bf16-weights"
+    for model in (loaded.model, loaded.ema_model):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    state = Storage.from_uri(result.checkpoint_uri).read_bytes("training_state/optimizer.pt")
+    masters = torch.load(io.BytesIO(state), weights_only=False)["master_weights"]
+    for master, saved in zip(masters, loaded.model.parameters(), strict=True):
+        assert torch.equal(master, saved)
+    raw, ema = loaded.model.state_dict(), loaded.ema_model.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    # A fine-tune starts from it through the usual weight transfer.
+    t2i = tiny_config(head="t2i", steps=1, batch_size=2, mixed_precision="bf16-weights")
+    finetune = train(t2i, images_features, str(tmp_path / "t2i"), init_from=result.checkpoint_uri)
+    assert finetune.transfer_report is not None and finetune.transfer_report["loaded"]
+
+
+def test_bf16_weights_with_fsdp_is_a_config_error(tiny_config):
+    with pytest.raises(ValidationError, match="'bf16-weights' is for distributed 'ddp'"):
+        tiny_config(mixed_precision="bf16-weights", distributed="fsdp")

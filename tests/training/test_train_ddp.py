@@ -38,3 +38,27 @@ def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
     expected = torch.tensor([loss for _, loss in full["losses"]], dtype=torch.float64)
     torch.testing.assert_close(resumed, expected, rtol=1e-6, atol=1e-9)
     assert read_checkpoint_meta(out)["step"] == 4
+
+
+def test_two_processes_train_with_bf16_weights(images_features, tmp_path):
+    # One launch: bf16 replicas, each with its fp32 masters, train under DDP (the exact resume of
+    # this mode is checked in one process, in test_train.py).
+    cfg = dict(
+        model_size="tiny",
+        model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2},
+        steps=3,
+        batch_size=2,
+        grad_accum=2,
+        warmup_steps=2,
+        mixed_precision="bf16-weights",
+        compile=False,
+        log_every=1,
+        progress_bar=False,
+        lr=1e-3,
+    )
+    result = launch(tmp_path, cfg, images_features, str(tmp_path / "bf16w"))
+    assert result["step"] == 3 and result["global_batch"] == 8
+    assert read_checkpoint_meta(result["checkpoint_uri"])["train_config"]["mixed_precision"] == (
+        "bf16-weights"
+    )
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["losses"])

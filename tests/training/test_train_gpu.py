@@ -79,11 +79,14 @@ def test_bf16_compiled_training_and_resume_on_cuda(tmp_path):
     assert next(loaded.ema_model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
+# "bf16-weights" is the layout bench/train_throughput.py measured fastest (`lumos-bf16w`).
+@pytest.mark.parametrize("mixed_precision", ["bf16", "bf16-weights"])
 @pytest.mark.parametrize("size", ["XL/2"])
-def test_throughput_at_the_paper_size(tmp_path, size):
+def test_throughput_at_the_paper_size(tmp_path, size, mixed_precision):
     data = random_features(tmp_path / "data", 4096, (4, 32, 32), 768, 256)
     cfg = TrainConfig(
         model_size=size,
+        mixed_precision=mixed_precision,
         steps=40,
         batch_size=64,
         log_every=10,
@@ -94,8 +97,9 @@ def test_throughput_at_the_paper_size(tmp_path, size):
     )
     result = train(cfg, data, str(tmp_path / "run"))
     print(
-        f"\n{size} 256px bf16 compiled, batch 64: {result.last_images_per_second:.0f} img/s "
-        f"(steady), {result.images_per_second:.0f} img/s with compile, peak memory "
+        f"\n{size} 256px {mixed_precision} compiled, batch 64: "
+        f"{result.last_images_per_second:.0f} img/s (steady), "
+        f"{result.images_per_second:.0f} img/s with compile, peak memory "
         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, losses {result.losses}"
     )
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)

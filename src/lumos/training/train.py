@@ -8,6 +8,14 @@ checkpoint. Heads differ only by their model config and how a batch becomes mode
                    "s3://lumos/runs/r1/checkpoints/i2i")
     result = train(TrainConfig(head="t2i"), dataset_uri, out_uri, init_from=result.checkpoint_uri)
 
+Precision (`mixed_precision`): "bf16" computes under bf16 autocast over fp32 weights; "bf16-weights"
+holds the model's parameters in bf16 (every op computes in bf16, no autocast) while the optimizer
+(`lumos.training.optim.MasterWeightAdamW`) keeps fp32 master weights, clips the fp32 copies of the
+gradients, steps AdamW on the masters and copies them back; the EMA follows the masters and the
+checkpoints hold the fp32 masters, so they look the same in every mode. "bf16-weights" is the
+layout that bench/train_throughput.py measured fastest (variant `lumos-bf16w`, which runs the same
+optimizer class); inside this loop it has been tested on CPUs only, so the presets keep "bf16".
+
 Single process, or several under `accelerate launch --multi_gpu` (DDP): `batch_size` is per
 process and per micro-step, so one optimizer step sees batch_size x grad_accum x processes items.
 With `distributed="fsdp"` (same launch) the processes shard the model, its gradients, the
@@ -33,6 +41,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -75,6 +84,7 @@ from lumos.training.data import (
     read_features_spec,
 )
 from lumos.training.monitoring import TrainingMetrics
+from lumos.training.optim import MasterWeightAdamW
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +130,13 @@ class TrainConfig(BaseModel):
     # EMA decay min(ema_decay, (1 + step) / (10 + step)) (diffusers' EMA warm-up): a 0.9999 EMA
     # of a short fine-tune would still be mostly its initialisation.
     ema_warmup: bool = True
-    mixed_precision: Literal["bf16", "no"] = "bf16"
+    # "bf16": fp32 weights, the forward and backward under bf16 autocast.
+    # "bf16-weights": bf16 weights and activations (no autocast); the optimizer keeps fp32 master
+    #   weights, which the EMA follows and the checkpoints hold (bench/train_throughput.py's
+    #   `lumos-bf16w`). Gradients are bf16, so with grad_accum they also accumulate in bf16.
+    #   Not with distributed "fsdp", whose "bf16" already keeps fp32 sharded masters.
+    # "no": fp32 throughout.
+    mixed_precision: Literal["bf16", "bf16-weights", "no"] = "bf16"
     compile: bool = True  # torch.compile the model for the training step
     num_frames: int | None = Field(
         None, ge=2, description="frames per item for novel_view / video (default 4)"
@@ -142,6 +158,16 @@ class TrainConfig(BaseModel):
             self.num_frames = 4
         if self.head not in MULTI_FRAME_HEADS and self.num_frames is not None:
             raise ValueError(f"num_frames is for novel_view / video, not head {self.head!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_weights_are_replicated(self) -> TrainConfig:
+        if self.mixed_precision == "bf16-weights" and self.distributed == "fsdp":
+            raise ValueError(
+                "mixed_precision 'bf16-weights' is for distributed 'ddp' (or one process); "
+                "with distributed 'fsdp' use mixed_precision 'bf16': FSDP then already keeps "
+                "the sharded master weights in fp32 and computes with bf16 copies of them"
+            )
         return self
 
 
@@ -234,8 +260,12 @@ def train(
         parent = transfer_report["source"]
         accelerator.print(f"{cfg.head}: {transfer_report['summary']} from {parent}")
     model.to(device).train()
-    # The EMA starts as a copy of the initial (or transferred) weights, as in DiT.
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.mixed_precision == "bf16-weights":
+        # Cast before the EMA copy and the optimizer's fp32 masters are taken, so both start from
+        # the very weights the model computes with.
+        model.bfloat16()
+    # The EMA starts as a copy of the initial (or transferred) weights, as in DiT; always fp32.
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     num_parameters = sum(p.numel() for p in model.parameters())
     if cfg.distributed == "fsdp":
         # Every process starts from the same full model (same seed) and keeps its 1/world shard.
@@ -246,13 +276,23 @@ def train(
 
     # --- optimizer ----------------------------------------------------------------------------
     # Built after sharding: under FSDP its state covers only this process's shards.
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
+    adamw: dict[str, Any] = dict(
         lr=cfg.lr,
         betas=cfg.adam_betas,
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
         fused=device.type == "cuda",  # one kernel for all parameters
+    )
+    master_optimizer = None  # with bf16 weights: the optimizer, which holds the fp32 masters
+    if cfg.mixed_precision == "bf16-weights":
+        # AdamW on fp32 masters of the bf16 parameters; it clips the fp32 copies of the gradients.
+        master_optimizer = MasterWeightAdamW(
+            model.parameters(), max_grad_norm=cfg.grad_clip, **adamw
+        )
+    optimizer = (
+        master_optimizer
+        if master_optimizer is not None
+        else torch.optim.AdamW(model.parameters(), **adamw)
     )
 
     # --- resume -------------------------------------------------------------------------------
@@ -291,6 +331,8 @@ def train(
         # Every process saves its own RNG state; the main process writes the rest, meta last.
         ckpt.write_bytes(f"training_state/rng-rank-{rank:05d}.pt", _to_bytes(_rng_state()))
         raw, ema_weights = accelerator.unwrap_model(model), ema
+        if master_optimizer is not None:  # the fp32 masters, not their bf16 copies in the model
+            raw = _model_from_weights(master_optimizer.master_state_dict(raw), model_cfg)
         if cfg.distributed == "fsdp":
             # Gathering the shards is collective (every process calls it); the main process
             # receives full weights and optimizer state, the same files DDP writes.
@@ -338,7 +380,7 @@ def train(
             with accelerator.accumulate(model):
                 loss = diffusion.training_losses(train_model, x0, t, model_kwargs)["loss"].mean()
                 accelerator.backward(loss)  # divided by grad_accum inside
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and master_optimizer is None:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()  # a no-op until the last micro-step (accelerate)
                 optimizer.zero_grad(set_to_none=True)
@@ -346,7 +388,10 @@ def train(
         decay = cfg.ema_decay
         if cfg.ema_warmup:
             decay = min(decay, (1 + step) / (10 + step))
-        update_ema(ema, accelerator.unwrap_model(model), decay)
+        # The EMA follows the fp32 weights: the optimizer's masters when the model holds bf16.
+        raw_model = accelerator.unwrap_model(model)
+        weights = master_optimizer.master_params if master_optimizer else raw_model.parameters()
+        update_ema(ema, weights, decay)
         step += 1
         log_steps += 1
         bar.update(1)
@@ -426,11 +471,12 @@ def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[s
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model (DiT), as one multi-tensor op: a per-parameter
-    loop costs hundreds of small kernel launches per step at XL size."""
+def update_ema(ema: torch.nn.Module, weights: Iterable[torch.Tensor], decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * weights (DiT), as one multi-tensor op: a per-parameter
+    loop costs hundreds of small kernel launches per step at XL size. `weights` are the model's
+    parameters in `ema.parameters()` order (or their fp32 masters)."""
     ema_params: list[torch.Tensor] = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
+    params = [p.detach() for p in weights]
     assert len(ema_params) == len(params), "the EMA copy and the model differ in parameters"
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
@@ -455,17 +501,21 @@ def _gather(model: LumosDiT, config: dict[str, Any]) -> LumosDiT | None:
     """The full weights of an FSDP-sharded model as a plain LumosDiT on the main process (None
     on the others). Collective: every process must call it."""
     weights = get_model_state_dict(model, options=FULL_STATE)  # empty except on the main process
-    if not weights:
-        return None
-    with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
-        full = LumosDiT(**config)
-    full.load_state_dict(weights, strict=True, assign=True)
-    return full
+    return _model_from_weights(weights, config) if weights else None
+
+
+def _model_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> LumosDiT:
+    """A LumosDiT that holds `weights` themselves (assigned, not copied), for saving."""
+    with torch.device("meta"):  # no initialisation: the tensors are assigned
+        model = LumosDiT(**config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
 
 
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     kwargs = dict(
-        mixed_precision=cfg.mixed_precision,
+        # Autocast for "bf16" only: with bf16 weights the model computes in bf16 by itself.
+        mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.grad_accum,
         # DDP must be told that some parameters get no gradient in a step: with one image token
         # the cross-attention takes its exact shortcut, which never uses its query projection.
