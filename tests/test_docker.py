@@ -20,7 +20,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER = REPO_ROOT / "docker"
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 # packages the images may leave out, and why
-NOT_IN_SERVE_IMAGE = {"kfp", "kfp-kubernetes", "onnxscript"}  # pipeline and exporter only
+NOT_IN_SERVE_IMAGE = {
+    "kfp",
+    "kfp-kubernetes",
+    "onnxscript",
+    "opencv-python-headless",
+}  # pipeline, exporter, ingest
 SWAPS = {"onnxruntime": "onnxruntime-gpu"}  # same module, CUDA execution provider
 EXTRA = {"serve": {"kserve"}, "train": set()}
 

@@ -9,7 +9,13 @@ import pytest
 from ingest_corpus import bad_inputs, encode, good_images, png_bomb, scene
 from PIL import Image
 
-from lumos.data.decode import PreparedImage, Rejection, cover_crop_box, prepare_image
+from lumos.data.decode import (
+    PreparedImage,
+    Rejection,
+    cover_crop_box,
+    prepare_image,
+    resize_cover,
+)
 from lumos.data.dedup import DedupIndex, hamming_distance, perceptual_hash
 from lumos.data.ingest import IngestConfig
 
@@ -98,6 +104,19 @@ def test_jpeg_reduce_on_decode_matches_a_full_decode():
     full = Image.open(io.BytesIO(data)).convert("RGB")
     out = decoded(prepare_image(data, RECIPE))
     assert mean_abs(out, reference(full)) < 3.0
+
+
+@pytest.mark.parametrize(
+    "size,target",
+    [((300, 200), (64, 64)), ((97, 61), (48, 32)), ((61, 97), (32, 48)), ((40, 30), (64, 64))],
+)
+def test_cover_resize_matches_a_bicubic_reference(size, target):
+    """OpenCV's area averaging (shrinking, also by non-integer factors) and bicubic (enlarging)
+    give what Pillow's antialiased bicubic gives, centre crop included."""
+    img = scene(44, size)
+    out = np.asarray(resize_cover(img, target), dtype=np.float64)
+    assert out.shape == (target[1], target[0], 3)
+    assert mean_abs(out, reference(img, target)) < 3.0
 
 
 def test_aspect_buckets_and_size_limits():

@@ -12,6 +12,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -37,6 +38,9 @@ REJECTION_REASONS = {
     "unsupported_extension": "not an image by its name, and not a sidecar of one",
     "orphan_sidecar": "a .txt / .json sidecar without an image of the same name",
 }
+
+# Ingest runs one decoding process per core: OpenCV's own threads would only contend with them.
+cv2.setNumThreads(1)
 
 # EXIF orientations that swap width and height (transpose / rotate 90 / transverse / rotate 270).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -92,6 +96,32 @@ def cover_crop_box(
     cw, ch = tw / scale, th / scale
     left, top = (width - cw) / 2, (height - ch) / 2
     return (left, top, left + cw, top + ch)
+
+
+def resize_cover(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Scale an 8-bit RGB image to cover `target` (width, height) and centre-crop to it.
+
+    Shrinking by a factor f: Pillow's k x k box reduction for the whole part k of f (only when
+    reduce-on-decode could not do it, e.g. a large PNG), then the rest (a factor below 2) as
+    scikit-image's `resize(anti_aliasing=True)` does it: a Gaussian low-pass of sigma (f - 1) / 2
+    source pixels and bilinear sampling, with OpenCV's vectorised kernels: 2-4x faster than
+    OpenCV's area averaging and 3-5x faster than Pillow's antialiased bicubic, on average within
+    about one grey level of a Lanczos resize (bench/resize.py). Enlarging (only when `min_size` is
+    set below the output size) is bicubic. The crop box is rounded to whole source pixels.
+    """
+    left, top, right, bottom = (round(v) for v in cover_crop_box(img.width, img.height, target))
+    whole = math.floor((right - left) / target[0])
+    if whole >= 2:
+        width, height = (right - left) // whole, (bottom - top) // whole
+        img = img.reduce(whole, box=(left, top, left + width * whole, top + height * whole))
+        left, top, right, bottom = 0, 0, width, height
+    pixels = np.asarray(img)[top:bottom, left:right]
+    factor = (right - left) / target[0]
+    if factor <= 1:
+        return Image.fromarray(cv2.resize(pixels, target, interpolation=cv2.INTER_CUBIC), "RGB")
+    sigma = (factor - 1) / 2
+    blurred = cv2.GaussianBlur(pixels, (0, 0), sigmaX=sigma, sigmaY=sigma)
+    return Image.fromarray(cv2.resize(blurred, target, interpolation=cv2.INTER_LINEAR), "RGB")
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -198,11 +228,8 @@ def prepare_image(raw: bytes, recipe: ImageRecipe) -> PreparedImage | Rejection:
         rgb = to_rgb(img, recipe.background)
     except ValueError as err:
         return Rejection("unsupported_mode", f"mode {source_mode}: {err}")
-    if rgb.size == target:
-        out = rgb  # already the output size (e.g. after reduce-on-decode): no resampling pass
-    else:
-        box = cover_crop_box(rgb.width, rgb.height, target)
-        out = rgb.resize(target, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    # Already the output size (e.g. after reduce-on-decode): no resampling pass.
+    out = rgb if rgb.size == target else resize_cover(rgb, target)
 
     return PreparedImage(
         data=encode_image(out, recipe.image_format, recipe.jpeg_quality),

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from lumos.data.ingest import IngestConfig
 
 
-# Reads: 8 items per thread task, at most 16 tasks in flight (S3 latency is hidden by the threads).
+# Reads: 8 items per thread task, at most 16 tasks in flight (S3 latency is hidden by the threads,
+# Source.read_threads of them).
 _READ_BATCH, _READ_WINDOW = 8, 16
 # Decoding: 16 images per process task, at most 2 tasks per worker in flight: 32 images per worker,
 # as many as 8-image tasks with 4 in flight, in half the inter-process messages.
@@ -352,7 +353,9 @@ class IngestRun:
     def run(self, items: Iterable[SourceItem]) -> None:
         workers = self.cfg.workers or available_cpus()
         decoders = _start_decoders(workers) if workers > 1 else None  # before any thread starts
-        readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lumos-ingest-read")
+        readers = ThreadPoolExecutor(
+            max_workers=self.source.read_threads, thread_name_prefix="lumos-ingest-read"
+        )
         if self._progress_wanted:
             from tqdm import tqdm
 

@@ -207,6 +207,17 @@ class Source:
             except (tarfile.TarError, OSError) as err:
                 raise StorageError(f"cannot read member {key!r} of {self.uri}: {err}") from err
 
+    @property
+    def read_threads(self) -> int:
+        """Concurrent reads worth having: many for object storage (each read waits on the network),
+        two for local files (more only contend for the GIL: with decoding stubbed out, ingest took
+        0.25 ms of CPU per image with 8 threads and 0.17 ms with 2, on a 2-core machine), one for
+        a tar archive (its reads share one file position).
+        """
+        if self.is_tar:
+            return 1
+        return 2 if isinstance(self.store, LocalStorage) else 16
+
     def key_uri(self, key: str) -> str:
         return f"{self.uri}#{key}" if self.is_tar else f"{self.uri}/{key}"
 
