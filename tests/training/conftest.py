@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_CONFIG
 
 from lumos.storage import Storage
 from lumos.training.featurize import write_feature_part, write_features_spec
@@ -23,7 +24,6 @@ TEXT_TOKENS, TEXT_DIM = 6, 12
 
 
 # A model small enough that a training step takes milliseconds on a CPU.
-TINY_MODEL = {"depth": 1, "hidden_size": 32, "num_heads": 2}
 
 
 def write_features(root: Path, records: list[dict], parts: int, paired: bool) -> str:
@@ -130,19 +130,6 @@ def tiny_config():
     """A factory of tiny CPU training configs: `tiny_config(steps=3, head="t2i")`."""
 
     def make(**overrides) -> TrainConfig:
-        base = dict(
-            model_size="tiny",
-            model_overrides=TINY_MODEL,
-            steps=4,
-            batch_size=4,
-            warmup_steps=2,
-            mixed_precision="no",
-            compile=False,
-            checkpoint_every=100,
-            log_every=1,
-            progress_bar=False,
-            lr=1e-3,
-        )
-        return TrainConfig(**{**base, **overrides})
+        return TrainConfig(**{**TINY_CONFIG, "batch_size": 4, "checkpoint_every": 100, **overrides})
 
     return make

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tiny import TINY_CONFIG
 from two_processes import launch
 
 from lumos.storage import Storage
@@ -10,18 +11,7 @@ from lumos.training.checkpoint import read_checkpoint_meta
 
 
 def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
-    cfg = dict(
-        model_size="tiny",
-        model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2},
-        steps=4,
-        batch_size=2,
-        warmup_steps=2,
-        mixed_precision="no",
-        compile=False,
-        log_every=1,
-        progress_bar=False,
-        lr=1e-3,
-    )
+    cfg = TINY_CONFIG
     full = launch(tmp_path, cfg, images_features, str(tmp_path / "full"))
     assert full["global_batch"] == 4 and full["step"] == 4
 
@@ -43,19 +33,7 @@ def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
 def test_two_processes_train_with_bf16_weights(images_features, tmp_path):
     # One launch: bf16 replicas, each with its fp32 masters, train under DDP (the exact resume of
     # this mode is checked in one process, in test_train.py).
-    cfg = dict(
-        model_size="tiny",
-        model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2},
-        steps=3,
-        batch_size=2,
-        grad_accum=2,
-        warmup_steps=2,
-        mixed_precision="bf16-weights",
-        compile=False,
-        log_every=1,
-        progress_bar=False,
-        lr=1e-3,
-    )
+    cfg = {**TINY_CONFIG, "steps": 3, "grad_accum": 2, "mixed_precision": "bf16-weights"}
     result = launch(tmp_path, cfg, images_features, str(tmp_path / "bf16w"))
     assert result["step"] == 3 and result["global_batch"] == 8
     assert read_checkpoint_meta(result["checkpoint_uri"])["train_config"]["mixed_precision"] == (

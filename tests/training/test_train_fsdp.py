@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import TINY_CONFIG
 from two_processes import launch
 
 from lumos.training.checkpoint import load_checkpoint, read_checkpoint_meta
 from lumos.training.train import TrainConfig, train
 
-CONFIG = dict(
-    model_size="tiny",
+CONFIG = {
+    **TINY_CONFIG,
     # depth 2: two FSDP units plus the root, so the gather spans several units.
-    model_overrides={"depth": 2, "hidden_size": 32, "num_heads": 2},
-    steps=4,
-    batch_size=2,
-    warmup_steps=2,
-    mixed_precision="no",
-    compile=False,
-    log_every=1,
-    progress_bar=False,
-    lr=1e-3,
-    ema_decay=0.5,  # an EMA that visibly differs from the raw weights after 4 steps
-    distributed="fsdp",
-)
+    "model_overrides": {"depth": 2, "hidden_size": 32, "num_heads": 2},
+    "ema_decay": 0.5,  # an EMA that visibly differs from the raw weights after 4 steps
+    "distributed": "fsdp",
+}
 
 
 def test_fsdp_trains_like_ddp_saves_full_checkpoints_and_resumes_exactly(images_features, tmp_path):
