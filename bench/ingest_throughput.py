@@ -1,11 +1,12 @@
 """Ingest throughput: full ingest against decode-only on the same images, in the same run.
 
-    python bench/ingest_throughput.py                # 400 generated 512x512 JPEGs, 256 px output
-    python bench/ingest_throughput.py --images 2000 --workers 1 2 4
+    python bench/ingest_throughput.py    # 400 generated JPEGs per corpus (CORPORA); 256 px output
+    python bench/ingest_throughput.py --images 2000 --corpora mixed --workers 1 2 4
 
 Each measurement reports wall-clock images/s and images per CPU-second (the process's and its
 worker processes' user + system time): the per-core figure, which stays meaningful on a shared,
-busy machine where wall-clock rates swing with other load. Best of --repeat rounds, the measurements interleaved.
+busy machine where wall-clock rates swing with other load. Best of --repeat rounds, the
+measurements interleaved; "x decode-only" is the median of the per-round ratios.
 
 Measures:
   decode-only      read + full PIL decode to RGB (the baseline the issue asks us to compare with)
@@ -13,7 +14,8 @@ Measures:
                    reduce-on-decode, orient, convert, resize + crop, pHash, encode
   prepare (no draft)  the same with a full decode (what the draft saves)
   full ingest      lumos.data.ingest.ingest end to end (listing, reading, dedup, shards, report,
-                   manifest) with 1, 2, ... decoding processes
+                   manifest) with 1, 2, ... decoding processes; "main ms/img" is the main
+                   process's own CPU time per image, the serial part that bounds one node's rate
   reader           lumos.data.reader.iter_samples over the resulting dataset (samples/s)
 Prints a table and writes bench/results/ingest_throughput.json. A benchmark, not a test.
 """
@@ -26,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,10 +46,32 @@ from lumos.data.reader import iter_samples
 RESULTS = Path(__file__).parent / "results" / "ingest_throughput.json"
 
 
-def photo_like(seed: int, side: int) -> bytes:
+# Source sizes (width, height) per corpus. "2x" and "4x" are exact multiples of the 256 px output
+# (reduce-on-decode lands on it: no resampling pass); "mixed" cycles through common camera and web
+# sizes, landscape and portrait, where a resampling pass follows the reduced decode, as for most
+# images in the wild.
+CORPORA: dict[str, list[tuple[int, int]]] = {
+    "2x": [(512, 512)],
+    "4x": [(1024, 1024)],
+    "mixed": [
+        (640, 480),
+        (800, 600),
+        (1024, 768),
+        (1280, 720),
+        (500, 375),
+        (1200, 800),
+        (768, 1024),
+        (1600, 1200),
+        (1080, 1080),
+        (720, 1280),
+    ],  # fmt: skip
+}
+
+
+def photo_like(seed: int, width: int, height: int) -> bytes:
     """A JPEG with photo-like statistics: gradients, shapes and sensor-like noise."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side] / side
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
     base = (
         rng.uniform(0, 255, 3) * x[..., None]
         + rng.uniform(0, 255, 3) * y[..., None]
@@ -54,14 +79,16 @@ def photo_like(seed: int, side: int) -> bytes:
     )
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
+    side = min(width, height)
     for _ in range(12):
-        x0, y0 = rng.integers(0, side, 2)
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
         w, h = rng.integers(side // 16, side // 3, 2)
         color = tuple(int(c) for c in rng.integers(0, 255, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
             (x0, y0, x0 + w, y0 + h), fill=color
         )
-    pixels = np.asarray(img, dtype=np.int16) + rng.normal(0, 6, (side, side, 3)).astype(np.int16)
+    noise = rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+    pixels = np.asarray(img, dtype=np.int16) + noise
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
@@ -72,34 +99,55 @@ class Measurement:
     workers: int
     images_per_s: float  # wall clock
     images_per_cpu_s: float  # per core: images / (CPU seconds of this process and its children)
+    # CPU ms per image of this (the main) process alone. With decoding processes, this is the
+    # serial part: one node cannot ingest faster than 1000 / main_cpu_ms_per_image images/s.
+    main_cpu_ms_per_image: float
+    per_core_vs_decode_only: float  # median over rounds of (images per CPU-second) / baseline's
 
 
-def cpu_seconds() -> float:
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process, and of its finished children."""
     own, children = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def run_once(work: Callable[[], int]) -> tuple[float, float]:
-    """(wall-clock images/s, images per CPU-second) of one call of `work` (returns an image count)."""
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+def run_once(work: Callable[[], int]) -> tuple[float, float, float]:
+    """(wall-clock images/s, images per CPU-second, main-process CPU ms per image) of one call of
+    `work` (returns an image count). Decoding processes are joined before ingest returns, so
+    their time is in the children's."""
+    (own0, children0), wall0 = cpu_seconds(), time.perf_counter()
     n = work()
-    return n / (time.perf_counter() - wall0), n / max(cpu_seconds() - cpu0, 1e-9)
+    wall = time.perf_counter() - wall0
+    own1, children1 = cpu_seconds()
+    own, children = own1 - own0, children1 - children0
+    return n / wall, n / max(own + children, 1e-9), own / n * 1e3
+
+
+BASELINE = "decode-only (full decode)"
 
 
 def measure_interleaved(
     works: dict[str, tuple[int, Callable[[], int]]], repeat: int
 ) -> dict[str, Measurement]:
-    """Run every measurement once per round, `repeat` rounds, and keep each one's best rates:
-    interleaving exposes all of them alike to the load of other processes."""
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in works}
+    """Run every measurement once per round, `repeat` rounds (the baseline first in each), and
+    keep each one's best rates. Each ratio to the baseline is the median over rounds of the
+    ratio within a round: the machine's speed drifts between rounds more than within one."""
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in works}
     for _ in range(repeat):
         for name, (_, work) in works.items():
             runs[name].append(run_once(work))
+    baseline = [cpu for _, cpu, _ in runs[BASELINE]]
     return {
-        name: Measurement(workers, max(w for w, _ in runs[name]), max(c for _, c in runs[name]))
+        name: Measurement(
+            workers,
+            max(r[0] for r in runs[name]),
+            max(r[1] for r in runs[name]),
+            min(r[2] for r in runs[name]),
+            statistics.median(r[1] / b for r, b in zip(runs[name], baseline, strict=True)),
+        )
         for name, (workers, _) in works.items()
     }
 
@@ -123,22 +171,16 @@ def prepare_all(datas: list[bytes], recipe: ImageRecipe, draft: bool) -> int:
     return len(datas)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--side", type=int, default=512)
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=5, help="best of N interleaved rounds")
-    args = parser.parse_args()
-
+def measure_corpus(args: argparse.Namespace, corpus: str) -> dict:
+    """Every measurement on `args.images` generated JPEGs of the corpus's sizes; prints and
+    returns a table."""
+    sizes = CORPORA[corpus]
     with tempfile.TemporaryDirectory(prefix="lumos-bench-") as tmp:
         source = Path(tmp) / "raw"
         source.mkdir()
         for i in range(args.images):
-            (source / f"img-{i:06d}.jpg").write_bytes(photo_like(i, args.side))
-        files = sorted(source.iterdir())
-        datas = [p.read_bytes() for p in files]
+            (source / f"img-{i:06d}.jpg").write_bytes(photo_like(i, *sizes[i % len(sizes)]))
+        datas = [p.read_bytes() for p in sorted(source.iterdir())]
         source_mb = sum(len(d) for d in datas) / 1e6
         cfg = IngestConfig(resolution=args.resolution, near_duplicate_distance=4)
         recipe = cfg.recipe()
@@ -157,7 +199,7 @@ def main() -> None:
         decode_only(datas[:20])  # warm up PIL's plugins
         load_before = os.getloadavg()[0]
         works: dict[str, tuple[int, Callable[[], int]]] = {
-            "decode-only (full decode)": (1, lambda: decode_only(datas)),
+            BASELINE: (1, lambda: decode_only(datas)),
             "prepare_image, JPEG draft": (1, lambda: prepare_all(datas, recipe, True)),
             "prepare_image, no draft": (1, lambda: prepare_all(datas, recipe, False)),
         }
@@ -168,35 +210,47 @@ def main() -> None:
         rows = measure_interleaved(works, args.repeat)
         load_after = os.getloadavg()[0]
 
-    baseline = rows["decode-only (full decode)"].images_per_cpu_s
-    cores = os.cpu_count()
     print(
-        f"\n{args.images} JPEGs {args.side}x{args.side} ({source_mb:.1f} MB) -> {args.resolution} px; "
-        f"{cores} CPU cores; best of {args.repeat}; "
+        f"\n{corpus}: {args.images} JPEGs {', '.join(f'{w}x{h}' for w, h in sizes)} "
+        f"({source_mb:.1f} MB) -> {args.resolution} px; "
+        f"{os.cpu_count()} CPU cores; best of {args.repeat}; "
         f"load average {load_before:.1f} before, {load_after:.1f} after"
     )
     print(
-        f"{'measurement':36s} {'workers':>7s} {'img/s wall':>11s} {'img/s/core':>11s} {'x decode-only':>14s}"
+        f"{'measurement':36s} {'workers':>7s} {'img/s wall':>11s} {'img/s/core':>11s} "
+        f"{'x decode-only':>14s} {'main ms/img':>12s}"
     )
     for name, row in rows.items():
         print(
             f"{name:36s} {row.workers:7d} {row.images_per_s:11.1f} {row.images_per_cpu_s:11.1f} "
-            f"{row.images_per_cpu_s / baseline:14.2f}"
+            f"{row.per_core_vs_decode_only:14.2f} {row.main_cpu_ms_per_image:12.3f}"
         )
-    summary = {
+    return {
         "images": args.images,
-        "side": args.side,
-        "resolution": args.resolution,
+        "source_sizes": [f"{w}x{h}" for w, h in sizes],
         "source_mb": round(source_mb, 2),
-        "cpu_cores": cores,
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "rows": {name: asdict(row) for name, row in rows.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=400, help="images per source size")
+    parser.add_argument("--corpora", nargs="+", choices=sorted(CORPORA), default=list(CORPORA))
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=5, help="best of N interleaved rounds")
+    args = parser.parse_args()
+
+    summary = {
+        "resolution": args.resolution,
+        "cpu_cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "pillow": Image.__version__,
         "repeat": args.repeat,
-        "load_average": [round(load_before, 2), round(load_after, 2)],
-        "rows": {
-            name: {**asdict(row), "per_core_vs_decode_only": row.images_per_cpu_s / baseline}
-            for name, row in rows.items()
-        },
+        "corpora": {corpus: measure_corpus(args, corpus) for corpus in args.corpora},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
