@@ -14,8 +14,9 @@ Measures:
                    reduce-on-decode, orient, convert, resize + crop, pHash, encode
   prepare (no draft)  the same with a full decode (what the draft saves)
   full ingest      lumos.data.ingest.ingest end to end (listing, reading, dedup, shards, report,
-                   manifest) with 1, 2, ... decoding processes; "main ms/img" is the main
-                   process's own CPU time per image, the serial part that bounds one node's rate
+                   manifest) with 1, 2, ... decoding processes; "main process" and "main
+                   thread" ms/img are their own CPU time per image: with decoding processes
+                   the main thread's is the serial part that bounds one node's rate
   reader           lumos.data.reader.iter_samples over the resulting dataset (samples/s)
 Prints a table and writes bench/results/ingest_throughput.json. A benchmark, not a test.
 """
@@ -99,10 +100,22 @@ class Measurement:
     workers: int
     images_per_s: float  # wall clock
     images_per_cpu_s: float  # per core: images / (CPU seconds of this process and its children)
-    # CPU ms per image of this (the main) process alone. With decoding processes, this is the
-    # serial part: one node cannot ingest faster than 1000 / main_cpu_ms_per_image images/s.
-    main_cpu_ms_per_image: float
+    # CPU ms per image of this (the main) process, reader threads included.
+    main_process_cpu_ms_per_image: float
+    # CPU ms per image of the main thread alone, which takes every result in order, deduplicates
+    # and writes. With decoding processes this is the serial part (the reader threads run beside
+    # it, their reads and hashing outside the GIL): one node cannot ingest faster than
+    # 1000 / main_thread_cpu_ms_per_image images/s.
+    main_thread_cpu_ms_per_image: float
     per_core_vs_decode_only: float  # median over rounds of (images per CPU-second) / baseline's
+
+
+@dataclass
+class Round:
+    images_per_s: float
+    images_per_cpu_s: float
+    process_ms: float  # main process CPU ms per image
+    thread_ms: float  # main thread CPU ms per image
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -114,16 +127,15 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def run_once(work: Callable[[], int]) -> tuple[float, float, float]:
-    """(wall-clock images/s, images per CPU-second, main-process CPU ms per image) of one call of
-    `work` (returns an image count). Decoding processes are joined before ingest returns, so
-    their time is in the children's."""
-    (own0, children0), wall0 = cpu_seconds(), time.perf_counter()
+def run_once(work: Callable[[], int]) -> Round:
+    """One call of `work` (which returns an image count). Decoding processes are joined before
+    ingest returns, so their time is in the children's."""
+    (own0, children0), thread0, wall0 = cpu_seconds(), time.thread_time(), time.perf_counter()
     n = work()
-    wall = time.perf_counter() - wall0
+    wall, thread = time.perf_counter() - wall0, time.thread_time() - thread0
     own1, children1 = cpu_seconds()
     own, children = own1 - own0, children1 - children0
-    return n / wall, n / max(own + children, 1e-9), own / n * 1e3
+    return Round(n / wall, n / max(own + children, 1e-9), own / n * 1e3, thread / n * 1e3)
 
 
 BASELINE = "decode-only (full decode)"
@@ -135,18 +147,21 @@ def measure_interleaved(
     """Run every measurement once per round, `repeat` rounds (the baseline first in each), and
     keep each one's best rates. Each ratio to the baseline is the median over rounds of the
     ratio within a round: the machine's speed drifts between rounds more than within one."""
-    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in works}
+    runs: dict[str, list[Round]] = {name: [] for name in works}
     for _ in range(repeat):
         for name, (_, work) in works.items():
             runs[name].append(run_once(work))
-    baseline = [cpu for _, cpu, _ in runs[BASELINE]]
+    baseline = [r.images_per_cpu_s for r in runs[BASELINE]]
     return {
         name: Measurement(
             workers,
-            max(r[0] for r in runs[name]),
-            max(r[1] for r in runs[name]),
-            min(r[2] for r in runs[name]),
-            statistics.median(r[1] / b for r, b in zip(runs[name], baseline, strict=True)),
+            max(r.images_per_s for r in runs[name]),
+            max(r.images_per_cpu_s for r in runs[name]),
+            min(r.process_ms for r in runs[name]),
+            min(r.thread_ms for r in runs[name]),
+            statistics.median(
+                r.images_per_cpu_s / b for r, b in zip(runs[name], baseline, strict=True)
+            ),
         )
         for name, (workers, _) in works.items()
     }
@@ -218,12 +233,13 @@ def measure_corpus(args: argparse.Namespace, corpus: str) -> dict:
     )
     print(
         f"{'measurement':36s} {'workers':>7s} {'img/s wall':>11s} {'img/s/core':>11s} "
-        f"{'x decode-only':>14s} {'main ms/img':>12s}"
+        f"{'x decode-only':>14s} {'main process ms/img':>20s} {'main thread ms/img':>19s}"
     )
     for name, row in rows.items():
         print(
             f"{name:36s} {row.workers:7d} {row.images_per_s:11.1f} {row.images_per_cpu_s:11.1f} "
-            f"{row.per_core_vs_decode_only:14.2f} {row.main_cpu_ms_per_image:12.3f}"
+            f"{row.per_core_vs_decode_only:14.2f} {row.main_process_cpu_ms_per_image:20.3f} "
+            f"{row.main_thread_cpu_ms_per_image:19.3f}"
         )
     return {
         "images": args.images,
