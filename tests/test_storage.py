@@ -32,6 +32,10 @@ def test_write_read_list_delete(store: Storage):
     assert [o.key for o in store.list("b/")] == ["b/c/three.txt", "b/two.bin"]
     assert [o.key for o in store.list("b/t")] == ["b/two.bin"]  # S3 prefix semantics
     assert list(store.list("nothing/")) == []
+    # The whole key's byte order, as S3 lists: "b-x" < "b.y" < "b/..." < "b0" ("-" < "." < "/" < "0").
+    for key in ("b0", "b.y", "b-x"):
+        store.write_bytes(key, b"")
+    assert [o.key for o in store.list("b")] == ["b-x", "b.y", "b/c/three.txt", "b/two.bin", "b0"]
 
     assert store.exists("a.txt") and not store.exists("missing.txt")
     store.write_bytes("a.txt", b"replaced")  # overwrite is atomic and complete

@@ -179,17 +179,23 @@ class LocalStorage(Storage):
         base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
         if not base.is_dir():
             return iter(())
-        found = []
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames.sort()
-            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
-            for name in filenames:
-                if _TMP_MARKER in name:
-                    continue
-                key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if key.startswith(prefix):
-                    found.append(key)
-        return self._infos(sorted(found))
+        return self._infos(self._sorted_keys(base, prefix))
+
+    def _sorted_keys(self, directory: Path, prefix: str) -> Iterator[str]:
+        """Keys under `directory` that start with `prefix`, in S3's order (the whole key's),
+        streamed: only one directory's entries per level are in memory. A directory sorts as
+        its name + "/", which puts its keys exactly where the whole-key order has them."""
+        with os.scandir(directory) as scan:
+            entries = sorted(
+                (e.name + "/" if e.is_dir(follow_symlinks=True) else e.name, e.path) for e in scan
+            )
+        for name, path in entries:
+            key = Path(path).relative_to(self.root).as_posix()
+            if name.endswith("/"):
+                if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from self._sorted_keys(Path(path), prefix)
+            elif _TMP_MARKER not in name and key.startswith(prefix):
+                yield key
 
     def _infos(self, keys: Iterable[str]) -> Iterator[ObjectInfo]:
         for key in keys:

@@ -16,7 +16,7 @@ from lumos.data.decode import (
     prepare_image,
     resize_cover,
 )
-from lumos.data.dedup import DedupIndex, hamming_distance, perceptual_hash
+from lumos.data.dedup import DedupIndex, DuplicateMatch, hamming_distance, perceptual_hash
 from lumos.data.ingest import IngestConfig
 
 RECIPE = IngestConfig(resolution=32, image_format="png").recipe()
@@ -142,7 +142,7 @@ def test_perceptual_hash_separates_distinct_and_matches_near_copies():
     assert hamming_distance(ha, hb) > 12
 
 
-def test_dedup_index_finds_exactly_the_hashes_within_distance():
+def test_dedup_index_finds_exactly_the_hashes_within_distance(tmp_path):
     rng = np.random.default_rng(0)
     stored = [int(x) for x in rng.integers(0, 2**63, 300, dtype=np.int64)]
     index = DedupIndex(near_distance=5)
@@ -162,7 +162,31 @@ def test_dedup_index_finds_exactly_the_hashes_within_distance():
             assert match is not None and (match.distance, match.key) == (brute[0], f"k{brute[1]}")
         else:
             assert match is None
+    # Saved and loaded back (as runs do for later incremental runs), full 64-bit hashes included.
+    index.add("top-bit", b"\xff" * 32, 2**64 - 1)
+    path = tmp_path / "index.jsonl.gz"
+    index.export(path, start=0)
     clone = DedupIndex(near_distance=5)
-    clone.load_bytes(index.to_bytes())
+    with open(path, "rb") as stream:
+        clone.load(stream, path.name)
+    assert len(clone) == len(stored) + 1 and "k7" in clone and "k-missing" not in clone
     assert clone.find_near(stored[7]).key == "k7"
     assert clone.find_exact(bytes([7]) * 32).key == "k7"
+    assert clone.find_near(2**64 - 2) == DuplicateMatch("top-bit", "near", 1)
+
+
+def test_dedup_index_loads_the_npz_index_of_earlier_datasets():
+    # Datasets written before the index moved to disk saved it as .npz; incremental runs into
+    # them still load it.
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        keys=np.array(["a", "b"], dtype=np.str_),
+        digests=np.array([b"\x01" * 32, b"\x02" * 32], dtype="S32"),
+        phashes=np.array([2**64 - 1, 5], dtype=np.uint64),
+    )
+    index = DedupIndex(near_distance=4)
+    index.load(io.BytesIO(buf.getvalue()), "index/dedup-old.npz")
+    assert len(index) == 2 and "b" in index
+    assert index.find_exact(b"\x02" * 32) == DuplicateMatch("b", "exact", 0)
+    assert index.find_near(2**64 - 1) == DuplicateMatch("a", "near", 0)

@@ -4,17 +4,24 @@ Exact duplicates: SHA-256 of the source bytes (checked before decoding, so a dup
 decode). Near duplicates: a 64-bit DCT perceptual hash (pHash) of the prepared image, compared by
 Hamming distance. The index finds every stored hash within distance d of a query without a full
 scan: split the 64 bits into d + 1 chunks; two hashes within distance d agree exactly on at least
-one chunk (pigeonhole), so only hashes sharing a chunk value are compared.
+one chunk (pigeonhole), so only hashes sharing a chunk value are compared. The index lives on
+local disk (lumos.data.scratch), so ingest's memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
+
+from lumos.data.scratch import ScratchDB
 
 _HASH_SIZE = 8  # 8x8 low-frequency DCT coefficients -> 64 bits
 _DCT_SIZE = 32  # the image is reduced to 32x32 grayscale before the DCT
@@ -58,17 +65,45 @@ class DuplicateMatch:
     distance: int  # Hamming distance of the perceptual hashes (0 for exact)
 
 
-class DedupIndex:
-    """Keys of kept images by content digest and perceptual hash; first seen wins."""
+def _signed(value: int) -> int:
+    """An unsigned 64-bit value as the signed integer SQLite stores."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
-    def __init__(self, near_distance: int | None) -> None:
+
+class DedupIndex:
+    """Keys of kept images by content digest and perceptual hash; first seen wins.
+
+    Held in a ScratchDB (local disk, SQLite) rather than in memory, so that it stays bounded
+    whatever the dataset size: `entries` in insertion order, and one posting per hash chunk
+    for the near-duplicate lookups. Its entries are saved with each run as gzip'd JSON lines
+    (`export`) and loaded back by later incremental runs (`load`).
+    """
+
+    def __init__(self, near_distance: int | None, db: ScratchDB | None = None) -> None:
         self.near_distance = near_distance
-        self._by_digest: dict[bytes, str] = {}
-        self._keys: list[str] = []
-        self._hashes: list[int] = []
-        self._digests: list[bytes] = []
+        self._own_db = db is None
+        self._db = db if db is not None else ScratchDB()
+        self._conn = self._db.conn
+        self._conn.execute(
+            "CREATE TABLE entries (idx INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, "
+            "digest BLOB NOT NULL, phash INTEGER NOT NULL)"
+        )
+        self._conn.execute("CREATE INDEX entries_digest ON entries (digest, idx)")
+        # Postings carry the whole hash, so a lookup reads only this table's own B-tree.
+        self._conn.execute(
+            "CREATE TABLE chunks (part INTEGER, value INTEGER, idx INTEGER, phash INTEGER, "
+            "PRIMARY KEY (part, value, idx)) WITHOUT ROWID"
+        )
         self._chunks = self._chunk_bounds(near_distance)
-        self._tables: list[dict[int, list[int]]] = [{} for _ in self._chunks]
+        # Every stored image sharing a chunk value with the query, in one statement.
+        self._near_query = "SELECT idx, phash FROM chunks WHERE " + " OR ".join(
+            ["(part = ? AND value = ?)"] * len(self._chunks)
+        )
+        self._count = 0
+
+    def close(self) -> None:
+        if self._own_db:
+            self._db.close()
 
     @staticmethod
     def _chunk_bounds(near_distance: int | None) -> list[tuple[int, int]]:
@@ -79,56 +114,77 @@ class DedupIndex:
         return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
     def _chunk_values(self, phash: int) -> list[int]:
-        return [(phash >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self._chunks]
+        return [_signed((phash >> lo) & ((1 << (hi - lo)) - 1)) for lo, hi in self._chunks]
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._count
+
+    def __contains__(self, key: str) -> bool:
+        """Whether a kept image has this dataset key."""
+        return (
+            self._conn.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
+        )
 
     def find_exact(self, digest: bytes) -> DuplicateMatch | None:
-        key = self._by_digest.get(digest)
-        return DuplicateMatch(key, "exact", 0) if key is not None else None
+        row = self._conn.execute(
+            "SELECT key FROM entries WHERE digest = ? ORDER BY idx LIMIT 1", (digest,)
+        ).fetchone()
+        return DuplicateMatch(row[0], "exact", 0) if row is not None else None
 
     def find_near(self, phash: int) -> DuplicateMatch | None:
         """The closest stored image within near_distance (ties: the earliest); None if disabled."""
         if self.near_distance is None:
             return None
-        best: tuple[int, int] | None = None  # (distance, index)
-        for table, value in zip(self._tables, self._chunk_values(phash), strict=True):
-            for idx in table.get(value, ()):
-                dist = hamming_distance(phash, self._hashes[idx])
-                if dist <= self.near_distance and (best is None or (dist, idx) < best):
-                    best = (dist, idx)
+        params = [v for part, value in enumerate(self._chunk_values(phash)) for v in (part, value)]
+        best: tuple[int, int] | None = None  # (distance, idx)
+        for idx, stored in self._conn.execute(self._near_query, params):
+            dist = hamming_distance(phash, stored & ((1 << 64) - 1))
+            if dist <= self.near_distance and (best is None or (dist, idx) < best):
+                best = (dist, idx)
         if best is None:
             return None
-        return DuplicateMatch(self._keys[best[1]], "near", best[0])
+        (key,) = self._conn.execute("SELECT key FROM entries WHERE idx = ?", (best[1],)).fetchone()
+        return DuplicateMatch(key, "near", best[0])
 
     def add(self, key: str, digest: bytes, phash: int) -> None:
-        idx = len(self._keys)
-        self._keys.append(key)
-        self._hashes.append(phash)
-        self._digests.append(digest)
-        self._by_digest.setdefault(digest, key)
-        for table, value in zip(self._tables, self._chunk_values(phash), strict=True):
-            table.setdefault(value, []).append(idx)
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def to_bytes(self, start: int = 0) -> bytes:
-        """Serialise entries [start:] (keys, digests, hashes) as .npz, for later incremental runs."""
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            keys=np.array(self._keys[start:], dtype=np.str_),
-            digests=np.array(self._digests[start:], dtype="S32"),
-            phashes=np.array(self._hashes[start:], dtype=np.uint64),
+        idx = self._count
+        self._conn.execute(
+            "INSERT INTO entries (idx, key, digest, phash) VALUES (?, ?, ?, ?)",
+            (idx, key, digest, _signed(phash)),
         )
-        return buf.getvalue()
+        self._conn.executemany(
+            "INSERT INTO chunks (part, value, idx, phash) VALUES (?, ?, ?, ?)",
+            [
+                (part, value, idx, _signed(phash))
+                for part, value in enumerate(self._chunk_values(phash))
+            ],
+        )
+        self._count += 1
 
-    def load_bytes(self, data: bytes) -> None:
-        """Add every entry of a serialised index (in its order)."""
-        with np.load(io.BytesIO(data)) as arrays:
-            keys, digests, phashes = arrays["keys"], arrays["digests"], arrays["phashes"]
-            for key, digest, phash in zip(keys, digests, phashes, strict=True):
-                self.add(str(key), bytes(digest).ljust(32, b"\0"), int(phash))
+    def export(self, path: Path, start: int = 0) -> None:
+        """Write entries [start:] (key, SHA-256, pHash) to `path` as gzip'd JSON lines, streamed."""
+        with gzip.open(path, "wt", encoding="utf-8") as out:
+            rows = self._conn.execute(
+                "SELECT key, digest, phash FROM entries WHERE idx >= ? ORDER BY idx", (start,)
+            )
+            for key, digest, phash in rows:
+                out.write(
+                    json.dumps(
+                        {"key": key, "sha256": digest.hex(), "phash": f"{phash & (2**64 - 1):016x}"}
+                    )
+                    + "\n"
+                )
+
+    def load(self, stream: BinaryIO, name: str) -> None:
+        """Add every entry of an exported index (in its order); `name` ending in .npz reads the
+        in-memory format of datasets written before the index moved to disk."""
+        if name.endswith(".npz"):
+            with np.load(io.BytesIO(stream.read())) as arrays:
+                entries = zip(arrays["keys"], arrays["digests"], arrays["phashes"], strict=True)
+                for key, digest, phash in entries:
+                    self.add(str(key), bytes(digest).ljust(32, b"\0"), int(phash))
+            return
+        with gzip.open(stream, "rt", encoding="utf-8") as lines:
+            for line in lines:
+                row = json.loads(line)
+                self.add(row["key"], bytes.fromhex(row["sha256"]), int(row["phash"], 16))

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lumos.data.decode import ImageRecipe
+from lumos.data.dedup import DedupIndex
 from lumos.data.ingest_run import (
     IngestRun,
     ListingTally,
@@ -45,6 +46,7 @@ from lumos.data.manifest import (
     next_shard_index,
     read_manifest,
 )
+from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter, iter_shard_records
 from lumos.data.sources import Source, group_boundaries, group_items
 from lumos.storage import ObjectNotFound, Storage
@@ -233,60 +235,71 @@ def ingest(
                 log.info("%s is up to date with %s: nothing to do", store.uri, source.uri)
                 return result_from_manifest(store, manifest, up_to_date=True)
         history = load_history(store, cfg, manifest)
-        listing = ListingTally(source.list())
-        skipped: Counter[str] = Counter()
-        items = unseen_items(group_items(listing), source.uri, history.seen, skipped)
-        index_start = len(history.index)
-        run = IngestRun(
-            cfg,
-            source,
-            store,
-            run_id=run_id,
-            index=history.index,
-            first_shard=next_shard_index(manifest),
-            used_keys=history.used_keys,
-            progress_total=total,
-            progress=progress,
-        )
-        run.run(items)
-    if listing.count == 0:
-        raise ValueError(f"no objects under {source.uri}: check the source URI")
-    if (
-        history.manifest is not None
-        and history.runs
-        and run.counts["ingested"] + run.counts["duplicate"] + run.counts["rejected"] == 0
-    ):
-        log.info("incremental ingest: no new objects in %s", source_uri)
-        unchanged = result_from_manifest(store, history.manifest, up_to_date=True)
-        return unchanged.model_copy(
-            update={
-                "listed": listing.count,
-                "previously_seen": skipped["objects"],
-                "sidecars": 0,
-                "ingested": 0,
-                "duplicate": 0,
-                "rejected": 0,
-                "duplicate_by_kind": {},
-                "rejected_by_reason": {},
-                "paired": 0,
-                "new_shards": 0,
-            }
-        )
-    report_key, index_key = f"reports/ingest-{run_id}.jsonl", f"index/dedup-{run_id}.npz"
-    run.upload_report(report_key)
-    store.write_bytes(index_key, history.index.to_bytes(start=index_start))
-    record = run_record(
-        run,
-        source_uri=source.uri,
-        fingerprint=listing.fingerprint,
-        listed=listing.count,
-        previously_seen=skipped["objects"],
-        report=report_key,
-        index=index_key,
-        incremental=bool(history.runs),
-    )
-    committed = commit_manifest(store, cfg, history, record, run.shards)
-    return result_from_manifest(store, committed, up_to_date=False)
+        try:
+            listing = ListingTally(source.list())
+            skipped: Counter[str] = Counter()
+            items = unseen_items(group_items(listing), source.uri, history, skipped)
+            index_start = len(history.index)
+            run = IngestRun(
+                cfg,
+                source,
+                store,
+                run_id=run_id,
+                history=history,
+                first_shard=next_shard_index(manifest),
+                progress_total=total,
+                progress=progress,
+            )
+            run.run(items)
+            if listing.count == 0:
+                raise ValueError(f"no objects under {source.uri}: check the source URI")
+            if (
+                history.manifest is not None
+                and history.runs
+                and run.counts["ingested"] + run.counts["duplicate"] + run.counts["rejected"] == 0
+            ):
+                log.info("incremental ingest: no new objects in %s", source_uri)
+                unchanged = result_from_manifest(store, history.manifest, up_to_date=True)
+                return unchanged.model_copy(
+                    update={
+                        "listed": listing.count,
+                        "previously_seen": skipped["objects"],
+                        "sidecars": 0,
+                        "ingested": 0,
+                        "duplicate": 0,
+                        "rejected": 0,
+                        "duplicate_by_kind": {},
+                        "rejected_by_reason": {},
+                        "paired": 0,
+                        "new_shards": 0,
+                    }
+                )
+            report_key = f"reports/ingest-{run_id}.jsonl"
+            index_key = f"index/dedup-{run_id}.jsonl.gz"
+            run.upload_report(report_key)
+            save_index(store, index_key, history.index, index_start)
+            record = run_record(
+                run,
+                source_uri=source.uri,
+                fingerprint=listing.fingerprint,
+                listed=listing.count,
+                previously_seen=skipped["objects"],
+                report=report_key,
+                index=index_key,
+                incremental=bool(history.runs),
+            )
+            committed = commit_manifest(store, cfg, history, record, run.shards)
+            return result_from_manifest(store, committed, up_to_date=False)
+        finally:
+            history.close()
+
+
+def save_index(store: Storage, key: str, index: DedupIndex, start: int) -> None:
+    """Index entries [start:] (this run's) to `key`, streamed through a local file."""
+    with tempfile.TemporaryDirectory(prefix="lumos-index-") as tmp:
+        path = Path(tmp) / "index.jsonl.gz"
+        index.export(path, start)
+        store.upload_file(path, key)
 
 
 def plan_partitions(source_uri: str, num_partitions: int) -> list[str]:
@@ -364,25 +377,28 @@ def ingest_partition(
             if dataset_uri
             else (load_history(staging, cfg, None))
         )
-        listing = ListingTally(source.list(desc["start_after"], desc["last_key"]))
-        skipped: Counter[str] = Counter()
-        items = unseen_items(group_items(listing), source.uri, history.seen, skipped)
-        index_start = len(history.index)
-        staging.delete(PARTITION_DONE)
-        run = IngestRun(
-            cfg,
-            source,
-            staging,
-            run_id=run_id,
-            index=history.index,
-            first_shard=0,
-            used_keys=history.used_keys,
-            progress_total=desc["objects"],
-            progress=progress,
-        )
-        run.run(items)
-    run.upload_report("report.jsonl")
-    staging.write_bytes("index.npz", history.index.to_bytes(start=index_start))
+        try:
+            listing = ListingTally(source.list(desc["start_after"], desc["last_key"]))
+            skipped: Counter[str] = Counter()
+            items = unseen_items(group_items(listing), source.uri, history, skipped)
+            index_start = len(history.index)
+            staging.delete(PARTITION_DONE)
+            run = IngestRun(
+                cfg,
+                source,
+                staging,
+                run_id=run_id,
+                history=history,
+                first_shard=0,
+                progress_total=desc["objects"],
+                progress=progress,
+            )
+            run.run(items)
+            run.upload_report("report.jsonl")
+            save_index(staging, "index.jsonl.gz", history.index, index_start)
+            incremental = bool(history.runs)
+        finally:
+            history.close()
     record = run_record(
         run,
         source_uri=source.uri,
@@ -390,8 +406,8 @@ def ingest_partition(
         listed=listing.count,
         previously_seen=skipped["objects"],
         report="report.jsonl",
-        index="index.npz",
-        incremental=bool(history.runs),
+        index="index.jsonl.gz",
+        incremental=incremental,
     )
     done = {
         "format": PARTITION_FORMAT,
@@ -458,133 +474,145 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
     ):
         return result_from_manifest(store, manifest, up_to_date=True)
     history = load_history(store, cfg, manifest)
-    index_start = len(history.index)
-    run_id = new_run_id()
-    writer = ShardWriter(
-        store, first_index=next_shard_index(manifest), max_bytes=cfg.shard_max_bytes
-    )
-    stats: dict[str, Any] = {}
-    for _, done in staged:
-        stats = add_counts(
-            stats, {k: v for k, v in done["run"]["stats"].items() if k != "elapsed_s"}
-        )
-    counts: Counter[str] = Counter()
-    by_reason: Counter[str] = Counter()
-    by_kind: Counter[str] = Counter()
-    histograms: dict[str, Counter[str]] = {
-        k: Counter()
-        for k in (
-            "resolution_histogram",
-            "source_short_side_histogram",
-            "source_formats",
-            "source_modes",
-        )
-    }
-    changed: dict[str, dict] = {}  # source key -> fields replacing its staged report row
-
-    def seen_before(source_key: str) -> bool:  # ingested by an earlier run (incremental mode)
-        return (source_uri, source_key) in history.seen
-
-    started = time.monotonic()
     try:
-        for staging, done in staged:
-            for shard in done["shards"]:
-                for _, files in iter_shard_records(staging, shard["name"]):
-                    sample = json.loads(files["json"])
-                    if seen_before(sample["source_key"]):
-                        continue
-                    digest, phash = bytes.fromhex(sample["sha256"]), int(sample["phash"], 16)
-                    match = history.index.find_exact(digest) or history.index.find_near(phash)
-                    if match is not None:  # a duplicate of an image in another partition / run
-                        changed[sample["source_key"]] = {
-                            "outcome": "duplicate",
-                            "reason": match.kind,
-                            "duplicate_of": match.key,
-                            "distance": match.distance,
-                        }
-                        continue
-                    if sample["key"] in history.used_keys:
-                        tag = hashlib.sha256(
-                            f"{source_uri}\t{sample['source_key']}".encode()
-                        ).hexdigest()[:8]
-                        sample["key"] = f"{sample['key']}-{tag}"
-                    history.used_keys.add(sample["key"])
-                    image_ext = cfg.image_format
-                    name = writer.add(sample["key"], image_ext, files[image_ext], sample)
-                    history.index.add(sample["key"], digest, phash)
-                    changed[sample["source_key"]] = {"key": sample["key"], "shard": name}
-                    counts["captioned"] += sample["caption"] is not None
-                    counts["paired"] += sample["paired"]
-                    histograms["resolution_histogram"][f"{sample['width']}x{sample['height']}"] += 1
-                    histograms["source_short_side_histogram"][
-                        short_side_bin(sample["source_width"], sample["source_height"])
-                    ] += 1
-                    histograms["source_formats"][sample["source_format"]] += 1
-                    histograms["source_modes"][sample["source_mode"]] += 1
-    except BaseException:
-        writer.abort()
-        raise
-    shards = writer.close()
+        index_start = len(history.index)
+        run_id = new_run_id()
+        writer = ShardWriter(
+            store, first_index=next_shard_index(manifest), max_bytes=cfg.shard_max_bytes
+        )
+        stats: dict[str, Any] = {}
+        for _, done in staged:
+            stats = add_counts(
+                stats, {k: v for k, v in done["run"]["stats"].items() if k != "elapsed_s"}
+            )
+        counts: Counter[str] = Counter()
+        by_reason: Counter[str] = Counter()
+        by_kind: Counter[str] = Counter()
+        histograms: dict[str, Counter[str]] = {
+            k: Counter()
+            for k in (
+                "resolution_histogram",
+                "source_short_side_histogram",
+                "source_formats",
+                "source_modes",
+            )
+        }
+        # source key -> fields replacing its staged report row (on disk: bounded memory)
+        changed = DiskMap(history.db, "merge_changes")
 
-    # One report for the run: the staged rows in partition order, with the merge's decisions;
-    # the run's counts are those of the rows written.
-    report_key, index_key = f"reports/ingest-{run_id}.jsonl", f"index/dedup-{run_id}.npz"
-    with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
-        report_path = Path(tmp) / "report.jsonl"
-        with open(report_path, "w", encoding="utf-8") as out:
+        def seen_before(source_key: str) -> bool:  # ingested by an earlier run (incremental mode)
+            return history.was_seen(source_uri, source_key)
+
+        started = time.monotonic()
+        try:
             for staging, done in staged:
-                with staging.open_read(done["run"]["report"]) as stream:
-                    for line in stream:
-                        row = json.loads(line)
-                        if seen_before(row["source_key"]):
+                for shard in done["shards"]:
+                    for _, files in iter_shard_records(staging, shard["name"]):
+                        sample = json.loads(files["json"])
+                        if seen_before(sample["source_key"]):
                             continue
-                        update = (
-                            changed.get(row["source_key"]) if row["outcome"] == "ingested" else None
-                        )
-                        if update is not None and update.get("outcome") == "duplicate":
-                            row = {
-                                k: v for k, v in row.items() if k not in ("key", "shard", "paired")
+                        digest, phash = bytes.fromhex(sample["sha256"]), int(sample["phash"], 16)
+                        match = history.index.find_exact(digest) or history.index.find_near(phash)
+                        if match is not None:  # a duplicate of an image in another partition / run
+                            changed[sample["source_key"]] = {
+                                "outcome": "duplicate",
+                                "reason": match.kind,
+                                "duplicate_of": match.key,
+                                "distance": match.distance,
                             }
-                        if update is not None:
-                            row.update(update)
-                        out.write(json.dumps(row, sort_keys=True) + "\n")
-                        counts[row["outcome"]] += 1
-                        counts["sidecars"] += len(row.get("sidecars", []))
-                        if row["outcome"] == "rejected":
-                            by_reason[row["reason"]] += 1
-                        elif row["outcome"] == "duplicate":
-                            by_kind[row["reason"]] += 1
-        store.upload_file(report_path, report_key)
-    store.write_bytes(index_key, history.index.to_bytes(start=index_start))
-    listed = sum(done["run"]["counts"]["listed"] for _, done in staged)
-    reported = sum(counts[k] for k in ("sidecars", "ingested", "duplicate", "rejected"))
-    run_counts = {
-        "listed": listed,
-        "previously_seen": listed - reported,
-        "sidecars": counts["sidecars"],
-        "ingested": counts["ingested"],
-        "duplicate": counts["duplicate"],
-        "rejected": counts["rejected"],
-        "duplicate_by_kind": dict(sorted(by_kind.items())),
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "captioned": counts["captioned"],
-        "paired": counts["paired"],
-    }
-    assert counts["ingested"] == sum(s.count for s in shards), "merge: report and shards disagree"
-    stats.update({k: dict(sorted(v.items())) for k, v in histograms.items()})
-    stats["merge_elapsed_s"] = round(time.monotonic() - started, 3)
-    record = {
-        "run_id": run_id,
-        "source_uri": source_uri,
-        "incremental": bool(history.runs),
-        "fingerprint": fingerprint,
-        "report": report_key,
-        "index": index_key,
-        "shards": [s.name for s in shards],
-        "partitions": len(staged),
-        "counts": run_counts,
-        "stats": stats,
-        "created_at": datetime.now(UTC).isoformat(),
-    }
-    committed = commit_manifest(store, cfg, history, record, shards)
-    return result_from_manifest(store, committed, up_to_date=False)
+                            continue
+                        if sample["key"] in history.index:
+                            tag = hashlib.sha256(
+                                f"{source_uri}\t{sample['source_key']}".encode()
+                            ).hexdigest()[:8]
+                            sample["key"] = f"{sample['key']}-{tag}"
+                        image_ext = cfg.image_format
+                        name = writer.add(sample["key"], image_ext, files[image_ext], sample)
+                        history.index.add(sample["key"], digest, phash)
+                        changed[sample["source_key"]] = {"key": sample["key"], "shard": name}
+                        counts["captioned"] += sample["caption"] is not None
+                        counts["paired"] += sample["paired"]
+                        histograms["resolution_histogram"][
+                            f"{sample['width']}x{sample['height']}"
+                        ] += 1
+                        histograms["source_short_side_histogram"][
+                            short_side_bin(sample["source_width"], sample["source_height"])
+                        ] += 1
+                        histograms["source_formats"][sample["source_format"]] += 1
+                        histograms["source_modes"][sample["source_mode"]] += 1
+        except BaseException:
+            writer.abort()
+            raise
+        shards = writer.close()
+
+        # One report for the run: the staged rows in partition order, with the merge's decisions;
+        # the run's counts are those of the rows written.
+        report_key = f"reports/ingest-{run_id}.jsonl"
+        index_key = f"index/dedup-{run_id}.jsonl.gz"
+        with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
+            report_path = Path(tmp) / "report.jsonl"
+            with open(report_path, "w", encoding="utf-8") as out:
+                for staging, done in staged:
+                    with staging.open_read(done["run"]["report"]) as stream:
+                        for line in stream:
+                            row = json.loads(line)
+                            if seen_before(row["source_key"]):
+                                continue
+                            update = (
+                                changed.get(row["source_key"])
+                                if row["outcome"] == "ingested"
+                                else None
+                            )
+                            if update is not None and update.get("outcome") == "duplicate":
+                                row = {
+                                    k: v
+                                    for k, v in row.items()
+                                    if k not in ("key", "shard", "paired")
+                                }
+                            if update is not None:
+                                row.update(update)
+                            out.write(json.dumps(row, sort_keys=True) + "\n")
+                            counts[row["outcome"]] += 1
+                            counts["sidecars"] += len(row.get("sidecars", []))
+                            if row["outcome"] == "rejected":
+                                by_reason[row["reason"]] += 1
+                            elif row["outcome"] == "duplicate":
+                                by_kind[row["reason"]] += 1
+            store.upload_file(report_path, report_key)
+        save_index(store, index_key, history.index, index_start)
+        listed = sum(done["run"]["counts"]["listed"] for _, done in staged)
+        reported = sum(counts[k] for k in ("sidecars", "ingested", "duplicate", "rejected"))
+        run_counts = {
+            "listed": listed,
+            "previously_seen": listed - reported,
+            "sidecars": counts["sidecars"],
+            "ingested": counts["ingested"],
+            "duplicate": counts["duplicate"],
+            "rejected": counts["rejected"],
+            "duplicate_by_kind": dict(sorted(by_kind.items())),
+            "rejected_by_reason": dict(sorted(by_reason.items())),
+            "captioned": counts["captioned"],
+            "paired": counts["paired"],
+        }
+        assert counts["ingested"] == sum(s.count for s in shards), (
+            "merge: report and shards disagree"
+        )
+        stats.update({k: dict(sorted(v.items())) for k, v in histograms.items()})
+        stats["merge_elapsed_s"] = round(time.monotonic() - started, 3)
+        record = {
+            "run_id": run_id,
+            "source_uri": source_uri,
+            "incremental": bool(history.runs),
+            "fingerprint": fingerprint,
+            "report": report_key,
+            "index": index_key,
+            "shards": [s.name for s in shards],
+            "partitions": len(staged),
+            "counts": run_counts,
+            "stats": stats,
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        committed = commit_manifest(store, cfg, history, record, shards)
+        return result_from_manifest(store, committed, up_to_date=False)
+    finally:
+        history.close()

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lumos.data.decode import ImageRecipe, PreparedImage, Rejection, prepare_image
-from lumos.data.dedup import DedupIndex, DuplicateMatch, sha256_digest
+from lumos.data.dedup import DuplicateMatch, sha256_digest
 from lumos.data.metrics import IngestMetrics
+from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter
 from lumos.data.sources import Source, SourceItem, parse_sidecars, read_with_retries
 from lumos.storage import Storage, StorageError
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from lumos.data.ingest import IngestConfig
+    from lumos.data.manifest import DatasetHistory
 
 
 # Reads: 8 items per thread task, at most 16 tasks in flight (S3 latency is hidden by the threads,
@@ -166,9 +168,8 @@ class IngestRun:
         out: Storage,
         *,
         run_id: str,
-        index: DedupIndex,
+        history: DatasetHistory,
         first_shard: int,
-        used_keys: set[str],
         progress_total: int | None,
         progress: bool,
     ) -> None:
@@ -177,8 +178,7 @@ class IngestRun:
         self.source = source
         self.out = out
         self.run_id = run_id
-        self.index = index
-        self.used_keys = used_keys
+        self.index = history.index  # its keys are every dataset key in use
         self.writer = ShardWriter(out, first_index=first_shard, max_bytes=cfg.shard_max_bytes)
         self._report_dir = tempfile.TemporaryDirectory(prefix="lumos-ingest-report-")
         self.report_path = Path(self._report_dir.name) / "report.jsonl"
@@ -194,10 +194,11 @@ class IngestRun:
         }
         self.bytes_read = 0
         self.metrics = IngestMetrics(cfg.pushgateway_url, run_id)
-        # Exact duplicates within this run, decided before decoding: digest -> first source key,
-        # and the outcome of each first occurrence once it is known (rows are accepted in order).
-        self._first_by_digest: dict[bytes, str] = {}
-        self._first_outcome: dict[str, tuple[str, str, str]] = {}  # (outcome, reason|key, detail)
+        # Exact duplicates within this run, decided before decoding: digest (hex) -> first source
+        # key, and the outcome of each first occurrence once it is known (rows are accepted in
+        # order) as [outcome, reason | key, detail]. On disk, with the index: bounded memory.
+        self._first_by_digest = DiskMap(history.db, "run_first_by_digest")
+        self._first_outcome = DiskMap(history.db, "run_first_outcome")
         self._progress = None
         self._progress_wanted = progress
         self._progress_total = progress_total
@@ -243,13 +244,13 @@ class IngestRun:
         for fetched in fetched_items:
             if fetched.digest is not None:
                 match = self.index.find_exact(fetched.digest)
-                first = self._first_by_digest.get(fetched.digest)
+                first = self._first_by_digest.get(fetched.digest.hex())
                 if match is not None:
                     fetched.exact_match, fetched.raw = match, None
                 elif first is not None:
                     fetched.exact_of, fetched.raw = first, None
                 else:
-                    self._first_by_digest[fetched.digest] = fetched.item.source_key
+                    self._first_by_digest[fetched.digest.hex()] = fetched.item.source_key
             yield fetched
 
     # -- accepting results (main thread, in order) ---------------------------------------------
@@ -267,13 +268,13 @@ class IngestRun:
     def _reject(self, item: SourceItem, rejection: Rejection) -> None:
         self.by_reason[rejection.reason] += 1
         self.metrics.rejected.labels(rejection.reason).inc()
-        self._first_outcome[item.source_key] = ("rejected", rejection.reason, rejection.detail)
+        self._first_outcome[item.source_key] = ["rejected", rejection.reason, rejection.detail]
         self._row(item, "rejected", reason=rejection.reason, detail=rejection.detail)
 
     def _duplicate(self, item: SourceItem, match: DuplicateMatch) -> None:
         self.by_kind[match.kind] += 1
         self.metrics.duplicate.labels(match.kind).inc()
-        self._first_outcome[item.source_key] = ("duplicate", match.key, "")
+        self._first_outcome[item.source_key] = ["duplicate", match.key, ""]
         self._row(
             item, "duplicate", reason=match.kind, duplicate_of=match.key, distance=match.distance
         )
@@ -306,11 +307,10 @@ class IngestRun:
 
     def _unique_key(self, item: SourceItem) -> str:
         key = item.key
-        if key in self.used_keys:  # another source (or a clashing sanitised name) has it
+        if key in self.index:  # another source (or a clashing sanitised name) has it
             tag = hashlib.sha256(f"{self.source.uri}\t{item.source_key}".encode()).hexdigest()[:8]
             key = f"{key}-{tag}"
-        self.used_keys.add(key)
-        return key
+        return key  # in use once the sample is added to the index
 
     def _write_sample(self, fetched: _Fetched, img: PreparedImage) -> None:
         item = fetched.item
@@ -337,7 +337,7 @@ class IngestRun:
         }
         shard = self.writer.add(key, self.cfg.image_format, img.data, sample)
         self.index.add(key, fetched.digest, img.phash)
-        self._first_outcome[item.source_key] = ("ingested", key, "")
+        self._first_outcome[item.source_key] = ["ingested", key, ""]
         self.counts["captioned"] += fetched.caption is not None
         self.counts["paired"] += paired
         self.stats["resolution_histogram"][f"{img.width}x{img.height}"] += 1
@@ -463,10 +463,10 @@ class ListingTally:
 
 
 def unseen_items(
-    items: Iterable[SourceItem], source_uri: str, seen: set, skipped: Counter
+    items: Iterable[SourceItem], source_uri: str, history: DatasetHistory, skipped: Counter
 ) -> Iterator:
     for item in items:
-        if (source_uri, item.source_key) in seen:
+        if history.was_seen(source_uri, item.source_key):
             skipped["objects"] += len(item.all_keys)
         else:
             yield item

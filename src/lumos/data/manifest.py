@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lumos.data.decode import REJECTION_REASONS
 from lumos.data.dedup import DedupIndex
+from lumos.data.scratch import DiskMap, ScratchDB
 from lumos.data.shards import SHARD_PREFIX, ShardInfo
 from lumos.storage import Storage, StorageError
 
@@ -30,14 +31,21 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class DatasetHistory:
-    """Earlier runs' state an incremental run builds on (empty for a full run)."""
+    """Earlier runs' state an incremental run builds on (empty for a full run). The per-object
+    parts (index, seen) live in `db` on local disk; close() removes them."""
 
     manifest: dict | None
-    index: DedupIndex
-    seen: set[tuple[str, str]]  # (source uri, source key) that need no processing again
-    used_keys: set[str]
+    db: ScratchDB
+    index: DedupIndex  # the kept images; its keys are every dataset key in use
+    seen: DiskMap  # "source uri\tsource key" of objects that need no processing again
     runs: list[dict]
     shards: list[dict]
+
+    def was_seen(self, source_uri: str, source_key: str) -> bool:
+        return f"{source_uri}\t{source_key}" in self.seen
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def read_manifest(store: Storage) -> dict | None:
@@ -54,11 +62,20 @@ def read_manifest(store: Storage) -> dict | None:
 
 
 def load_history(store: Storage, cfg: IngestConfig, manifest: dict | None) -> DatasetHistory:
-    history = DatasetHistory(
-        manifest, DedupIndex(cfg.near_duplicate_distance), set(), set(), [], []
-    )
+    db = ScratchDB()
+    index = DedupIndex(cfg.near_duplicate_distance, db)
+    history = DatasetHistory(manifest, db, index, DiskMap(db, "seen"), [], [])
     if manifest is None or not cfg.incremental:
         return history
+    try:
+        _load_runs(store, cfg, manifest, history)
+    except BaseException:
+        history.close()
+        raise
+    return history
+
+
+def _load_runs(store: Storage, cfg: IngestConfig, manifest: dict, history: DatasetHistory) -> None:
     old = {k: manifest["ingest_config"].get(k) for k in cfg.output_settings()}
     if old != cfg.output_settings():
         raise ValueError(
@@ -67,16 +84,17 @@ def load_history(store: Storage, cfg: IngestConfig, manifest: dict | None) -> Da
             "(incremental=False) into a new dataset URI"
         )
     for run in manifest["runs"]:
-        history.index.load_bytes(store.read_bytes(run["index"]))
+        with store.open_read(run["index"]) as stream:
+            history.index.load(stream, run["index"])
         with store.open_read(run["report"]) as stream:
-            for line in stream:
-                row = json.loads(line)
-                if not (row["outcome"] == "rejected" and row.get("reason") == "unreadable"):
-                    history.seen.add((run["source_uri"], row["source_key"]))  # unreadable: retry
-    history.used_keys = set(history.index.keys)
+            rows = (json.loads(line) for line in stream)
+            history.seen.update(
+                (f"{run['source_uri']}\t{row['source_key']}", None)
+                for row in rows
+                if not (row["outcome"] == "rejected" and row.get("reason") == "unreadable")
+            )  # unreadable: retried by the next run
     history.runs = list(manifest["runs"])
     history.shards = list(manifest["shards"])
-    return history
 
 
 def next_shard_index(manifest: dict | None) -> int:
