@@ -39,6 +39,7 @@ from lumos.data.ingest_run import (
 )
 from lumos.data.manifest import (
     MANIFEST,
+    DatasetHistory,
     add_counts,
     commit_manifest,
     is_up_to_date,
@@ -274,24 +275,46 @@ def ingest(
                         "new_shards": 0,
                     }
                 )
-            report_key = f"reports/ingest-{run_id}.jsonl"
-            index_key = f"index/dedup-{run_id}.jsonl.gz"
-            run.upload_report(report_key)
-            save_index(store, index_key, history.index, index_start)
-            record = run_record(
+            record = save_run(
+                store,
                 run,
-                source_uri=source.uri,
-                fingerprint=listing.fingerprint,
-                listed=listing.count,
-                previously_seen=skipped["objects"],
-                report=report_key,
-                index=index_key,
-                incremental=bool(history.runs),
+                history,
+                index_start,
+                listing,
+                skipped["objects"],
+                report_key=f"reports/ingest-{run_id}.jsonl",
+                index_key=f"index/dedup-{run_id}.jsonl.gz",
             )
             committed = commit_manifest(store, cfg, history, record, run.shards)
             return result_from_manifest(store, committed, up_to_date=False)
         finally:
             history.close()
+
+
+def save_run(
+    out: Storage,
+    run: IngestRun,
+    history: DatasetHistory,
+    index_start: int,
+    listing: ListingTally,
+    previously_seen: int,
+    *,
+    report_key: str,
+    index_key: str,
+) -> dict[str, Any]:
+    """Upload a finished run's report and index entries into `out`; the run's manifest record."""
+    run.upload_report(report_key)
+    save_index(out, index_key, history.index, index_start)
+    return run_record(
+        run,
+        source_uri=run.source.uri,
+        fingerprint=listing.fingerprint,
+        listed=listing.count,
+        previously_seen=previously_seen,
+        report=report_key,
+        index=index_key,
+        incremental=bool(history.runs),
+    )
 
 
 def save_index(store: Storage, key: str, index: DedupIndex, start: int) -> None:
@@ -394,21 +417,18 @@ def ingest_partition(
                 progress=progress,
             )
             run.run(items)
-            run.upload_report("report.jsonl")
-            save_index(staging, "index.jsonl.gz", history.index, index_start)
-            incremental = bool(history.runs)
+            record = save_run(
+                staging,
+                run,
+                history,
+                index_start,
+                listing,
+                skipped["objects"],
+                report_key="report.jsonl",
+                index_key="index.jsonl.gz",
+            )
         finally:
             history.close()
-    record = run_record(
-        run,
-        source_uri=source.uri,
-        fingerprint=listing.fingerprint,
-        listed=listing.count,
-        previously_seen=skipped["objects"],
-        report="report.jsonl",
-        index="index.jsonl.gz",
-        incremental=incremental,
-    )
     done = {
         "format": PARTITION_FORMAT,
         "partition": desc,
