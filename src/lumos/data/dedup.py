@@ -70,6 +70,11 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _unsigned(value: int) -> int:
+    """The unsigned 64-bit value of a signed integer SQLite returns."""
+    return value & ((1 << 64) - 1)
+
+
 class DedupIndex:
     """Keys of kept images by content digest and perceptual hash; first seen wins.
 
@@ -81,7 +86,7 @@ class DedupIndex:
 
     def __init__(self, near_distance: int | None, db: ScratchDB | None = None) -> None:
         self.near_distance = near_distance
-        self._own_db = db is None
+        # Without a db (a standalone index): its own, removed when the index is collected.
         self._db = db if db is not None else ScratchDB()
         self._conn = self._db.conn
         self._conn.execute(
@@ -100,10 +105,6 @@ class DedupIndex:
             ["(part = ? AND value = ?)"] * len(self._chunks)
         )
         self._count = 0
-
-    def close(self) -> None:
-        if self._own_db:
-            self._db.close()
 
     @staticmethod
     def _chunk_bounds(near_distance: int | None) -> list[tuple[int, int]]:
@@ -138,7 +139,7 @@ class DedupIndex:
         params = [v for part, value in enumerate(self._chunk_values(phash)) for v in (part, value)]
         best: tuple[int, int] | None = None  # (distance, idx)
         for idx, stored in self._conn.execute(self._near_query, params):
-            dist = hamming_distance(phash, stored & ((1 << 64) - 1))
+            dist = hamming_distance(phash, _unsigned(stored))
             if dist <= self.near_distance and (best is None or (dist, idx) < best):
                 best = (dist, idx)
         if best is None:
@@ -170,7 +171,7 @@ class DedupIndex:
             for key, digest, phash in rows:
                 out.write(
                     json.dumps(
-                        {"key": key, "sha256": digest.hex(), "phash": f"{phash & (2**64 - 1):016x}"}
+                        {"key": key, "sha256": digest.hex(), "phash": f"{_unsigned(phash):016x}"}
                     )
                     + "\n"
                 )

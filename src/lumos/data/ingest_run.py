@@ -244,13 +244,16 @@ class IngestRun:
         for fetched in fetched_items:
             if fetched.digest is not None:
                 match = self.index.find_exact(fetched.digest)
-                first = self._first_by_digest.get(fetched.digest.hex())
                 if match is not None:
                     fetched.exact_match, fetched.raw = match, None
-                elif first is not None:
+                    yield fetched
+                    continue
+                digest = fetched.digest.hex()
+                first = self._first_by_digest.get(digest)
+                if first is not None:
                     fetched.exact_of, fetched.raw = first, None
                 else:
-                    self._first_by_digest[fetched.digest.hex()] = fetched.item.source_key
+                    self._first_by_digest[digest] = fetched.item.source_key
             yield fetched
 
     # -- accepting results (main thread, in order) ---------------------------------------------

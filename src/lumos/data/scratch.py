@@ -46,12 +46,6 @@ class ScratchDB:
         self.conn.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> ScratchDB:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class DiskMap:
     """A str -> JSON-value mapping in a ScratchDB table (a set, with None values)."""
@@ -64,7 +58,6 @@ class DiskMap:
         )
         self._get = f"SELECT value FROM {name} WHERE key = ?"
         self._put = f"INSERT OR REPLACE INTO {name} (key, value) VALUES (?, ?)"
-        self._count = f"SELECT count(*) FROM {name}"
 
     def __contains__(self, key: str) -> bool:
         return self._conn.execute(self._get, (key,)).fetchone() is not None
@@ -84,6 +77,3 @@ class DiskMap:
 
     def update(self, items: Iterable[tuple[str, Any]]) -> None:
         self._conn.executemany(self._put, ((k, json.dumps(v)) for k, v in items))
-
-    def __len__(self) -> int:
-        return self._conn.execute(self._count).fetchone()[0]
