@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from tiny import TINY_CONFIG
-from two_processes import launch
+from two_processes import assert_resumed_exactly, launch
 
 from lumos.storage import Storage
 from lumos.training.checkpoint import read_checkpoint_meta
@@ -20,13 +20,7 @@ def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
     state = Storage.from_uri(first["checkpoint_uri"]).child("training_state")
     assert state.exists("rng-rank-00000.pt") and state.exists("rng-rank-00001.pt")
     second = launch(tmp_path, cfg, images_features, out)
-    assert second["resumed_from"] == first["checkpoint_uri"]
-
-    resumed = torch.tensor(
-        [loss for _, loss in first["losses"] + second["losses"]], dtype=torch.float64
-    )
-    expected = torch.tensor([loss for _, loss in full["losses"]], dtype=torch.float64)
-    torch.testing.assert_close(resumed, expected, rtol=1e-6, atol=1e-9)
+    assert_resumed_exactly(full, first, second)
     assert read_checkpoint_meta(out)["step"] == 4
 
 

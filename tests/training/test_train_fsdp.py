@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny import TINY_CONFIG
-from two_processes import launch
+from two_processes import assert_resumed_exactly, launch
 
 from lumos.training.checkpoint import load_checkpoint, read_checkpoint_meta
 from lumos.training.train import TrainConfig, train
@@ -47,12 +47,7 @@ def test_fsdp_trains_like_ddp_saves_full_checkpoints_and_resumes_exactly(images_
     out = str(tmp_path / "interrupted")
     first = launch(tmp_path, {**CONFIG, "steps": 2}, images_features, out)
     second = launch(tmp_path, CONFIG, images_features, out)
-    assert second["resumed_from"] == first["checkpoint_uri"]
-    resumed = torch.tensor(
-        [loss for _, loss in first["losses"] + second["losses"]], dtype=torch.float64
-    )
-    expected = torch.tensor([loss for _, loss in full["losses"]], dtype=torch.float64)
-    torch.testing.assert_close(resumed, expected, rtol=1e-6, atol=1e-9)
+    assert_resumed_exactly(full, first, second)
     assert read_checkpoint_meta(out)["step"] == 4
     torch.testing.assert_close(
         load_checkpoint(out).ema_model.state_dict(), loaded.ema_model.state_dict()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import torch
 from local_servers import free_port
 
 SCRIPT = textwrap.dedent(
@@ -47,3 +48,16 @@ def launch(tmp_path, cfg: dict, dataset: str, out: str, timeout_s: float = 300) 
     assert proc.returncode == 0, stderr[-3000:]
     line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
+
+
+def assert_resumed_exactly(full: dict, first: dict, second: dict) -> None:
+    """A run stopped after `first` and resumed as `second` logged exactly `full`'s losses."""
+    assert second["resumed_from"] == first["checkpoint_uri"]
+    resumed = [loss for _, loss in first["losses"] + second["losses"]]
+    expected = [loss for _, loss in full["losses"]]
+    torch.testing.assert_close(
+        torch.tensor(resumed, dtype=torch.float64),
+        torch.tensor(expected, dtype=torch.float64),
+        rtol=1e-6,
+        atol=1e-9,
+    )
