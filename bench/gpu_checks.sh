@@ -11,8 +11,10 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 # Training throughput: the compiled reference vs this project's XL/2 (bf16 weights), compiled.
+# BATCH=128 measures both at twice the per-GPU batch: the optimizer step's fixed cost is then
+# spread over twice the images (not measured yet).
 timeout "${TRAIN_TIMEOUT:-280}" python3 bench/train_throughput.py \
-  --variants "${VARIANTS:-ref,lumos-bf16w}" \
+  --variants "${VARIANTS:-ref,lumos-bf16w}" --batch "${BATCH:-64}" \
   --steps 20 --warmup 3 --out "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.log"
 # The training loop itself (lumos.training.train) at XL/2, batch 64, compiled, in both precisions
 # ("bf16" autocast and "bf16-weights"), plus its CUDA resume check. It imports the whole library:

@@ -25,6 +25,7 @@ from components.ingest_plan.component import ingest_plan
 from components.pretrain.component import pretrain
 from components.promote.component import promote
 from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
+from lumos.k8s.trainjob import FEATURE_CACHE_ENV, FEATURE_CACHE_PATH
 from lumos.pipeline.layout import HEAD_DATASET
 
 COMPILED_PATH = Path(__file__).with_name("lumos_pipeline.yaml")
@@ -54,6 +55,15 @@ def _on_cluster(task: dsl.PipelineTask, cfg: PipelineConfig, gpu: bool) -> dsl.P
             medium="Memory",
             size_limit=f"{cluster.shm_size_gib}Gi",
         )
+        # Features of a dataset in the object store: copied once to node-local disk and
+        # memory-mapped from there (lumos.training.data).
+        kubernetes.empty_dir_mount(
+            task,
+            volume_name="feature-cache",
+            mount_path=FEATURE_CACHE_PATH,
+            size_limit=f"{cluster.feature_cache_gib}Gi",
+        )
+        task.set_env_variable(FEATURE_CACHE_ENV, FEATURE_CACHE_PATH)
     return task
 
 

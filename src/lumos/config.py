@@ -53,6 +53,12 @@ class ClusterConfig(Strict):
     )
     s3_secret: str = Field("lumos-s3", description="Secret with LUMOS_S3_ENDPOINT and AWS_* keys")
     shm_size_gib: int = Field(16, ge=1, description="/dev/shm for data-loader workers")
+    feature_cache_gib: int = Field(
+        500,
+        ge=1,
+        description="node-local disk (an emptyDir) where GPU steps keep the features of a "
+        "dataset in the object store, memory-mapped from there (about 10 KB per image)",
+    )
     distributed: DistributedConfig | None = Field(
         None, description="Pretrain as a Kubeflow Trainer TrainJob over several nodes when set"
     )

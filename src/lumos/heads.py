@@ -3,9 +3,10 @@
 Heads differ by conditioning and data, not by a class hierarchy: a head is a small record
 (`HeadSpec`) plus two functions, `head_model_config` and `batch_to_model_inputs`.
 
-Batch keys (collated from cached features, see docs/architecture.md):
-- single-image heads: `latents (B,C,h,w)`, `image_embeds (B,D)`, `text_embeds (B,L,Dt)`,
-  `text_mask (B,L)`; optionally `image_size (B,2)` (height, width in pixels) for T2I.
+Batch keys (collated from cached features, see docs/architecture.md; `HeadSpec.batch_keys`):
+- i2i: `latents (B,C,h,w)`, `image_embeds (B,D)`.
+- t2i: `latents`, `text_embeds (B,L,Dt)`, `text_mask (B,L)`; optionally `image_size (B,2)`
+  (height, width in pixels).
 - multi-frame heads: `latents (B,F,C,h,w)`, `image_embeds (B,F,D)`, `frame_index (B,F)`,
   `camera (B,F,4)` = (azimuth_deg, elevation_deg, radius, 0) per view, absolute.
 """

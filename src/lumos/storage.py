@@ -120,6 +120,11 @@ class Storage:
     def download_file(self, key: str, local_path: str | Path) -> None:
         raise NotImplementedError
 
+    def local_path(self, key: str) -> Path | None:
+        """The object's own file when the store is a local directory (to memory-map it), else
+        None: the caller downloads it."""
+        return None
+
     # -- shared on top of the primitives -------------------------------------------------------
     def key_uri(self, key: str) -> str:
         """The full URI of `key` (for messages and for handing to other stages)."""
@@ -173,6 +178,9 @@ class LocalStorage(Storage):
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # Walk only the directory part of the prefix; the rest filters names (S3 prefix semantics).

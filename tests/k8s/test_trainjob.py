@@ -48,6 +48,12 @@ def test_render_default_is_valid_and_complete(crds_dir: Path) -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                    "effect": "NoSchedule"}]  # fmt: skip
+    # Node-local disk for the memory-mapped features, where lumos.training.data looks for it.
+    assert pod["volumes"] == [{"name": "feature-cache", "emptyDir": {"sizeLimit": "500Gi"}}]
+    [container] = pod["containers"]
+    assert container["name"] == "node"
+    [mount] = container["volumeMounts"]
+    assert env["LUMOS_FEATURE_CACHE"]["value"] == mount["mountPath"]
 
 
 def test_cpu_only_cluster_runtime_without_placement(crds_dir: Path) -> None:
@@ -55,7 +61,12 @@ def test_cpu_only_cluster_runtime_without_placement(crds_dir: Path) -> None:
                             runtime_kind="ClusterTrainingRuntime", env_secret=None,
                             active_deadline_s=3600)  # fmt: skip
     job = render_trainjob(cfg, ["lumos", "pretrain"], "cpu-run")
-    assert "runtimePatches" not in job["spec"] and "env" not in job["spec"]["trainer"]
+    [patch] = job["spec"]["runtimePatches"]
+    [job_patch] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = job_patch["template"]["spec"]["template"]["spec"]
+    assert sorted(pod) == ["containers", "volumes"]  # the feature cache only: no placement
+    env = job["spec"]["trainer"]["env"]
+    assert env == [{"name": "LUMOS_FEATURE_CACHE", "value": "/var/cache/lumos-features"}]
     assert job["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
     assert job["spec"]["trainer"]["numProcPerNode"] == 1
     assert "nvidia.com/gpu" not in job["spec"]["trainer"]["resourcesPerNode"]["limits"]

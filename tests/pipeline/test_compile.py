@@ -52,7 +52,14 @@ def test_gpu_steps_request_gpus_nodes_and_tolerations() -> None:
     assert pre["nodeSelector"]["labels"] == cfg.cluster.gpu_node_selector
     assert pre["tolerations"][0]["key"] == cfg.cluster.gpu_tolerations[0].key
     assert pre["secretAsEnv"][0]["secretName"] == cfg.cluster.s3_secret
-    assert pre["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    mounts = {m["volumeName"]: m for m in pre["emptyDirMounts"]}
+    assert mounts["dshm"]["mountPath"] == "/dev/shm"
+    # Node-local disk for the features of a dataset in the object store, and the variable that
+    # points lumos.training.data at it.
+    cache = mounts["feature-cache"]
+    assert cache["sizeLimit"] == f"{cfg.cluster.feature_cache_gib}Gi"
+    env = {e["name"]: e["value"] for e in train["env"]}
+    assert env["LUMOS_FEATURE_CACHE"] == cache["mountPath"]
     # CPU steps get the secret but no GPU
     assert "accelerator" not in executors["exec-ingest-plan"]["container"].get("resources", {})
     assert "nodeSelector" not in k8s["exec-ingest-plan"]

@@ -1,10 +1,21 @@
-"""The feature dataset: splits, per-head items and batches, a deterministic resumable order."""
+"""The feature dataset: splits, per-head items and batches, a deterministic resumable order,
+parts memory-mapped from the dataset or from a local cache of the object store's files."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
+from lumos.storage import S3Storage, Storage
 from lumos.training.data import (
     FeatureDataset,
     FeaturesNotFound,
@@ -25,12 +36,130 @@ def test_single_image_batches(images_features):
     table = load_feature_table(images_features)
     i2i = FeatureDataset.for_head(table, "i2i")
     batch = i2i.batch([0, 5, 7])
-    assert batch["latents"].shape == (3, 3, 8, 8) and batch["latents"].dtype == torch.float32
+    assert sorted(batch) == ["image_embeds", "latents"]  # pretraining reads no text
+    assert batch["latents"].shape == (3, 3, 8, 8) and batch["latents"].dtype == torch.float16
     assert batch["image_embeds"].shape == (3, 16)
-    assert batch["text_embeds"].shape == (3, 6, 12) and batch["text_mask"].shape == (3, 6)
     t2i = FeatureDataset.for_head(table, "t2i")
     assert len(t2i) == 10 and all(table.records[i]["paired"] for [i] in t2i.items)
-    assert t2i.batch(list(range(10)))["text_mask"].any(dim=1).all()  # every row has a caption
+    text = t2i.batch(list(range(10)))
+    assert sorted(text) == ["latents", "text_embeds", "text_mask"]
+    assert text["text_embeds"].shape == (10, 6, 12) and text["text_mask"].any(dim=1).all()
+
+
+def _part_rows(dataset: str, part: str, tensor: str) -> torch.Tensor:
+    with safe_open(str(Path(dataset) / "features" / f"{part}.safetensors"), "pt") as f:
+        return f.get_tensor(tensor)
+
+
+def test_gather_reads_the_right_rows_across_parts_and_splits(images_features):
+    table = load_feature_table(images_features)
+    # Table rows skip the eval samples (3 and 11): row 3 is sample 4, row 10 is sample 12,
+    # the third row of part 1 (samples 10..19, sample 11 excluded).
+    assert [table.records[r]["key"] for r in (2, 3, 10, -1)] == [
+        "img-0002", "img-0004", "img-0012", "img-0019"
+    ]  # fmt: skip
+    got = table.gather([[10, 3], [2, 10]], text=True)
+    assert got["latents"].shape == (2, 2, 3, 8, 8) and got["text_embeds"].shape == (2, 2, 6, 12)
+    part0, part1 = (_part_rows(images_features, f"part-0000{p}", "latents") for p in (0, 1))
+    assert torch.equal(got["latents"][0, 0], part1[2]) and torch.equal(
+        got["latents"][0, 1], part0[4]
+    )
+    assert torch.equal(got["latents"][1, 1], got["latents"][0, 0])
+    # Sample 12 is captioned (its text row in part 1 is 1: samples 10, 12, ...), sample 4 too.
+    with safe_open(str(Path(images_features) / "features/part-00001.text.safetensors"), "pt") as f:
+        assert torch.equal(got["text_embeds"][0, 0], f.get_tensor("text_embeds")[1])
+    assert got["text_mask"][0].any(dim=1).all()
+    with pytest.raises(IndexError, match="out of range for 18 samples"):
+        table.gather([18])
+
+
+def test_parts_are_memory_mapped_not_read(images_features):
+    table = load_feature_table(images_features)
+    mapped = Path("/proc/self/maps").read_text()
+    for name in ("part-00000.safetensors", "part-00001.safetensors", "part-00001.text.safetensors"):
+        assert str(Path(images_features) / "features" / name) in mapped, name
+    assert len(table.parts) == 2
+
+
+def test_object_store_features_are_cached_locally_once(
+    images_features, s3_bucket, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LUMOS_FEATURE_CACHE", str(tmp_path / "cache"))
+    store = Storage.from_uri(f"s3://{s3_bucket}/ds")
+    store.upload_dir(images_features)
+    local = load_feature_table(images_features)
+    table = load_feature_table(store.uri)
+    assert len(table) == len(local) and table.excluded_eval == local.excluded_eval
+    rows = np.arange(len(table))
+    for key, value in table.gather(rows, text=True).items():
+        assert torch.equal(value, local.gather(rows, text=True)[key]), key
+    cached = sorted((tmp_path / "cache").rglob("*"))
+    files = [p for p in cached if p.is_file() and not p.name.startswith(".")]  # not the locks
+    assert len(files) == 2 * 2 + 2  # per part: tensors, json; text tensors of both parts
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    load_feature_table(store.uri)  # a second run downloads nothing
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    # A part rewritten in the store (new encoders, say) is fetched again, not served stale.
+    other = torch.zeros_like(_part_rows(images_features, "part-00000", "latents"))
+    embeds = _part_rows(images_features, "part-00000", "image_embeds")
+    store.child("features").write_bytes(
+        "part-00000.safetensors", save({"latents": other, "image_embeds": embeds.clone()})
+    )
+    again = load_feature_table(store.uri)
+    assert not again.gather([0])["latents"].any() and table.gather([0])["latents"].any()
+
+
+def test_processes_of_a_node_download_each_object_once(
+    images_features, s3_bucket, tmp_path, monkeypatch
+):
+    """Concurrent loaders (the ranks of one node) share one download per object. Threads stand
+    in for processes: flock locks conflict between separate opens in one process too."""
+    monkeypatch.setenv("LUMOS_FEATURE_CACHE", str(tmp_path / "cache"))
+    store = Storage.from_uri(f"s3://{s3_bucket}/ds")
+    store.upload_dir(images_features)
+    downloads: list[str] = []
+    real = S3Storage.download_file
+
+    def slow_download(self, key, local_path):
+        downloads.append(key)
+        time.sleep(0.05)  # widen the window in which another loader could start the same one
+        real(self, key, local_path)
+
+    monkeypatch.setattr(S3Storage, "download_file", slow_download)
+    with ThreadPoolExecutor(3) as pool:
+        tables = list(pool.map(lambda _: load_feature_table(store.uri), range(3)))
+    assert sorted(downloads) == sorted(set(downloads)) and len(downloads) == 6
+    assert all(torch.equal(t.gather([0, 9])["latents"], tables[0].gather([0, 9])["latents"])
+               for t in tables)  # fmt: skip
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if "tmp" in p.name]
+    assert not leftovers
+
+
+def test_listed_eval_rows_split_without_reading_the_records(images_features, tmp_path):
+    """featurize lists each part's eval rows in features.json: loading reads no part json."""
+    copy = tmp_path / "ds"
+    shutil.copytree(images_features, copy)
+    features = Storage.from_uri(str(copy)).child("features")
+    spec = features.read_json("features.json")
+    for entry in spec["parts"]:
+        records = features.read_json(f"{entry['name']}.json")["meta"]
+        entry["eval_rows"] = [i for i, r in enumerate(records) if r["meta"].get("split") == "eval"]
+        features.delete(f"{entry['name']}.json")
+    features.write_json("features.json", spec)
+    table, legacy = load_feature_table(str(copy)), load_feature_table(images_features)
+    assert len(table) == len(legacy) == 18 and table.excluded_eval == 2
+    assert torch.equal(table.gather(range(18))["latents"], legacy.gather(range(18))["latents"])
+    assert len(load_feature_table(str(copy), split="eval")) == 2
+    with pytest.raises(FeaturesNotFound, match="part-00000.json"):
+        table.records[0]  # records are read on demand, and these are gone
+
+
+def test_missing_part_file_is_a_clear_error(images_features, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(images_features, copy)
+    os.remove(copy / "features/part-00001.safetensors")
+    with pytest.raises(FeaturesNotFound, match="part-00001.safetensors: re-run `lumos featurize`"):
+        load_feature_table(str(copy))
 
 
 def test_views_are_grouped_sorted_and_carry_their_cameras(views_features):
@@ -44,7 +173,7 @@ def test_views_are_grouped_sorted_and_carry_their_cameras(views_features):
         assert indices == list(range(indices[0], indices[0] + 3))
     batch = views.batch([0, 4])
     assert batch["latents"].shape == (2, 3, 3, 8, 8) and batch["image_embeds"].shape == (2, 3, 16)
-    assert batch["frame_index"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert sorted(batch) == ["camera", "image_embeds", "latents"]  # HeadSpec.batch_keys
     first = [table.records[r]["meta"]["camera"] for r in views.items[0]]
     expected = [[c["azimuth"], c["elevation"], c["radius"], 0.0] for c in first]
     assert batch["camera"][0].tolist() == expected  # absolute: lumos.heads makes it relative
@@ -54,6 +183,10 @@ def test_short_groups_are_counted_not_silently_used(clips_features):
     table = load_feature_table(clips_features)
     clips = FeatureDataset.for_head(table, "video", num_frames=5)
     assert len(clips) == 3 and clips.skipped_groups == 0
+    batch = clips.batch([0, 2])
+    assert sorted(batch) == ["frame_index", "image_embeds", "latents"]
+    assert batch["frame_index"].tolist() == [list(range(5))] * 2
+    assert batch["latents"].shape == (2, 5, 3, 8, 8)
     with pytest.raises(ValueError, match="no training items for head 'video'"):
         FeatureDataset.for_head(table, "video", num_frames=6)
 
@@ -88,16 +221,8 @@ def test_groups_shorter_than_num_frames_are_counted():
         for f in range(frames)
     ]
     n = len(records)
-    table = FeatureTable(
-        spec={},
-        records=records,
-        latents=torch.zeros(n, 3, 4, 4),
-        image_embeds=torch.zeros(n, 8),
-        text_embeds=None,
-        text_mask=None,
-        has_text=torch.zeros(n, dtype=torch.bool),
-    )
+    table = FeatureTable.in_memory(records, torch.zeros(n, 3, 4, 4), torch.zeros(n, 8))
     clips = FeatureDataset.for_head(table, "video", num_frames=3)
-    assert clips.items == [[0, 1, 2], [1, 2, 3]] and clips.skipped_groups == 1
+    assert clips.items.tolist() == [[0, 1, 2], [1, 2, 3]] and clips.skipped_groups == 1
     with pytest.raises(ValueError, match="needs meta.camera on every view"):
         FeatureDataset.for_head(table, "novel_view", num_frames=3)

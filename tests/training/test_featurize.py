@@ -126,8 +126,11 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 def test_training_reads_what_featurize_wrote(dataset, tmp_path, tiny_config):
     featurize(tiny_featurize_config(), dataset)
+    spec = Storage.from_uri(dataset).child("features").read_json("features.json")
+    assert [p["eval_rows"] for p in spec["parts"]][0] == [1]  # listed: no records to read
     table = load_feature_table(dataset)
     assert len(table) == 9 and table.excluded_eval == 1  # img-0001 is in the eval split
+    assert table.records[1]["key"] == "img-0002"  # the records still read on demand
     t2i = FeatureDataset.for_head(table, "t2i")
     assert len(t2i) == 4 and t2i.batch([0, 1])["text_embeds"].shape == (2, 8, 32)
 

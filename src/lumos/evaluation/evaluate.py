@@ -319,7 +319,7 @@ def _generate(cfg, model, encoders, table, head, items, device) -> list[list[np.
             text_embeds, text_mask = encoders.embed_texts(
                 [_caption(table.records[r]) for r in rows]
             )
-            batch = {"latents": table.latents[rows].float(), "text_embeds": text_embeds,
+            batch = {"latents": table.gather(rows)["latents"], "text_embeds": text_embeds,
                      "text_mask": text_mask}  # fmt: skip
         else:
             batch = dataset.batch(ids)

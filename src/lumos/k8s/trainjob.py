@@ -38,6 +38,8 @@ RUNTIME_JOB_NAME = "node"  # the replicated job (and container) name in the torc
 PATCH_MANAGER = "lumos.dev/launcher"  # who owns our runtimePatches entry
 # TrainJob -> JobSet of the same name -> pods labelled with the JobSet (= TrainJob) name.
 POD_LABEL = "jobset.sigs.k8s.io/jobset-name"
+FEATURE_CACHE_ENV = "LUMOS_FEATURE_CACHE"  # lumos.training.data.CACHE_ENV
+FEATURE_CACHE_PATH = "/var/cache/lumos-features"
 
 
 class DistributedConfig(Strict):
@@ -64,6 +66,9 @@ class DistributedConfig(Strict):
         "lumos-s3", description="Secret holding LUMOS_S3_ENDPOINT and AWS_* (None: no secret env)"
     )
     env: dict[str, str] = Field(default_factory=dict, description="extra plain env variables")
+    feature_cache_gib: int = Field(
+        500, ge=1, description="node-local disk (emptyDir) for the memory-mapped features"
+    )
     active_deadline_s: int | None = Field(None, ge=1, description="kill the job after this long")
     timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="how long launch_and_wait waits")
     poll_s: float = Field(30.0, gt=0)
@@ -91,6 +96,8 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
         raise ValueError(f"TrainJob name {name!r} must start with a letter (RFC 1035 label)")
     env = secret_env(cfg.env_secret) if cfg.env_secret else []
     env += [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
+    if FEATURE_CACHE_ENV not in cfg.env:
+        env.append({"name": FEATURE_CACHE_ENV, "value": FEATURE_CACHE_PATH})
     trainer: dict[str, Any] = {
         "image": cfg.image,
         "command": list(command),
@@ -110,22 +117,33 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     }
     if cfg.active_deadline_s:
         spec["activeDeadlineSeconds"] = cfg.active_deadline_s
-    pod_patch: dict[str, Any] = {}
+    # The features of a dataset in the object store are copied to node-local disk once and
+    # memory-mapped from there (lumos.training.data): an emptyDir shared by the node's processes.
+    pod_patch: dict[str, Any] = {
+        "volumes": [
+            {"name": "feature-cache", "emptyDir": {"sizeLimit": f"{cfg.feature_cache_gib}Gi"}}
+        ],
+        "containers": [
+            {
+                "name": RUNTIME_JOB_NAME,
+                "volumeMounts": [{"name": "feature-cache", "mountPath": FEATURE_CACHE_PATH}],
+            }
+        ],
+    }
     if cfg.node_selector:
         pod_patch["nodeSelector"] = dict(cfg.node_selector)
     if cfg.tolerations:
         pod_patch["tolerations"] = [t.to_k8s() for t in cfg.tolerations]
-    if pod_patch:
-        job_patch = {
-            "name": RUNTIME_JOB_NAME,
-            "template": {"spec": {"template": {"spec": pod_patch}}},
+    job_patch = {
+        "name": RUNTIME_JOB_NAME,
+        "template": {"spec": {"template": {"spec": pod_patch}}},
+    }
+    spec["runtimePatches"] = [
+        {
+            "manager": PATCH_MANAGER,
+            "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job_patch]}}},
         }
-        spec["runtimePatches"] = [
-            {
-                "manager": PATCH_MANAGER,
-                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job_patch]}}},
-            }
-        ]
+    ]
     job = {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "TrainJob",

@@ -1,18 +1,20 @@
 """The cached features the training loop reads, assembled into batches per head.
 
 Featurize wrote `<dataset>/features/part-XXXXX.safetensors` (+ `.json`, `.text.safetensors`) and
-`features.json` last. Here the parts are loaded into memory (float16: 1M images at 32x32x4 latents
-plus a 768-d embedding are about 10 GB), filtered to the training split, and served in a
-deterministic order that is a pure function of (seed, epoch), so a resumed run sees exactly the
-batches the uninterrupted run would have seen from its saved position on.
+`features.json` last. Here every part is memory-mapped, never read into memory: a local dataset's
+own files, or for a dataset in the object store, copies downloaded once into a local cache
+(`$LUMOS_FEATURE_CACHE`, else `<tmp>/lumos-features`). A batch reads just its rows, through the
+page cache, which the processes of one node share. What stays in memory is a few bytes per
+sample (its part row, whether it has text) and the parts' json records, read on demand: the
+pretraining set can be far larger than memory (190M images at 32x32x4 latents are about 1.8 TB).
 
-For datasets beyond one machine's memory the same order can be served without loading everything:
-the item -> (part, row) index is small, and `safetensors.safe_open` reads single rows of a part
-from a local (or cached) file; the sampler below does not change.
+The training order is a deterministic function of (seed, epoch), so a resumed run sees exactly
+the batches the uninterrupted run would have seen from its saved position on.
 
-Batches follow the heads' contract (docs/architecture.md, "Heads"):
-- single-image heads (i2i, t2i): `latents (B,C,h,w)`, `image_embeds (B,D)` and, when the dataset
-  has captions, `text_embeds (B,L,Dt)`, `text_mask (B,L)`; t2i only uses rows with a caption.
+Batches follow the heads' contract (docs/architecture.md, "Heads"), float16 as cached (the
+model casts them):
+- i2i: `latents (B,C,h,w)`, `image_embeds (B,D)`.
+- t2i: `latents`, `text_embeds (B,L,Dt)`, `text_mask (B,L)`; it only uses rows with a caption.
 - multi-frame heads (novel_view, video): samples grouped by `meta.group`, sorted by `meta.index`;
   every run of `num_frames` consecutive frames of a group is one item: `latents (B,F,C,h,w)`,
   `image_embeds (B,F,D)`, `frame_index (B,F)` and, for views, `camera (B,F,4)` =
@@ -21,17 +23,29 @@ Batches follow the heads' contract (docs/architecture.md, "Heads"):
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
 
+from lumos.heads import get_head
 from lumos.storage import Storage
 
 FEATURES_DIR = "features"
 MULTI_FRAME_HEADS = ("novel_view", "video")
+CACHE_ENV = "LUMOS_FEATURE_CACHE"
 
 
 class FeaturesNotFound(FileNotFoundError):
@@ -39,20 +53,144 @@ class FeaturesNotFound(FileNotFoundError):
 
 
 @dataclass
-class FeatureTable:
-    """Every training-split sample of a featurized dataset, in memory."""
+class FeaturePart:
+    """The features of one part (one ingest shard). Tensors are memory-mapped or in memory."""
 
-    spec: dict[str, Any]  # features.json: encoders, counts, shapes
-    records: list[dict[str, Any]]  # per-sample json written by ingest (key, meta, caption, ...)
-    latents: torch.Tensor  # (N, C, h, w) float16, already scaled
-    image_embeds: torch.Tensor  # (N, D) float16, raw DINO CLS
-    text_embeds: torch.Tensor | None  # (N, L, Dt) float16, zeros where a row has no caption
-    text_mask: torch.Tensor | None  # (N, L) bool
-    has_text: torch.Tensor  # (N,) bool
-    excluded_eval: int = 0  # samples left out because their split is "eval"
+    latents: torch.Tensor  # (n, C, h, w) float16, already scaled
+    image_embeds: torch.Tensor  # (n, D) float16, raw DINO CLS
+    records: Callable[[], list[dict[str, Any]]]  # loads the n per-sample records (ingest's json)
+    text_rows: np.ndarray | None = None  # (M,) int64 ascending: the rows with a caption
+    text_embeds: torch.Tensor | None = None  # (M, L, Dt) float16
+    text_mask: torch.Tensor | None = None  # (M, L) bool
+
+    def text_row(self, row: int) -> int | None:
+        """The position of `row` among the text rows, None when it has no caption."""
+        if self.text_rows is None:
+            return None
+        t = int(np.searchsorted(self.text_rows, row))
+        return t if t < len(self.text_rows) and self.text_rows[t] == row else None
+
+
+class TableRecords(Sequence[dict[str, Any]]):
+    """The per-sample records of a table's rows, read from their part's json when first asked
+    for; the most recently used parts stay loaded."""
+
+    def __init__(self, table: FeatureTable, keep_parts: int = 4) -> None:
+        self.table, self.keep_parts = table, keep_parts
+        self._loaded: OrderedDict[int, list[dict[str, Any]]] = OrderedDict()
+
+    def _part(self, p: int) -> list[dict[str, Any]]:
+        if p in self._loaded:
+            self._loaded.move_to_end(p)
+        else:
+            self._loaded[p] = self.table.parts[p].records()
+            if len(self._loaded) > self.keep_parts:
+                self._loaded.popitem(last=False)
+        return self._loaded[p]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.table)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:  # type: ignore[override]
+        if not isinstance(row, int | np.integer):
+            raise TypeError(f"records are indexed by one int row, got {type(row).__name__}")
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} out of range for a table of {len(self)} samples")
+        p, local = self.table.locate(np.array([row % len(self)]))
+        return self._part(int(p[0]))[int(local[0])]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        starts, local = self.table.part_starts, self.table.local_rows
+        for p in range(len(self.table.parts)):
+            records = self._part(p)
+            for r in local[starts[p] : starts[p + 1]]:
+                yield records[r]
+
+
+@dataclass
+class FeatureTable:
+    """The samples of one split of a featurized dataset: row i is `local_rows[i]` of the part
+    whose range [part_starts[p], part_starts[p + 1]) holds it."""
+
+    spec: dict[str, Any]  # features.json: encoders, counts, shapes
+    parts: list[FeaturePart]
+    part_starts: np.ndarray  # (P + 1,) int64
+    local_rows: np.ndarray  # (N,) int64: row within its part
+    has_text: torch.Tensor  # (N,) bool
+    excluded_eval: int = 0  # samples left out because their split is "eval"
+    records: TableRecords = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.records = TableRecords(self)
+
+    @classmethod
+    def in_memory(
+        cls,
+        records: list[dict[str, Any]],
+        latents: torch.Tensor,
+        image_embeds: torch.Tensor,
+        spec: dict[str, Any] | None = None,
+    ) -> FeatureTable:
+        """One part held in memory (tests, small tables built in code)."""
+        n = len(records)
+        assert latents.shape[0] == n and image_embeds.shape[0] == n, "one feature row per record"
+        part = FeaturePart(latents=latents, image_embeds=image_embeds, records=lambda: records)
+        return cls(
+            spec=spec or {},
+            parts=[part],
+            part_starts=np.array([0, n], dtype=np.int64),
+            local_rows=np.arange(n, dtype=np.int64),
+            has_text=torch.zeros(n, dtype=torch.bool),
+        )
+
+    def __len__(self) -> int:
+        return len(self.local_rows)
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part index, row within the part) of each table row."""
+        return np.searchsorted(self.part_starts, rows, side="right") - 1, self.local_rows[rows]
+
+    def gather(
+        self, rows: Sequence[int] | np.ndarray, text: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The features of `rows` (any shape S): latents (*S, C, h, w), image_embeds (*S, D) and,
+        with `text`, text_embeds (*S, L, Dt) and text_mask (*S, L) (zeros where a row has none).
+        Reads only these rows of the memory-mapped parts."""
+        index = np.asarray(rows, dtype=np.int64)
+        flat = index.reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(
+                f"rows {flat.min()}..{flat.max()} out of range for {len(self)} samples"
+            )
+        text_shape = self.spec.get("shapes", {}).get("text_embeds") if text else None
+        if text and text_shape is None:
+            raise ValueError("text features asked for, but the dataset has no paired samples")
+        first = self.parts[0]
+        out = {
+            "latents": torch.empty((len(flat), *first.latents.shape[1:]), dtype=torch.float16),
+            "image_embeds": torch.empty((len(flat), *first.image_embeds.shape[1:]), dtype=torch.float16),
+        }  # fmt: skip
+        if text_shape is not None:
+            out["text_embeds"] = torch.empty((len(flat), *text_shape), dtype=torch.float16)
+            out["text_mask"] = torch.empty((len(flat), text_shape[0]), dtype=torch.bool)
+        # One copy per row straight from the map into the batch: no temporaries (a T2I row of
+        # T5-XXL tokens is about 1 MB), and a row costs the same whichever part holds it.
+        part_ids, local = self.locate(flat)
+        for i, (p, r) in enumerate(zip(part_ids.tolist(), local.tolist(), strict=True)):
+            part = self.parts[p]
+            out["latents"][i].copy_(part.latents[r])
+            out["image_embeds"][i].copy_(part.image_embeds[r])
+            if text_shape is None:
+                continue
+            t = part.text_row(r)
+            if t is None:
+                out["text_embeds"][i].zero_()
+                out["text_mask"][i].zero_()
+            else:
+                assert part.text_embeds is not None and part.text_mask is not None
+                out["text_embeds"][i].copy_(part.text_embeds[t])
+                out["text_mask"][i].copy_(part.text_mask[t])
+        return {k: v.reshape(*index.shape, *v.shape[1:]) for k, v in out.items()}
 
 
 def read_features_spec(dataset_uri: str) -> dict[str, Any]:
@@ -66,58 +204,147 @@ def read_features_spec(dataset_uri: str) -> dict[str, Any]:
     return store.read_json("features.json")
 
 
+def feature_cache_dir() -> Path:
+    """Where the features of datasets in the object store are kept on local disk."""
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "lumos-features")
+
+
+class _LocalFiles:
+    """Local paths of a features directory's files: its own files when it is local, else copies
+    in the cache, downloaded once per node and again only when the object changed. A lock file
+    per object makes the processes of a node wait for one download instead of each fetching
+    its own; the download lands under a temporary name first, so no reader sees half a file."""
+
+    def __init__(self, store: Storage) -> None:
+        self.store = store
+        self.versions: dict[str, str] = {}
+        if store.local_path("features.json") is None:
+            self.versions = {info.key: info.version for info in store.list()}
+            self.cache = feature_cache_dir() / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+
+    def __call__(self, key: str) -> Path:
+        own = self.store.local_path(key)
+        if own is not None:
+            if not own.is_file():
+                raise FeaturesNotFound(f"missing feature file {own}: re-run `lumos featurize`")
+            return own
+        if key not in self.versions:
+            raise FeaturesNotFound(
+                f"missing feature file {self.store.key_uri(key)}: re-run `lumos featurize`"
+            )
+        version = hashlib.sha256(self.versions[key].encode()).hexdigest()[:12]
+        path = self.cache / f"{version}-{key}"
+        if path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not path.is_file():  # another process may have fetched it meanwhile
+                self.store.download_file(key, path)
+        return path
+
+    def fetch_all(self, keys: list[str], threads: int = 16) -> list[Path]:
+        """`self(key)` for every key, `threads` at a time (object-store latency, not bandwidth,
+        bounds one download of a small part)."""
+        if not self.versions:  # local: nothing to fetch
+            return [self(key) for key in keys]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(self, keys))
+
+
+def _map(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as views of its memory map (nothing is read yet)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            available = set(f.keys())
+            missing = [n for n in names if n not in available]
+            if missing:
+                raise ValueError(f"{path} lacks tensors {missing}: re-run `lumos featurize`")
+            return {n: f.get_tensor(n) for n in names}
+    except (OSError, RuntimeError) as err:  # safetensors' own error is a RuntimeError subclass
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+
+
 def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
-    """Load the features of `dataset_uri`; split "train" keeps every sample not marked "eval"."""
+    """Map the features of `dataset_uri`; split "train" keeps every sample not marked "eval".
+
+    Each part's entry in features.json lists its eval rows, so the parts' json records are only
+    read when a caller asks for records (multi-frame heads, evaluation); features written before
+    that entry existed are split by reading their records here."""
     if split not in ("train", "eval", "all"):
         raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
     spec = read_features_spec(dataset_uri)
-    store = Storage.from_uri(dataset_uri).child(FEATURES_DIR)
-    records: list[dict[str, Any]] = []
-    latents, image_embeds, text_embeds, text_masks, has_text = [], [], [], [], []
-    text_shape = spec["shapes"].get("text_embeds")  # [L, Dt] or None when nothing is paired
-    excluded = 0
-    for part in spec["parts"]:
-        name = part["name"]
-        tensors = load_safetensors(store.read_bytes(f"{name}.safetensors"))
-        part_json = store.read_json(f"{name}.json")
-        n = len(part_json["keys"])
-        part_text = torch.zeros(n, *text_shape, dtype=torch.float16) if text_shape else None
-        part_mask = torch.zeros(n, text_shape[0], dtype=torch.bool) if text_shape else None
-        part_has_text = torch.zeros(n, dtype=torch.bool)
-        if part.get("paired", 0) > 0:
-            text = load_safetensors(store.read_bytes(f"{name}.text.safetensors"))
-            rows = text["rows"]
-            assert part_text is not None and part_mask is not None, "text part without a shape"
-            part_text[rows] = text["text_embeds"]
-            part_mask[rows] = text["text_mask"]
+    files = _LocalFiles(Storage.from_uri(dataset_uri).child(FEATURES_DIR))
+    entries = spec["parts"]
+    split_listed = all("eval_rows" in e for e in entries)
+    files.fetch_all(
+        [f"{e['name']}.safetensors" for e in entries]
+        + ([] if split_listed else [f"{e['name']}.json" for e in entries])
+        + [f"{e['name']}.text.safetensors" for e in entries if e.get("paired", 0) > 0]
+    )
+    parts: list[FeaturePart] = []
+    starts, local_rows, has_text, excluded = [0], [], [], 0
+    for entry in entries:
+        name = entry["name"]
+        tensors = _map(files(f"{name}.safetensors"), ("latents", "image_embeds"))
+        records = functools.partial(_part_records, files, f"{name}.json")
+        if split_listed:
+            n, is_eval = int(entry["count"]), np.zeros(int(entry["count"]), dtype=bool)
+            is_eval[np.asarray(entry["eval_rows"], dtype=np.int64)] = True
+        else:
+            is_eval = np.array([is_eval_record(r) for r in records()], dtype=bool)
+            n = len(is_eval)
+        if tensors["latents"].shape[0] != n or tensors["image_embeds"].shape[0] != n:
+            raise ValueError(
+                f"part {name} of {dataset_uri} has {tensors['latents'].shape[0]} feature rows "
+                f"for {n} records: the features are inconsistent; re-run `lumos featurize`"
+            )
+        part = FeaturePart(
+            latents=tensors["latents"], image_embeds=tensors["image_embeds"], records=records
+        )
+        part_has_text = np.zeros(n, dtype=bool)
+        if entry.get("paired", 0) > 0:
+            text = _map(files(f"{name}.text.safetensors"), ("rows", "text_embeds", "text_mask"))
+            rows = text["rows"].numpy().astype(np.int64)  # tiny: kept in memory
+            if np.any(rows[1:] <= rows[:-1]):
+                raise ValueError(f"part {name} of {dataset_uri}: text rows are not ascending")
+            part.text_rows, part.text_embeds, part.text_mask = (
+                rows, text["text_embeds"], text["text_mask"]
+            )  # fmt: skip
             part_has_text[rows] = True
-        keep = [i for i, r in enumerate(part_json["meta"]) if _in_split(r, split)]
-        excluded += n - len(keep)
-        index = torch.tensor(keep, dtype=torch.long)
-        records += [part_json["meta"][i] for i in keep]
-        latents.append(tensors["latents"][index])
-        image_embeds.append(tensors["image_embeds"][index])
-        has_text.append(part_has_text[index])
-        if part_text is not None and part_mask is not None:
-            text_embeds.append(part_text[index])
-            text_masks.append(part_mask[index])
-    if not records:
+        selected = {"train": ~is_eval, "eval": is_eval, "all": np.ones(n, dtype=bool)}[split]
+        keep = np.nonzero(selected)[0].astype(np.int64)
+        excluded += int(is_eval.sum()) if split == "train" else 0
+        parts.append(part)
+        local_rows.append(keep)
+        has_text.append(part_has_text[keep])
+        starts.append(starts[-1] + len(keep))
+    if starts[-1] == 0:
         raise ValueError(f"the features of {dataset_uri} hold no {split!r} samples")
     return FeatureTable(
         spec=spec,
-        records=records,
-        latents=torch.cat(latents),
-        image_embeds=torch.cat(image_embeds),
-        text_embeds=torch.cat(text_embeds) if text_embeds else None,
-        text_mask=torch.cat(text_masks) if text_masks else None,
-        has_text=torch.cat(has_text),
+        parts=parts,
+        part_starts=np.array(starts, dtype=np.int64),
+        local_rows=np.concatenate(local_rows),
+        has_text=torch.from_numpy(np.concatenate(has_text)),
         excluded_eval=excluded,
     )
 
 
-def _in_split(record: dict[str, Any], split: str) -> bool:
-    is_eval = (record.get("meta") or {}).get("split") == "eval"
-    return split == "all" or (split == "eval") == is_eval
+def is_eval_record(record: dict[str, Any]) -> bool:
+    """Whether a sample's record puts it in the eval split (`meta.split == "eval"`)."""
+    return (record.get("meta") or {}).get("split") == "eval"
+
+
+def _part_records(files: _LocalFiles, key: str) -> list[dict[str, Any]]:
+    return _read_records(files(key))
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads(path.read_bytes())["meta"]
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a feature part's json ({err})") from err
 
 
 def absolute_camera(camera: dict[str, float]) -> list[float]:
@@ -132,32 +359,30 @@ class FeatureDataset:
     table: FeatureTable
     head: str
     num_frames: int = 1
-    items: list[list[int]] = field(default_factory=list)  # rows of the table, one list per item
+    # (num_items, frames) int64: the table rows of each item (frames = 1 for single-image heads)
+    items: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
     skipped_groups: int = 0  # multi-frame groups shorter than num_frames
+    # (N, 4) float32 absolute camera of every table row, for head "novel_view"
+    cameras: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        items = np.asarray(self.items, dtype=np.int64)
+        self.items = items[:, None] if items.ndim == 1 else items
 
     @classmethod
     def for_head(cls, table: FeatureTable, head: str, num_frames: int = 1) -> FeatureDataset:
         ds = cls(table=table, head=head, num_frames=num_frames)
         if head in MULTI_FRAME_HEADS:
             assert num_frames >= 2, f"head {head!r} needs num_frames >= 2, got {num_frames}"
-            ds.items, ds.skipped_groups = _frame_windows(table.records, num_frames)
+            items, ds.skipped_groups = _frame_windows(table.records, num_frames)
+            ds.items = np.asarray(items, dtype=np.int64).reshape(-1, num_frames)
             if head == "novel_view":
-                rows = sorted({r for window in ds.items for r in window})
-                missing = [
-                    table.records[r]["key"]
-                    for r in rows
-                    if "camera" not in table.records[r].get("meta", {})
-                ]
-                if missing:
-                    raise ValueError(
-                        f"head 'novel_view' needs meta.camera on every view; {len(missing)} views "
-                        f"lack it (first: {missing[0]!r}): ingest the views dataset with its sidecars"
-                    )
+                ds.cameras = _cameras(table, np.unique(ds.items))
         elif head == "t2i":
-            ds.items = [[i] for i in torch.nonzero(table.has_text).flatten().tolist()]
+            ds.items = torch.nonzero(table.has_text).numpy().astype(np.int64)  # (M, 1)
         else:
-            ds.items = [[i] for i in range(len(table))]
-        if not ds.items:
+            ds.items = np.arange(len(table), dtype=np.int64)[:, None]
+        if not len(ds.items):
             raise ValueError(
                 f"no training items for head {head!r} (num_frames={num_frames}) in a dataset of "
                 f"{len(table)} samples: t2i needs captioned (paired) samples, multi-frame heads "
@@ -168,37 +393,47 @@ class FeatureDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, item_ids: list[int]) -> dict[str, torch.Tensor]:
-        """Collate items into float32 tensors (autocast lowers them where the model wants)."""
-        t = self.table
-        rows = torch.tensor([self.items[i] for i in item_ids], dtype=torch.long)  # (B, F) or (B, 1)
+    def batch(self, item_ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Collate items into the keys the head reads (`HeadSpec.batch_keys`), float16 as cached
+        (the model casts them)."""
+        rows = self.items[np.asarray(item_ids, dtype=np.int64)]  # (B, F)
+        keys = get_head(self.head).batch_keys
         if self.head not in MULTI_FRAME_HEADS:
-            rows = rows[:, 0]  # (B,)
-            out = {
-                "latents": t.latents[rows].float(),  # (B, C, h, w)
-                "image_embeds": t.image_embeds[rows].float(),  # (B, D)
-            }
-            if t.text_embeds is not None and t.text_mask is not None:
-                out["text_embeds"] = t.text_embeds[rows].float()  # (B, L, Dt)
-                out["text_mask"] = t.text_mask[rows]  # (B, L)
-            return out
-        b, f = rows.shape
-        out = {
-            "latents": t.latents[rows].float(),  # (B, F, C, h, w)
-            "image_embeds": t.image_embeds[rows].float(),  # (B, F, D)
-            "frame_index": torch.arange(f).expand(b, f).clone(),  # (B, F)
-        }
-        if self.head == "novel_view":  # for_head checked that every view has its camera
-            out["camera"] = torch.tensor(
-                [
-                    [absolute_camera(t.records[r]["meta"]["camera"]) for r in item]
-                    for item in rows.tolist()
-                ]
-            )  # (B, F, 4) absolute; lumos.heads.relative_camera makes it relative to view 0
-        return out
+            # latents (B, C, h, w) and image_embeds (B, D) or text (B, L, Dt), (B, L)
+            out = self.table.gather(rows[:, 0], text="text_embeds" in keys)
+        else:
+            out = self.table.gather(rows)  # latents (B, F, C, h, w), image_embeds (B, F, D)
+            b, f = rows.shape
+            out["frame_index"] = torch.arange(f).expand(b, f).clone()  # (B, F)
+            if self.head == "novel_view":
+                if self.cameras is None:  # built from items given directly, not by for_head
+                    self.cameras = _cameras(self.table, np.unique(self.items))
+                # (B, F, 4) absolute; lumos.heads.relative_camera makes it relative to view 0
+                out["camera"] = torch.from_numpy(self.cameras[rows])
+        return {k: out[k] for k in keys}
 
 
-def _frame_windows(records: list[dict[str, Any]], num_frames: int) -> tuple[list[list[int]], int]:
+def _cameras(table: FeatureTable, rows: np.ndarray) -> np.ndarray:
+    """(N, 4) float32: the absolute camera of each of `rows` (others zero); all must have one."""
+    cameras = np.zeros((len(table), 4), dtype=np.float32)
+    missing = []
+    for r in rows.tolist():
+        meta = table.records[r].get("meta") or {}
+        if "camera" in meta:
+            cameras[r] = absolute_camera(meta["camera"])
+        else:
+            missing.append(table.records[r]["key"])
+    if missing:
+        raise ValueError(
+            f"head 'novel_view' needs meta.camera on every view; {len(missing)} views "
+            f"lack it (first: {missing[0]!r}): ingest the views dataset with its sidecars"
+        )
+    return cameras
+
+
+def _frame_windows(
+    records: Sequence[dict[str, Any]], num_frames: int
+) -> tuple[list[list[int]], int]:
     """Every run of `num_frames` consecutive frames (by meta.index) of each group."""
     groups: dict[str, list[tuple[int, int]]] = {}
     for row, record in enumerate(records):

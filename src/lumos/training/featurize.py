@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from lumos.data.shards import iter_shard_records
 from lumos.encoders.config import EncodersConfig
 from lumos.storage import Storage
-from lumos.training.data import FEATURES_DIR
+from lumos.training.data import FEATURES_DIR, is_eval_record
 
 FEATURES_FORMAT = "lumos-features/1"
 DATASET_FORMAT = "lumos-dataset/1"
@@ -281,6 +281,8 @@ def _existing_part(
             "shard": shard.get("name"),
             "count": part["count"],
             "paired": part["paired"],
+            # Lets training split the samples without reading every part's records.
+            "eval_rows": [i for i, r in enumerate(part["meta"]) if is_eval_record(r)],
         },
         "shapes": part["shapes"],
     }

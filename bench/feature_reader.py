@@ -1,0 +1,165 @@
+"""Training input rate: batches of cached features out of `lumos.training.data`, per process.
+
+    python bench/feature_reader.py                      # 200k images, 200 parts, batch 64
+    python bench/feature_reader.py --images 1000000 --t2i-images 0 --dir /mnt/nvme/bench
+
+Writes a featurized dataset of generated features with featurize's own writer (SD-VAE latents
+4x32x32 and a 768-d DINO CLS per image, float16, parts of --per-part images), then measures:
+  map          load_feature_table: the time to map every part, and the memory it keeps
+               (anonymous RSS, which is what does not scale with the page cache)
+  i2i batch    FeatureDataset.batch for the pretraining head, in the training order
+               (ResumableSampler: random rows over all parts), batches/s and images/s;
+               "first pass" right after the table is mapped, "second pass" over the same batches
+  t2i batch    the same for the T2I head on a smaller set whose paired tenth carries T5-XXL
+               token embeddings (120 x 4096 float16, about 1 MB per image)
+The target (BENCHMARKS.md): the reader delivers at least 3x the training step's images/s per
+GPU; XL/2 trains at 542 img/s on an H200 (docs/benchmarks.md), so 1626 img/s per process.
+Prints a table and writes bench/results/feature_reader.json. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lumos.storage import Storage
+from lumos.training.data import FeatureDataset, ResumableSampler, load_feature_table
+from lumos.training.featurize import write_feature_part, write_features_spec
+
+RESULTS = Path(__file__).parent / "results" / "feature_reader.json"
+XL2_TRAIN_IMG_S = 542.3  # Lumos-XL/2 training step on an H200 (docs/benchmarks.md)
+
+
+def memory_mib() -> dict[str, float]:
+    """Anonymous and file-backed resident memory of this process, MiB."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) / 1024
+    return fields
+
+
+def write_dataset(root: Path, images: int, per_part: int, text: tuple[int, int] | None) -> str:
+    """A featurized dataset of `images` generated samples (every 10th paired when `text`)."""
+    features = Storage.from_uri(str(root)).child("features")
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for p in range(math.ceil(images / per_part)):
+        n = min(per_part, images - p * per_part)
+        records = [{"key": f"img-{p:05d}-{i:05d}", "meta": {}} for i in range(n)]
+        rows = torch.arange(0, n, 10) if text else None
+        write_feature_part(
+            features,
+            f"part-{p:05d}",
+            records,
+            torch.randn(n, 4, 32, 32, generator=g),
+            torch.randn(n, 768, generator=g),
+            rows,
+            torch.randn(len(rows), *text, generator=g) if text and rows is not None else None,
+            torch.ones(len(rows), text[0], dtype=torch.bool) if text and rows is not None else None,
+        )
+        parts.append({"name": f"part-{p:05d}", "count": n, "paired": len(rows) if text else 0})
+    shapes = {
+        "image": [256, 256],
+        "latents": [4, 32, 32],
+        "image_embeds": [768],
+        "text_embeds": list(text) if text else None,
+    }
+    write_features_spec(features, parts, shapes, {"bench": True}, None, 256, str(root))
+    return str(root)
+
+
+def measure(dataset: str, head: str, batch: int, batches: int) -> dict:
+    before = memory_mib()
+    start = time.perf_counter()
+    table = load_feature_table(dataset)
+    map_s = time.perf_counter() - start
+    items = FeatureDataset.for_head(table, head)
+    after = memory_mib()
+    sampler = ResumableSampler(len(items), batch, seed=0)
+    order = [sampler.next_batch() for _ in range(batches)]
+    passes = []
+    for _ in range(2):
+        start = time.perf_counter()
+        for ids in order:
+            out = items.batch(ids)
+        seconds = time.perf_counter() - start
+        passes.append(batches * batch / seconds)
+    batch_mib = sum(t.numel() * t.element_size() for t in out.values()) / 2**20
+    return {
+        "head": head,
+        "samples": len(table),
+        "items": len(items),
+        "parts": len(table.parts),
+        "map_s": map_s,
+        "anon_mib_kept": after["RssAnon"] - before["RssAnon"],
+        "bytes_kept_per_sample": (after["RssAnon"] - before["RssAnon"]) * 2**20 / len(table),
+        "batch": batch,
+        "batch_mib": batch_mib,
+        "img_per_s_first_pass": passes[0],
+        "img_per_s_second_pass": passes[1],
+        "x_target": min(passes) / (3 * XL2_TRAIN_IMG_S),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200_000, help="0 skips the i2i case")
+    parser.add_argument("--t2i-images", type=int, default=10_000, help="0 skips the t2i case")
+    parser.add_argument("--per-part", type=int, default=1000, help="images per part (shard)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--dir", default=None, help="where to write the datasets (default: tmp)")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="lumos-bench-features-", dir=args.dir))
+    results = []
+    try:
+        cases = [("i2i", args.images, None)] if args.images else []
+        if args.t2i_images:
+            cases.append(("t2i", args.t2i_images, (120, 4096)))
+        for head, images, text in cases:
+            start = time.perf_counter()
+            dataset = write_dataset(root / head, images, args.per_part, text)
+            print(f"wrote {images} {head} samples in {time.perf_counter() - start:.0f} s")
+            # A fresh process: its memory before and after mapping is the table's alone.
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                results.append(pool.apply(measure, (dataset, head, args.batch, args.batches)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    report = {
+        "benchmark": "feature_reader",
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "target_img_per_s": 3 * XL2_TRAIN_IMG_S,
+        "results": results,
+    }
+    print(f"\n{'head':<5}{'samples':>9}{'parts':>7}{'map s':>7}{'kept MiB':>9}{'B/sample':>9}"
+          f"{'batch MiB':>10}{'img/s 1st':>10}{'img/s 2nd':>10}{'x target':>9}")  # fmt: skip
+    for r in results:
+        print(
+            f"{r['head']:<5}{r['samples']:>9}{r['parts']:>7}{r['map_s']:>7.2f}"
+            f"{r['anon_mib_kept']:>9.1f}{r['bytes_kept_per_sample']:>9.1f}{r['batch_mib']:>10.2f}"
+            f"{r['img_per_s_first_pass']:>10.0f}{r['img_per_s_second_pass']:>10.0f}"
+            f"{r['x_target']:>9.1f}"
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
