@@ -5,8 +5,9 @@
 
 Writes a featurized dataset of generated features with featurize's own writer (SD-VAE latents
 4x32x32 and a 768-d DINO CLS per image, float16, parts of --per-part images), then measures:
-  map          load_feature_table: the time to map every part, and the memory it keeps
-               (anonymous RSS, which is what does not scale with the page cache)
+  map          load_feature_table: the time to map every part, and the memory kept by the
+               table, the head's items and the sampler's order (anonymous RSS: the page
+               cache is not counted)
   i2i batch    FeatureDataset.batch for the pretraining head, in the training order
                (ResumableSampler: random rows over all parts), batches/s and images/s;
                "first pass" right after the table is mapped, "second pass" over the same batches
@@ -86,8 +87,8 @@ def measure(dataset: str, head: str, batch: int, batches: int) -> dict:
     table = load_feature_table(dataset)
     map_s = time.perf_counter() - start
     items = FeatureDataset.for_head(table, head)
-    after = memory_mib()
     sampler = ResumableSampler(len(items), batch, seed=0)
+    after = memory_mib()  # the table, the head's items and the epoch's order
     order = [sampler.next_batch() for _ in range(batches)]
     passes = []
     for _ in range(2):

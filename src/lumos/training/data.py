@@ -46,6 +46,9 @@ from lumos.storage import Storage
 FEATURES_DIR = "features"
 MULTI_FRAME_HEADS = ("novel_view", "video")
 CACHE_ENV = "LUMOS_FEATURE_CACHE"
+# Sample indices: 4 bytes each (2^31 samples at most) keep the per-process index of a 190M-image
+# set near 2 GB (row in part, item, training order) instead of twice that.
+ROW_DTYPE = np.int32
 
 
 class FeaturesNotFound(FileNotFoundError):
@@ -115,7 +118,7 @@ class FeatureTable:
     spec: dict[str, Any]  # features.json: encoders, counts, shapes
     parts: list[FeaturePart]
     part_starts: np.ndarray  # (P + 1,) int64
-    local_rows: np.ndarray  # (N,) int64: row within its part
+    local_rows: np.ndarray  # (N,) int32: row within its part
     has_text: torch.Tensor  # (N,) bool
     excluded_eval: int = 0  # samples left out because their split is "eval"
     records: TableRecords = field(init=False)
@@ -139,7 +142,7 @@ class FeatureTable:
             spec=spec or {},
             parts=[part],
             part_starts=np.array([0, n], dtype=np.int64),
-            local_rows=np.arange(n, dtype=np.int64),
+            local_rows=np.arange(n, dtype=ROW_DTYPE),
             has_text=torch.zeros(n, dtype=torch.bool),
         )
 
@@ -313,7 +316,7 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
             )  # fmt: skip
             part_has_text[rows] = True
         selected = {"train": ~is_eval, "eval": is_eval, "all": np.ones(n, dtype=bool)}[split]
-        keep = np.nonzero(selected)[0].astype(np.int64)
+        keep = np.nonzero(selected)[0].astype(ROW_DTYPE)
         excluded += int(is_eval.sum()) if split == "train" else 0
         parts.append(part)
         local_rows.append(keep)
@@ -359,14 +362,14 @@ class FeatureDataset:
     table: FeatureTable
     head: str
     num_frames: int = 1
-    # (num_items, frames) int64: the table rows of each item (frames = 1 for single-image heads)
-    items: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
+    # (num_items, frames) int32: the table rows of each item (frames = 1 for single-image heads)
+    items: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=ROW_DTYPE))
     skipped_groups: int = 0  # multi-frame groups shorter than num_frames
     # (N, 4) float32 absolute camera of every table row, for head "novel_view"
     cameras: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        items = np.asarray(self.items, dtype=np.int64)
+        items = np.asarray(self.items, dtype=ROW_DTYPE)
         self.items = items[:, None] if items.ndim == 1 else items
 
     @classmethod
@@ -375,13 +378,13 @@ class FeatureDataset:
         if head in MULTI_FRAME_HEADS:
             assert num_frames >= 2, f"head {head!r} needs num_frames >= 2, got {num_frames}"
             items, ds.skipped_groups = _frame_windows(table.records, num_frames)
-            ds.items = np.asarray(items, dtype=np.int64).reshape(-1, num_frames)
+            ds.items = np.asarray(items, dtype=ROW_DTYPE).reshape(-1, num_frames)
             if head == "novel_view":
                 ds.cameras = _cameras(table, np.unique(ds.items))
         elif head == "t2i":
-            ds.items = torch.nonzero(table.has_text).numpy().astype(np.int64)  # (M, 1)
+            ds.items = torch.nonzero(table.has_text).numpy().astype(ROW_DTYPE)  # (M, 1)
         else:
-            ds.items = np.arange(len(table), dtype=np.int64)[:, None]
+            ds.items = np.arange(len(table), dtype=ROW_DTYPE)[:, None]
         if not len(ds.items):
             raise ValueError(
                 f"no training items for head {head!r} (num_frames={num_frames}) in a dataset of "
@@ -470,6 +473,8 @@ class ResumableSampler:
                 "(batch_size x processes): lower batch_size or add data"
             )
         assert global_batch % world_size == 0, "the global batch must split evenly over processes"
+        if num_items > np.iinfo(ROW_DTYPE).max:
+            raise ValueError(f"{num_items} training items exceed the 2^31 this sampler indexes")
         self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = num_items // global_batch
@@ -477,7 +482,9 @@ class ResumableSampler:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+        # The same order as permuting an int64 range (what checkpoints before int32 rows used).
+        rows = np.arange(self.num_items, dtype=ROW_DTYPE)
+        return np.random.default_rng([self.seed, epoch]).permutation(rows)
 
     def next_batch(self) -> list[int]:
         if self.position == self.batches_per_epoch:
