@@ -105,6 +105,8 @@ class TableRecords(Sequence[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         starts, local = self.table.part_starts, self.table.local_rows
         for p in range(len(self.table.parts)):
+            if starts[p] == starts[p + 1]:  # none of this part's samples is in the split
+                continue
             records = self._part(p)
             for r in local[starts[p] : starts[p + 1]]:
                 yield records[r]
