@@ -35,6 +35,7 @@ from lumos.data.ingest_run import (
     run_record,
     short_side_bin,
     source_fingerprint,
+    unique_key,
     unseen_items,
 )
 from lumos.data.manifest import (
@@ -541,11 +542,9 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
                                 "distance": match.distance,
                             }
                             continue
-                        if sample["key"] in history.index:
-                            tag = hashlib.sha256(
-                                f"{source_uri}\t{sample['source_key']}".encode()
-                            ).hexdigest()[:8]
-                            sample["key"] = f"{sample['key']}-{tag}"
+                        sample["key"] = unique_key(
+                            sample["key"], history.index, source_uri, sample["source_key"]
+                        )
                         image_ext = cfg.image_format
                         name = writer.add(sample["key"], image_ext, files[image_ext], sample)
                         history.index.add(sample["key"], digest, phash)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lumos.data.decode import ImageRecipe, PreparedImage, Rejection, prepare_image
-from lumos.data.dedup import DuplicateMatch, sha256_digest
+from lumos.data.dedup import DedupIndex, DuplicateMatch, sha256_digest
 from lumos.data.metrics import IngestMetrics
 from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter
@@ -308,17 +308,10 @@ class IngestRun:
                 self._write_sample(fetched, result)
         self.metrics.push()
 
-    def _unique_key(self, item: SourceItem) -> str:
-        key = item.key
-        if key in self.index:  # another source (or a clashing sanitised name) has it
-            tag = hashlib.sha256(f"{self.source.uri}\t{item.source_key}".encode()).hexdigest()[:8]
-            key = f"{key}-{tag}"
-        return key  # in use once the sample is added to the index
-
     def _write_sample(self, fetched: _Fetched, img: PreparedImage) -> None:
         item = fetched.item
         assert fetched.digest is not None
-        key = self._unique_key(item)
+        key = unique_key(item.key, self.index, self.source.uri, item.source_key)
         paired = fetched.caption is not None and is_paired(
             self.cfg.seed, item.source_key, self.cfg.paired_fraction
         )
@@ -463,6 +456,15 @@ class ListingTally:
     @property
     def fingerprint(self) -> str:
         return self._hash.hexdigest()
+
+
+def unique_key(key: str, index: DedupIndex, source_uri: str, source_key: str) -> str:
+    """`key`, or when another source (or a clashing sanitised name) has it in the dataset, `key`
+    tagged with a hash of its source object. In use once the sample is added to the index."""
+    if key not in index:
+        return key
+    tag = hashlib.sha256(f"{source_uri}\t{source_key}".encode()).hexdigest()[:8]
+    return f"{key}-{tag}"
 
 
 def unseen_items(

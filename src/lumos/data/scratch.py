@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+_MISSING = object()
 CACHE_KIB = 64 * 1024  # SQLite's page cache per database: the memory the bookkeeping may use
 
 
@@ -67,10 +68,10 @@ class DiskMap:
         return default if row is None else json.loads(row[0])
 
     def __getitem__(self, key: str) -> Any:
-        row = self._conn.execute(self._get, (key,)).fetchone()
-        if row is None:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
             raise KeyError(key)
-        return json.loads(row[0])
+        return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._conn.execute(self._put, (key, json.dumps(value)))

@@ -121,7 +121,7 @@ class FeatureTable:
     parts: list[FeaturePart]
     part_starts: np.ndarray  # (P + 1,) int64
     local_rows: np.ndarray  # (N,) int32: row within its part
-    has_text: torch.Tensor  # (N,) bool
+    has_text: np.ndarray  # (N,) bool
     excluded_eval: int = 0  # samples left out because their split is "eval"
     records: TableRecords = field(init=False)
 
@@ -145,7 +145,7 @@ class FeatureTable:
             parts=[part],
             part_starts=np.array([0, n], dtype=np.int64),
             local_rows=np.arange(n, dtype=ROW_DTYPE),
-            has_text=torch.zeros(n, dtype=torch.bool),
+            has_text=np.zeros(n, dtype=bool),
         )
 
     def __len__(self) -> int:
@@ -331,7 +331,7 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
         parts=parts,
         part_starts=np.array(starts, dtype=np.int64),
         local_rows=np.concatenate(local_rows),
-        has_text=torch.from_numpy(np.concatenate(has_text)),
+        has_text=np.concatenate(has_text),
         excluded_eval=excluded,
     )
 
@@ -384,7 +384,7 @@ class FeatureDataset:
             if head == "novel_view":
                 ds.cameras = _cameras(table, np.unique(ds.items))
         elif head == "t2i":
-            ds.items = torch.nonzero(table.has_text).numpy().astype(ROW_DTYPE)  # (M, 1)
+            ds.items = np.nonzero(table.has_text)[0].astype(ROW_DTYPE)[:, None]  # (M, 1)
         else:
             ds.items = np.arange(len(table), dtype=ROW_DTYPE)[:, None]
         if not len(ds.items):

@@ -283,17 +283,13 @@ def train(
         weight_decay=cfg.weight_decay,
         fused=device.type == "cuda",  # one kernel for all parameters
     )
-    master_optimizer = None  # with bf16 weights: the optimizer, which holds the fp32 masters
+    # With bf16 weights the optimizer holds the fp32 masters (and clips their gradients).
+    master_optimizer: MasterWeightAdamW | None = None
     if cfg.mixed_precision == "bf16-weights":
-        # AdamW on fp32 masters of the bf16 parameters; it clips the fp32 copies of the gradients.
         master_optimizer = MasterWeightAdamW(
             model.parameters(), max_grad_norm=cfg.grad_clip, **adamw
         )
-    optimizer = (
-        master_optimizer
-        if master_optimizer is not None
-        else torch.optim.AdamW(model.parameters(), **adamw)
-    )
+    optimizer = master_optimizer or torch.optim.AdamW(model.parameters(), **adamw)
 
     # --- resume -------------------------------------------------------------------------------
     # A different stream per process, so the processes draw different noise and timesteps.
