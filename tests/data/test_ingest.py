@@ -186,6 +186,15 @@ def test_fan_out_partitions_then_merge_matches_single_node(tmp_path):
     assert part_of["later/copy_of_png.png"] != part_of["good/png.png"]
     keys = sorted(s.key for s in load_all_samples(merged.dataset_uri))
     assert keys == sorted(s.key for s in load_all_samples(single.dataset_uri))
+    # The run's record in the manifest: the same counts and histograms of what was written.
+    runs = [
+        Storage.from_uri(uri).read_json("manifest.json")["runs"][-1]
+        for uri in (merged.dataset_uri, single.dataset_uri)
+    ]
+    for name in ("captioned", "paired", "duplicate_by_kind", "rejected_by_reason"):
+        assert runs[0]["counts"][name] == runs[1]["counts"][name], name
+    for name in ("resolution_histogram", "source_short_side_histogram", "source_formats"):
+        assert runs[0]["stats"][name] == runs[1]["stats"][name] != {}, name
 
 
 def test_tar_archive_source_local_and_s3(tmp_path, s3_bucket):

@@ -31,9 +31,10 @@ from lumos.data.dedup import DedupIndex
 from lumos.data.ingest_run import (
     IngestRun,
     ListingTally,
+    count_sample,
+    new_histograms,
     new_run_id,
     run_record,
-    short_side_bin,
     source_fingerprint,
     unique_key,
     unseen_items,
@@ -498,124 +499,34 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
     try:
         index_start = len(history.index)
         run_id = new_run_id()
+        started = time.monotonic()
+        # source key -> fields replacing its staged report row (on disk: bounded memory)
+        changed = DiskMap(history.db, "merge_changes")
         writer = ShardWriter(
             store, first_index=next_shard_index(manifest), max_bytes=cfg.shard_max_bytes
         )
+        try:
+            written, histograms = _repack(cfg, staged, source_uri, history, writer, changed)
+        except BaseException:
+            writer.abort()
+            raise
+        shards = writer.close()
+        report_key = f"reports/ingest-{run_id}.jsonl"
+        with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
+            report_path = Path(tmp) / "report.jsonl"
+            run_counts = _write_merged_report(staged, source_uri, history, changed, report_path)
+            store.upload_file(report_path, report_key)
+        run_counts.update(written)
+        assert run_counts["ingested"] == sum(s.count for s in shards), (
+            "merge: report and shards disagree"
+        )
+        index_key = f"index/dedup-{run_id}.jsonl.gz"
+        save_index(store, index_key, history.index, index_start)
         stats: dict[str, Any] = {}
         for _, done in staged:
             stats = add_counts(
                 stats, {k: v for k, v in done["run"]["stats"].items() if k != "elapsed_s"}
             )
-        counts: Counter[str] = Counter()
-        by_reason: Counter[str] = Counter()
-        by_kind: Counter[str] = Counter()
-        histograms: dict[str, Counter[str]] = {
-            k: Counter()
-            for k in (
-                "resolution_histogram",
-                "source_short_side_histogram",
-                "source_formats",
-                "source_modes",
-            )
-        }
-        # source key -> fields replacing its staged report row (on disk: bounded memory)
-        changed = DiskMap(history.db, "merge_changes")
-
-        def seen_before(source_key: str) -> bool:  # ingested by an earlier run (incremental mode)
-            return history.was_seen(source_uri, source_key)
-
-        started = time.monotonic()
-        try:
-            for staging, done in staged:
-                for shard in done["shards"]:
-                    for _, files in iter_shard_records(staging, shard["name"]):
-                        sample = json.loads(files["json"])
-                        if seen_before(sample["source_key"]):
-                            continue
-                        digest, phash = bytes.fromhex(sample["sha256"]), int(sample["phash"], 16)
-                        match = history.index.find_exact(digest) or history.index.find_near(phash)
-                        if match is not None:  # a duplicate of an image in another partition / run
-                            changed[sample["source_key"]] = {
-                                "outcome": "duplicate",
-                                "reason": match.kind,
-                                "duplicate_of": match.key,
-                                "distance": match.distance,
-                            }
-                            continue
-                        sample["key"] = unique_key(
-                            sample["key"], history.index, source_uri, sample["source_key"]
-                        )
-                        image_ext = cfg.image_format
-                        name = writer.add(sample["key"], image_ext, files[image_ext], sample)
-                        history.index.add(sample["key"], digest, phash)
-                        changed[sample["source_key"]] = {"key": sample["key"], "shard": name}
-                        counts["captioned"] += sample["caption"] is not None
-                        counts["paired"] += sample["paired"]
-                        histograms["resolution_histogram"][
-                            f"{sample['width']}x{sample['height']}"
-                        ] += 1
-                        histograms["source_short_side_histogram"][
-                            short_side_bin(sample["source_width"], sample["source_height"])
-                        ] += 1
-                        histograms["source_formats"][sample["source_format"]] += 1
-                        histograms["source_modes"][sample["source_mode"]] += 1
-        except BaseException:
-            writer.abort()
-            raise
-        shards = writer.close()
-
-        # One report for the run: the staged rows in partition order, with the merge's decisions;
-        # the run's counts are those of the rows written.
-        report_key = f"reports/ingest-{run_id}.jsonl"
-        index_key = f"index/dedup-{run_id}.jsonl.gz"
-        with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
-            report_path = Path(tmp) / "report.jsonl"
-            with open(report_path, "w", encoding="utf-8") as out:
-                for staging, done in staged:
-                    with staging.open_read(done["run"]["report"]) as stream:
-                        for line in stream:
-                            row = json.loads(line)
-                            if seen_before(row["source_key"]):
-                                continue
-                            update = (
-                                changed.get(row["source_key"])
-                                if row["outcome"] == "ingested"
-                                else None
-                            )
-                            if update is not None and update.get("outcome") == "duplicate":
-                                row = {
-                                    k: v
-                                    for k, v in row.items()
-                                    if k not in ("key", "shard", "paired")
-                                }
-                            if update is not None:
-                                row.update(update)
-                            out.write(json.dumps(row, sort_keys=True) + "\n")
-                            counts[row["outcome"]] += 1
-                            counts["sidecars"] += len(row.get("sidecars", []))
-                            if row["outcome"] == "rejected":
-                                by_reason[row["reason"]] += 1
-                            elif row["outcome"] == "duplicate":
-                                by_kind[row["reason"]] += 1
-            store.upload_file(report_path, report_key)
-        save_index(store, index_key, history.index, index_start)
-        listed = sum(done["run"]["counts"]["listed"] for _, done in staged)
-        reported = sum(counts[k] for k in ("sidecars", "ingested", "duplicate", "rejected"))
-        run_counts = {
-            "listed": listed,
-            "previously_seen": listed - reported,
-            "sidecars": counts["sidecars"],
-            "ingested": counts["ingested"],
-            "duplicate": counts["duplicate"],
-            "rejected": counts["rejected"],
-            "duplicate_by_kind": dict(sorted(by_kind.items())),
-            "rejected_by_reason": dict(sorted(by_reason.items())),
-            "captioned": counts["captioned"],
-            "paired": counts["paired"],
-        }
-        assert counts["ingested"] == sum(s.count for s in shards), (
-            "merge: report and shards disagree"
-        )
         stats.update({k: dict(sorted(v.items())) for k, v in histograms.items()})
         stats["merge_elapsed_s"] = round(time.monotonic() - started, 3)
         record = {
@@ -635,3 +546,88 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
         return result_from_manifest(store, committed, up_to_date=False)
     finally:
         history.close()
+
+
+def _repack(
+    cfg: IngestConfig,
+    staged: list[tuple[Storage, dict]],
+    source_uri: str,
+    history: DatasetHistory,
+    writer: ShardWriter,
+    changed: DiskMap,
+) -> tuple[Counter[str], dict[str, Counter[str]]]:
+    """Write the staged samples that are new (across partitions, and with incremental ingest
+    across earlier runs) into the final shards. `changed` gets the merge's decision for each
+    sample: its final key and shard, or the image it duplicates. Returns the captioned and
+    paired counts of what was written, and its histograms."""
+    written: Counter[str] = Counter({"captioned": 0, "paired": 0})
+    histograms = new_histograms()
+    for staging, done in staged:
+        for shard in done["shards"]:
+            for _, files in iter_shard_records(staging, shard["name"]):
+                sample = json.loads(files["json"])
+                if history.was_seen(source_uri, sample["source_key"]):
+                    continue
+                digest, phash = bytes.fromhex(sample["sha256"]), int(sample["phash"], 16)
+                match = history.index.find_exact(digest) or history.index.find_near(phash)
+                if match is not None:  # a duplicate of an image in another partition / run
+                    changed[sample["source_key"]] = {
+                        "outcome": "duplicate",
+                        "reason": match.kind,
+                        "duplicate_of": match.key,
+                        "distance": match.distance,
+                    }
+                    continue
+                key = unique_key(sample["key"], history.index, source_uri, sample["source_key"])
+                sample["key"] = key
+                name = writer.add(key, cfg.image_format, files[cfg.image_format], sample)
+                history.index.add(key, digest, phash)
+                changed[sample["source_key"]] = {"key": key, "shard": name}
+                count_sample(histograms, written, sample)
+    return written, histograms
+
+
+def _write_merged_report(
+    staged: list[tuple[Storage, dict]],
+    source_uri: str,
+    history: DatasetHistory,
+    changed: DiskMap,
+    path: Path,
+) -> dict[str, Any]:
+    """One report for the run at `path`: the staged rows in partition order, with the merge's
+    decisions applied. Returns the run's counts, those of the rows written."""
+    counts: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    by_kind: Counter[str] = Counter()
+    with open(path, "w", encoding="utf-8") as out:
+        for staging, done in staged:
+            with staging.open_read(done["run"]["report"]) as stream:
+                for line in stream:
+                    row = json.loads(line)
+                    if history.was_seen(source_uri, row["source_key"]):
+                        continue
+                    update = (
+                        changed.get(row["source_key"]) if row["outcome"] == "ingested" else None
+                    )
+                    if update is not None and update.get("outcome") == "duplicate":
+                        row = {k: v for k, v in row.items() if k not in ("key", "shard", "paired")}
+                    row.update(update or {})
+                    out.write(json.dumps(row, sort_keys=True) + "\n")
+                    counts[row["outcome"]] += 1
+                    counts["sidecars"] += len(row.get("sidecars", []))
+                    if row["outcome"] == "rejected":
+                        by_reason[row["reason"]] += 1
+                    elif row["outcome"] == "duplicate":
+                        by_kind[row["reason"]] += 1
+    listed = sum(done["run"]["counts"]["listed"] for _, done in staged)
+    reported = sum(counts[k] for k in ("sidecars", "ingested", "duplicate", "rejected"))
+    return {
+        "listed": listed,
+        "previously_seen": listed - reported,
+        "sidecars": counts["sidecars"],
+        "ingested": counts["ingested"],
+        "duplicate": counts["duplicate"],
+        "rejected": counts["rejected"],
+        "duplicate_by_kind": dict(sorted(by_kind.items())),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+    }

@@ -73,6 +73,27 @@ def short_side_bin(width: int, height: int) -> str:
     return f"{lo}-{2 * lo - 1}"
 
 
+SAMPLE_HISTOGRAMS = (
+    "resolution_histogram", "source_short_side_histogram", "source_formats", "source_modes"
+)  # fmt: skip
+
+
+def new_histograms() -> dict[str, Counter[str]]:
+    """The run's histograms over the samples it wrote (in the manifest's run stats)."""
+    return {name: Counter() for name in SAMPLE_HISTOGRAMS}
+
+
+def count_sample(histograms: dict[str, Counter[str]], counts: Counter[str], sample: dict) -> None:
+    """Count a written sample (its shard record) in the run's histograms and captioned/paired."""
+    counts["captioned"] += sample["caption"] is not None
+    counts["paired"] += sample["paired"]
+    histograms["resolution_histogram"][f"{sample['width']}x{sample['height']}"] += 1
+    short_side = short_side_bin(sample["source_width"], sample["source_height"])
+    histograms["source_short_side_histogram"][short_side] += 1
+    histograms["source_formats"][sample["source_format"]] += 1
+    histograms["source_modes"][sample["source_mode"]] += 1
+
+
 def _ordered_map(
     fn: Callable[[Any], Any],
     items: Iterable[Any],
@@ -186,12 +207,7 @@ class IngestRun:
         self.counts: Counter[str] = Counter()
         self.by_reason: Counter[str] = Counter()
         self.by_kind: Counter[str] = Counter()
-        self.stats: dict[str, Counter[str]] = {
-            "resolution_histogram": Counter(),
-            "source_short_side_histogram": Counter(),
-            "source_formats": Counter(),
-            "source_modes": Counter(),
-        }
+        self.stats = new_histograms()
         self.bytes_read = 0
         self.metrics = IngestMetrics(cfg.pushgateway_url, run_id)
         # Exact duplicates within this run, decided before decoding: digest (hex) -> first source
@@ -334,14 +350,7 @@ class IngestRun:
         shard = self.writer.add(key, self.cfg.image_format, img.data, sample)
         self.index.add(key, fetched.digest, img.phash)
         self._first_outcome[item.source_key] = ["ingested", key, ""]
-        self.counts["captioned"] += fetched.caption is not None
-        self.counts["paired"] += paired
-        self.stats["resolution_histogram"][f"{img.width}x{img.height}"] += 1
-        self.stats["source_short_side_histogram"][
-            short_side_bin(img.source_width, img.source_height)
-        ] += 1
-        self.stats["source_formats"][img.source_format] += 1
-        self.stats["source_modes"][img.source_mode] += 1
+        count_sample(self.stats, self.counts, sample)
         self.metrics.ingested.inc()
         self._row(item, "ingested", key=key, shard=shard, paired=paired)
 
