@@ -12,7 +12,10 @@ Writes a featurized dataset of generated features with featurize's own writer (S
                (ResumableSampler: random rows over all parts), batches/s and images/s;
                "first pass" right after the table is mapped, "second pass" over the same batches
   t2i batch    the same for the T2I head on a smaller set whose paired tenth carries T5-XXL
-               token embeddings (120 x 4096 float16, about 1 MB per image)
+               token embeddings (4096-d float16, 8 KB a token, padded to 120 in a batch) of
+               8 to 64 tokens a caption (uniform; alt-text-like captions), stored unpadded
+  t2i-padded   the same captions stored padded to 120 tokens (about 1 MB a caption), as
+               features written before lumos-features/2 were: the earlier layout, same run
 The target (BENCHMARKS.md): the reader delivers at least 3x the training step's images/s per
 GPU; XL/2 trains at 542 img/s on an H200 (docs/benchmarks.md), so 1626 img/s per process.
 Prints a table and writes bench/results/feature_reader.json. A benchmark, not a test.
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from lumos.storage import Storage
 from lumos.training.data import FeatureDataset, ResumableSampler, load_feature_table
@@ -51,26 +55,33 @@ def memory_mib() -> dict[str, float]:
     return fields
 
 
-def write_dataset(root: Path, images: int, per_part: int, text: tuple[int, int] | None) -> str:
-    """A featurized dataset of `images` generated samples (every 10th paired when `text`)."""
+def write_dataset(
+    root: Path, images: int, per_part: int, text: tuple[int, int] | None, padded: bool = False
+) -> str:
+    """A featurized dataset of `images` generated samples (every 10th paired when `text`, with
+    captions of 8 to 64 tokens; `padded` stores them in the earlier padded layout)."""
     features = Storage.from_uri(str(root)).child("features")
     g = torch.Generator().manual_seed(0)
     parts = []
     for p in range(math.ceil(images / per_part)):
         n = min(per_part, images - p * per_part)
         records = [{"key": f"img-{p:05d}-{i:05d}", "meta": {}} for i in range(n)]
-        rows = torch.arange(0, n, 10) if text else None
+        rows = torch.arange(0, n, 10) if text else torch.zeros(0, dtype=torch.int64)
+        embeds = mask = None
+        if text:
+            embeds = torch.randn(len(rows), *text, generator=g)
+            lengths = torch.randint(8, 65, (len(rows),), generator=g)
+            mask = torch.arange(text[0]) < lengths[:, None]  # (M, L) right-padded, as T5's
+            embeds[~mask] = 0
+        name = f"part-{p:05d}"
         write_feature_part(
-            features,
-            f"part-{p:05d}",
-            records,
-            torch.randn(n, 4, 32, 32, generator=g),
-            torch.randn(n, 768, generator=g),
-            rows,
-            torch.randn(len(rows), *text, generator=g) if text and rows is not None else None,
-            torch.ones(len(rows), text[0], dtype=torch.bool) if text and rows is not None else None,
-        )
-        parts.append({"name": f"part-{p:05d}", "count": n, "paired": len(rows) if text else 0})
+            features, name, records, torch.randn(n, 4, 32, 32, generator=g),
+            torch.randn(n, 768, generator=g), rows, embeds, mask,
+        )  # fmt: skip
+        if padded and embeds is not None and mask is not None:  # overwrite: the earlier layout
+            tensors = {"rows": rows, "text_embeds": embeds.half(), "text_mask": mask}
+            save_file(tensors, str(root / "features" / f"{name}.text.safetensors"))
+        parts.append({"name": name, "count": n, "paired": len(rows)})
     shapes = {
         "image": [256, 256],
         "latents": [4, 32, 32],
@@ -81,7 +92,12 @@ def write_dataset(root: Path, images: int, per_part: int, text: tuple[int, int] 
     return str(root)
 
 
-def measure(dataset: str, head: str, batch: int, batches: int) -> dict:
+def disk_mib(root: Path) -> float:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2**20
+
+
+def measure(dataset: str, case: str, batch: int, batches: int) -> dict:
+    head = case.split("-")[0]
     before = memory_mib()
     start = time.perf_counter()
     table = load_feature_table(dataset)
@@ -99,6 +115,7 @@ def measure(dataset: str, head: str, batch: int, batches: int) -> dict:
         passes.append(batches * batch / seconds)
     batch_mib = sum(t.numel() * t.element_size() for t in out.values()) / 2**20
     return {
+        "case": case,
         "head": head,
         "samples": len(table),
         "items": len(items),
@@ -129,14 +146,22 @@ def main() -> None:
     try:
         cases = [("i2i", args.images, None)] if args.images else []
         if args.t2i_images:
-            cases.append(("t2i", args.t2i_images, (120, 4096)))
-        for head, images, text in cases:
+            cases += [
+                ("t2i", args.t2i_images, (120, 4096)),
+                ("t2i-padded", args.t2i_images, (120, 4096)),
+            ]
+        for case, images, text in cases:
             start = time.perf_counter()
-            dataset = write_dataset(root / head, images, args.per_part, text)
-            print(f"wrote {images} {head} samples in {time.perf_counter() - start:.0f} s")
+            dataset = write_dataset(
+                root / case, images, args.per_part, text, case.endswith("padded")
+            )
+            print(f"wrote {images} {case} samples in {time.perf_counter() - start:.0f} s")
             # A fresh process: its memory before and after mapping is the table's alone.
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                results.append(pool.apply(measure, (dataset, head, args.batch, args.batches)))
+                result = pool.apply(measure, (dataset, case, args.batch, args.batches))
+            result["disk_mib"] = disk_mib(root / case)
+            results.append(result)
+            shutil.rmtree(root / case)  # only one dataset on disk at a time
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -148,11 +173,11 @@ def main() -> None:
         "target_img_per_s": 3 * XL2_TRAIN_IMG_S,
         "results": results,
     }
-    print(f"\n{'head':<5}{'samples':>9}{'parts':>7}{'map s':>7}{'kept MiB':>9}{'B/sample':>9}"
-          f"{'batch MiB':>10}{'img/s 1st':>10}{'img/s 2nd':>10}{'x target':>9}")  # fmt: skip
+    print(f"\n{'case':<11}{'samples':>9}{'parts':>7}{'disk MiB':>9}{'map s':>7}{'kept MiB':>9}"
+          f"{'B/sample':>9}{'batch MiB':>10}{'img/s 1st':>10}{'img/s 2nd':>10}{'x target':>9}")  # fmt: skip
     for r in results:
         print(
-            f"{r['head']:<5}{r['samples']:>9}{r['parts']:>7}{r['map_s']:>7.2f}"
+            f"{r['case']:<11}{r['samples']:>9}{r['parts']:>7}{r['disk_mib']:>9.0f}{r['map_s']:>7.2f}"
             f"{r['anon_mib_kept']:>9.1f}{r['bytes_kept_per_sample']:>9.1f}{r['batch_mib']:>10.2f}"
             f"{r['img_per_s_first_pass']:>10.0f}{r['img_per_s_second_pass']:>10.0f}"
             f"{r['x_target']:>9.1f}"

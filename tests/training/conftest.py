@@ -42,7 +42,8 @@ def write_features(root: Path, records: list[dict], parts: int, paired: bool) ->
         text = mask = None
         if rows:
             text = torch.randn(len(rows), TEXT_TOKENS, TEXT_DIM, generator=g)
-            mask = torch.arange(TEXT_TOKENS).expand(len(rows), -1) < 4
+            lengths = 1 + (torch.arange(len(rows)) + p) % TEXT_TOKENS  # 1..6 of 6 tokens
+            mask = torch.arange(TEXT_TOKENS) < lengths[:, None]  # right-padded, as T5's
         write_feature_part(
             features,
             f"part-{p:05d}",

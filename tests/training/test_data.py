@@ -66,8 +66,15 @@ def test_gather_reads_the_right_rows_across_parts_and_splits(images_features):
     )
     assert torch.equal(got["latents"][1, 1], got["latents"][0, 0])
     # Sample 12 is captioned (its text row in part 1 is 1: samples 10, 12, ...), sample 4 too.
+    # Captions are stored unpadded; a batch pads them with zeros and masks the padding.
     with safe_open(str(Path(images_features) / "features/part-00001.text.safetensors"), "pt") as f:
-        assert torch.equal(got["text_embeds"][0, 0], f.get_tensor("text_embeds")[1])
+        start, end = f.get_tensor("text_offsets")[1:3].tolist()
+        tokens = f.get_tensor("text_tokens")[start:end]
+    n = end - start
+    assert n == 3  # the conftest's lengths: part 1, text row 1 -> 1 + (1 + 1) % 6
+    assert torch.equal(got["text_embeds"][0, 0, :n], tokens)
+    assert not got["text_embeds"][0, 0, n:].any()
+    assert got["text_mask"][0, 0].tolist() == [True] * n + [False] * (6 - n)
     assert got["text_mask"][0].any(dim=1).all()
     with pytest.raises(IndexError, match="out of range for 18 samples"):
         table.gather([18])
@@ -152,6 +159,38 @@ def test_listed_eval_rows_split_without_reading_the_records(images_features, tmp
     assert len(load_feature_table(str(copy), split="eval")) == 2
     with pytest.raises(FeaturesNotFound, match="part-00000.json"):
         table.records[0]  # records are read on demand, and these are gone
+
+
+def _write_padded_text(part: Path, flip_first: bool = False) -> None:
+    """Rewrite an unpadded text part in the padded layout of lumos-features/1."""
+    with safe_open(str(part), "pt") as f:
+        rows, offsets, tokens = (f.get_tensor(n) for n in ("rows", "text_offsets", "text_tokens"))
+    embeds = torch.zeros(len(rows), 6, tokens.shape[1], dtype=torch.float16)
+    mask = torch.zeros(len(rows), 6, dtype=torch.bool)
+    for m, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        embeds[m, : end - start], mask[m, : end - start] = tokens[start:end], True
+    if flip_first:
+        mask[0] = mask[0].flip(0)  # left-padded
+    part.write_bytes(save({"rows": rows, "text_embeds": embeds, "text_mask": mask}))
+
+
+def test_padded_text_of_earlier_features_reads_the_same(images_features, tmp_path):
+    """Features written before captions were stored unpadded (lumos-features/1) still load."""
+    copy = tmp_path / "ds"
+    shutil.copytree(images_features, copy)
+    parts = sorted((copy / "features").glob("*.text.safetensors"))
+    for part in parts:
+        _write_padded_text(part)
+    padded, packed = load_feature_table(str(copy)), load_feature_table(images_features)
+    rows = np.arange(len(packed))
+    for key, value in padded.gather(rows, text=True).items():
+        assert torch.equal(value, packed.gather(rows, text=True)[key]), key
+
+    # A left-padded mask cannot be read as a caption's first tokens: a clear error.
+    shutil.copy(Path(images_features) / "features" / parts[0].name, parts[0])
+    _write_padded_text(parts[0], flip_first=True)
+    with pytest.raises(ValueError, match="caption rows, offsets and tokens do not match"):
+        load_feature_table(str(copy))
 
 
 def test_missing_part_file_is_a_clear_error(images_features, tmp_path):

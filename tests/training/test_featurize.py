@@ -15,7 +15,7 @@ from lumos.data.shards import ShardWriter
 from lumos.encoders import EncodersConfig, FrozenEncoders
 from lumos.storage import Storage
 from lumos.training.data import FeatureDataset, load_feature_table
-from lumos.training.featurize import FeaturizeConfig, featurize
+from lumos.training.featurize import FeaturizeConfig, featurize, pack_text
 from lumos.training.train import train
 
 SIZE = 16
@@ -40,7 +40,8 @@ def write_dataset(uri: str, count: int = 10, per_shard: int = 4) -> str:
             "width": SIZE,
             "height": SIZE,
             "meta": {"split": "eval"} if i == 1 else {},
-            "caption": f"a picture number {i}" if paired else None,
+            # Long captions fill the tiny encoder's 8 tokens, short ones ("pic 3") are padded.
+            "caption": (f"a picture number {i}" if i % 2 == 0 else f"pic {i}") if paired else None,
             "paired": paired,
         }
         writer.add(sample["key"], "png", _png(i), sample)
@@ -74,7 +75,7 @@ def test_featurize_writes_the_contract_layout(dataset):
 
     features = Storage.from_uri(dataset).child("features")
     spec = features.read_json("features.json")
-    assert spec["format"] == "lumos-features/1"
+    assert spec["format"] == "lumos-features/2"
     assert spec["encoders"] == cfg.encoders.model_dump(mode="json")
     assert spec["counts"] == {"samples": 10, "paired": 4}
     assert spec["shapes"]["latents"] == [3, SIZE, SIZE] and spec["latent_downsample"] == 1
@@ -97,8 +98,13 @@ def test_featurize_writes_the_contract_layout(dataset):
     text = load_safetensors(features.read_bytes("part-00000.text.safetensors"))
     paired_rows = [i for i, m in enumerate(part["meta"]) if m["paired"]]
     assert text["rows"].tolist() == paired_rows
-    assert text["text_embeds"].shape == (len(paired_rows), 8, spec["shapes"]["text_embeds"][1])
-    assert text["text_mask"].dtype == torch.bool and text["text_mask"][:, 0].all()
+    # Stored unpadded: each caption's tokens before T5's padding, concatenated.
+    embeds, mask = encoders.embed_texts([part["meta"][i]["caption"] for i in paired_rows])
+    assert spec["shapes"]["text_embeds"] == [8, embeds.shape[-1]]
+    lengths = mask.sum(dim=1)
+    assert lengths.tolist() == [8, 6, 8]  # "a picture number 0" is cut to 8; "pic 3" + EOS: 6
+    assert text["text_offsets"].tolist() == [0, 8, 14, 22]
+    torch.testing.assert_close(text["text_tokens"].float(), embeds[mask], atol=5e-3, rtol=1e-3)
 
 
 def test_featurize_skips_parts_done_with_the_same_encoders(dataset):
@@ -145,3 +151,13 @@ def test_featurize_and_train_in_the_object_store(s3_bucket, tiny_config):
 
     trained = train(tiny_config(steps=1, batch_size=2), dataset, f"s3://{s3_bucket}/runs/i2i")
     assert trained.checkpoint_uri == f"s3://{s3_bucket}/runs/i2i/step-0000001"
+
+
+def test_captions_must_be_right_padded():
+    embeds = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    tokens, offsets = pack_text(embeds, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]))
+    assert offsets.tolist() == [0, 2, 5] and torch.equal(
+        tokens, torch.cat([embeds[0, :2], embeds[1, :3]])
+    )
+    with pytest.raises(ValueError, match="text row 1's padding mask is not right-padded"):
+        pack_text(embeds, torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]]))

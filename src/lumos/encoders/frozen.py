@@ -196,6 +196,8 @@ class FrozenEncoders:
         if not (model_dir / "config.json").exists():
             raise FileNotFoundError(f"no config.json in {str(model_dir)!r}: put {what} there")
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        # T5 pads on the right; cached features store only the tokens before the padding.
+        tokenizer.padding_side = "right"
         return tokenizer, self._freeze(T5EncoderModel.from_pretrained(model_dir))
 
     @property

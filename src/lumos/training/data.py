@@ -63,8 +63,10 @@ class FeaturePart:
     image_embeds: torch.Tensor  # (n, D) float16, raw DINO CLS
     records: Callable[[], list[dict[str, Any]]]  # loads the n per-sample records (ingest's json)
     text_rows: np.ndarray | None = None  # (M,) int64 ascending: the rows with a caption
-    text_embeds: torch.Tensor | None = None  # (M, L, Dt) float16
-    text_mask: torch.Tensor | None = None  # (M, L) bool
+    # Caption m's tokens (the unpadded ones) are text_tokens[text_starts[m]:][:text_lengths[m]].
+    text_tokens: torch.Tensor | None = None  # (T, Dt) float16
+    text_starts: np.ndarray | None = None  # (M,) int64
+    text_lengths: np.ndarray | None = None  # (M,) int64
 
     def text_row(self, row: int) -> int | None:
         """The position of `row` among the text rows, None when it has no caption."""
@@ -159,7 +161,8 @@ class FeatureTable:
         self, rows: Sequence[int] | np.ndarray, text: bool = False
     ) -> dict[str, torch.Tensor]:
         """The features of `rows` (any shape S): latents (*S, C, h, w), image_embeds (*S, D) and,
-        with `text`, text_embeds (*S, L, Dt) and text_mask (*S, L) (zeros where a row has none).
+        with `text`, text_embeds (*S, L, Dt) and text_mask (*S, L): each caption's tokens, then
+        zeros (and mask False) up to L; all zeros for a row without one.
         Reads only these rows of the memory-mapped parts."""
         index = np.asarray(rows, dtype=np.int64)
         flat = index.reshape(-1)
@@ -177,9 +180,9 @@ class FeatureTable:
         }  # fmt: skip
         if text_shape is not None:
             out["text_embeds"] = torch.empty((len(flat), *text_shape), dtype=torch.float16)
-            out["text_mask"] = torch.empty((len(flat), text_shape[0]), dtype=torch.bool)
-        # One copy per row straight from the map into the batch: no temporaries (a T2I row of
-        # T5-XXL tokens is about 1 MB), and a row costs the same whichever part holds it.
+            lengths = torch.zeros(len(flat), dtype=torch.int64)
+        # One copy per row straight from the map into the batch: no temporaries (a caption of
+        # T5-XXL tokens is about 8 KB a token), and a row costs the same whichever part holds it.
         part_ids, local = self.locate(flat)
         for i, (p, r) in enumerate(zip(part_ids.tolist(), local.tolist(), strict=True)):
             part = self.parts[p]
@@ -188,13 +191,16 @@ class FeatureTable:
             if text_shape is None:
                 continue
             t = part.text_row(r)
-            if t is None:
-                out["text_embeds"][i].zero_()
-                out["text_mask"][i].zero_()
-            else:
-                assert part.text_embeds is not None and part.text_mask is not None
-                out["text_embeds"][i].copy_(part.text_embeds[t])
-                out["text_mask"][i].copy_(part.text_mask[t])
+            n = 0
+            if t is not None:
+                assert part.text_tokens is not None and part.text_starts is not None
+                assert part.text_lengths is not None
+                start, n = int(part.text_starts[t]), int(part.text_lengths[t])
+                out["text_embeds"][i, :n].copy_(part.text_tokens[start : start + n])
+            out["text_embeds"][i, n:].zero_()
+            lengths[i] = n
+        if text_shape is not None:
+            out["text_mask"] = torch.arange(text_shape[0]) < lengths[:, None]  # (B, L)
         return {k: v.reshape(*index.shape, *v.shape[1:]) for k, v in out.items()}
 
 
@@ -257,17 +263,56 @@ class _LocalFiles:
             return list(pool.map(self, keys))
 
 
-def _map(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file as views of its memory map (nothing is read yet)."""
+def _map(path: Path, *layouts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as views of its memory map (nothing is read yet): those of
+    the first of `layouts` (tuples of tensor names) that the file holds."""
     try:
         with safe_open(str(path), framework="pt") as f:
             available = set(f.keys())
-            missing = [n for n in names if n not in available]
-            if missing:
-                raise ValueError(f"{path} lacks tensors {missing}: re-run `lumos featurize`")
-            return {n: f.get_tensor(n) for n in names}
+            for names in layouts:
+                if available.issuperset(names):
+                    return {n: f.get_tensor(n) for n in names}
     except (OSError, RuntimeError) as err:  # safetensors' own error is a RuntimeError subclass
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+    wanted = " or ".join(str(list(names)) for names in layouts)
+    raise ValueError(
+        f"{path} holds tensors {sorted(available)}, not {wanted}: re-run `lumos featurize`"
+    )
+
+
+def _map_text(path: Path, text_len: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+    """A part's captions: (rows, tokens (T, Dt), starts, lengths), from the unpadded layout or
+    from the padded one of features written before it (`lumos-features/1`)."""
+    text = _map(path, ("rows", "text_offsets", "text_tokens"), ("rows", "text_embeds", "text_mask"))
+    rows = text["rows"].numpy().astype(np.int64)  # these index arrays are small: in memory
+    if np.any(rows[1:] <= rows[:-1]):
+        raise ValueError(f"{path}: text rows are not ascending")
+    if "text_tokens" in text:
+        offsets = text["text_offsets"].numpy().astype(np.int64)
+        tokens, starts, lengths = text["text_tokens"], offsets[:-1], np.diff(offsets)
+        consistent = (
+            len(offsets) == len(rows) + 1
+            and offsets[0] == 0
+            and offsets[-1] == len(tokens)
+            and bool(np.all(lengths >= 0))
+        )
+    else:  # padded: a row's tokens are the positions its mask keeps, always a prefix
+        padded, mask = text["text_embeds"], text["text_mask"].numpy()
+        lengths = mask.sum(axis=1).astype(np.int64)
+        starts = np.arange(len(mask), dtype=np.int64) * padded.shape[1]
+        tokens = padded.reshape(-1, padded.shape[-1])  # a view: nothing is read
+        right_padded = np.arange(mask.shape[1]) < lengths[:, None]
+        consistent = len(mask) == len(rows) and bool(np.array_equal(mask, right_padded))
+    if not consistent:
+        raise ValueError(
+            f"{path}: its caption rows, offsets and tokens do not match: re-run `lumos featurize`"
+        )
+    if len(lengths) and lengths.max() > text_len:
+        raise ValueError(
+            f"{path}: a caption has {lengths.max()} tokens, more than the {text_len} that "
+            "features.json gives as the text length: re-run `lumos featurize`"
+        )
+    return rows, tokens, starts, lengths
 
 
 def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
@@ -309,13 +354,11 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
         )
         part_has_text = np.zeros(n, dtype=bool)
         if entry.get("paired", 0) > 0:
-            text = _map(files(f"{name}.text.safetensors"), ("rows", "text_embeds", "text_mask"))
-            rows = text["rows"].numpy().astype(np.int64)  # tiny: kept in memory
-            if np.any(rows[1:] <= rows[:-1]):
-                raise ValueError(f"part {name} of {dataset_uri}: text rows are not ascending")
-            part.text_rows, part.text_embeds, part.text_mask = (
-                rows, text["text_embeds"], text["text_mask"]
-            )  # fmt: skip
+            text_len = spec["shapes"]["text_embeds"][0]
+            rows, part.text_tokens, part.text_starts, part.text_lengths = _map_text(
+                files(f"{name}.text.safetensors"), text_len
+            )
+            part.text_rows = rows
             part_has_text[rows] = True
         selected = {"train": ~is_eval, "eval": is_eval, "all": np.ones(n, dtype=bool)}[split]
         keep = np.nonzero(selected)[0].astype(ROW_DTYPE)

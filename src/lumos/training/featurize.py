@@ -4,9 +4,16 @@ The VAE, DINO and T5 never change during training, and the SD VAE encoder alone 
 an XL/2 training step, so the loop reads cached features instead of images:
 
     <dataset>/features/part-00000.safetensors       latents (N,C,h,w) f16 scaled, image_embeds (N,D) f16
-                      /part-00000.text.safetensors  rows (M,), text_embeds (M,L,Dt) f16, text_mask (M,L)
+                      /part-00000.text.safetensors  rows (M,): the captioned rows,
+                                                    text_offsets (M+1,), text_tokens (T,Dt) f16
                       /part-00000.json              keys, meta (the per-sample json of the shard)
                       /features.json                written last: encoders, counts, shapes
+
+Text is stored unpadded: caption m's T5 tokens are `text_tokens[text_offsets[m]:text_offsets[m+1]]`,
+the tokens before its padding (T5 pads on the right; padded positions are masked out in the model,
+so they are never needed). A typical caption fills a quarter of T5's 120 positions, and a padded
+row of T5-XXL tokens is about 1 MB. Features written before this (`lumos-features/1`) stored
+`text_embeds (M,L,Dt)` and `text_mask (M,L)`; `lumos.training.data` reads both.
 
 One part per shard. A part's json is written after its tensors and records the encoders and the
 shard it came from, so a rerun (a retried pipeline step) skips every part already featurized with
@@ -35,7 +42,7 @@ from lumos.encoders.config import EncodersConfig
 from lumos.storage import Storage
 from lumos.training.data import FEATURES_DIR, is_eval_record
 
-FEATURES_FORMAT = "lumos-features/1"
+FEATURES_FORMAT = "lumos-features/2"  # /2: unpadded text tokens
 DATASET_FORMAT = "lumos-dataset/1"
 
 
@@ -231,13 +238,14 @@ def write_feature_part(
     if paired:
         assert text_rows is not None and text_embeds is not None and text_mask is not None
         assert text_embeds.shape[0] == text_mask.shape[0] == paired, "one text row per paired row"
+        tokens, offsets = pack_text(text_embeds, text_mask)
         features.write_bytes(
             f"{name}.text.safetensors",
             save_safetensors(
                 {
                     "rows": text_rows.to(torch.int64).contiguous(),
-                    "text_embeds": text_embeds.to(torch.float16).contiguous(),
-                    "text_mask": text_mask.to(torch.bool).contiguous(),
+                    "text_offsets": offsets,
+                    "text_tokens": tokens.to(torch.float16).contiguous(),
                 }
             ),
         )
@@ -263,6 +271,23 @@ def write_feature_part(
             },
         },
     )
+
+
+def pack_text(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token embeddings (M, L, Dt) and their mask (M, L) -> the unpadded tokens of every
+    row, concatenated (T, Dt), and each row's start in them plus the end (M+1,) int64."""
+    mask = mask.to(torch.bool)
+    lengths = mask.sum(dim=1)  # (M,)
+    right_padded = torch.arange(mask.shape[1]) < lengths[:, None]  # (M, L)
+    if not torch.equal(mask, right_padded):
+        row = int((mask != right_padded).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"text row {row}'s padding mask is not right-padded (tokens first, then padding): "
+            f"{mask[row].int().tolist()}; set the tokenizer's padding_side to 'right'"
+        )
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, dim=0)
+    return embeds[mask], offsets  # boolean indexing keeps row-major order: row 0's tokens first
 
 
 def _existing_part(
