@@ -3,6 +3,7 @@ parts memory-mapped from the dataset or from a local cache of the object store's
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -267,3 +268,27 @@ def test_groups_shorter_than_num_frames_are_counted():
     assert clips.items.tolist() == [[0, 1, 2], [1, 2, 3]] and clips.skipped_groups == 1
     with pytest.raises(ValueError, match="needs meta.camera on every view"):
         FeatureDataset.for_head(table, "novel_view", num_frames=3)
+
+
+def test_sampler_groups_batch_one_image_size_each_and_resume_exactly():
+    groups = np.array([0, 1, 0, 1, 0, 1, 2, 0, 1, 0], dtype=np.uint8)  # 5, 4 and 1 items
+    a = ResumableSampler(10, 2, seed=1, groups=groups)
+    assert a.batches_per_epoch == 2 + 2 and a.starved_items == 1  # group 2 never fills a batch
+    epoch = [a.next_batch() for _ in range(4)]
+    assert all(len(set(groups[b].tolist())) == 1 for b in epoch)  # one size per batch
+    taken = sorted(i for b in epoch for i in b)
+    assert 6 not in taken and len(set(taken)) == 8  # every full batch of groups 0 and 1, once
+    assert [a.next_batch() for _ in range(4)] != epoch  # the next epoch: another order
+
+    b = ResumableSampler(10, 2, seed=1, groups=groups)
+    b.next_batch(), b.next_batch(), b.next_batch()
+    state = json.loads(json.dumps(b.state_dict()))  # as a checkpoint stores it
+    resumed = ResumableSampler(10, 2, seed=1, groups=groups)
+    resumed.load_state_dict(state)
+    uninterrupted = ResumableSampler(10, 2, seed=1, groups=groups)
+    order = [uninterrupted.next_batch() for _ in range(6)]  # crosses into the second epoch
+    assert order[:4] == epoch and [resumed.next_batch() for _ in range(3)] == order[3:]
+    with pytest.raises(ValueError, match="items per image size"):
+        ResumableSampler(10, 2, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="in any image size"):
+        ResumableSampler(3, 2, seed=1, groups=np.array([0, 1, 2]))

@@ -311,9 +311,16 @@ def _generate(cfg, model, encoders, table, head, items, device) -> list[list[np.
     from lumos.training.data import FeatureDataset
 
     dataset = FeatureDataset(table=table, head=head, num_frames=len(items[0]), items=items)
-    out: list[list[np.ndarray]] = []
-    for b, start in enumerate(range(0, len(items), cfg.batch_size)):
-        ids = list(range(start, min(start + cfg.batch_size, len(items))))
+    # Batches of one image size (aspect buckets), in item order within each size.
+    sizes = dataset.item_sizes()
+    by_size = [list(range(len(items)))] if sizes is None else [
+        np.flatnonzero(sizes == s).tolist() for s in np.unique(sizes)
+    ]  # fmt: skip
+    batches = [
+        ids[i : i + cfg.batch_size] for ids in by_size for i in range(0, len(ids), cfg.batch_size)
+    ]
+    out: list[list[np.ndarray]] = [[] for _ in items]
+    for b, ids in enumerate(batches):
         if head == "t2i":
             rows = [items[i][0] for i in ids]
             text_embeds, text_mask = encoders.embed_texts(
@@ -334,7 +341,8 @@ def _generate(cfg, model, encoders, table, head, items, device) -> list[list[np.
         )  # fmt: skip  # (B, [F,] C, h, w)
         frames = latents.shape[1] if latents.ndim == 5 else 1
         images = encoders.decode_latents(latents.reshape(-1, *latents.shape[-3:]))  # (B*F, H, W, 3)
-        out += [list(images[i * frames : (i + 1) * frames]) for i in range(len(ids))]
+        for i, item in enumerate(ids):
+            out[item] = list(images[i * frames : (i + 1) * frames])
     return out
 
 

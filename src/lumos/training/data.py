@@ -59,14 +59,25 @@ class FeaturesNotFound(FileNotFoundError):
 class FeaturePart:
     """The features of one part (one ingest shard). Tensors are memory-mapped or in memory."""
 
-    latents: torch.Tensor  # (n, C, h, w) float16, already scaled
+    # One (n_s, C, h_s, w_s) float16 tensor, already scaled, per image size of the part (one
+    # unless the dataset was ingested with aspect buckets); row r is latents[size[r]][index[r]].
+    latents: list[torch.Tensor]
     image_embeds: torch.Tensor  # (n, D) float16, raw DINO CLS
     records: Callable[[], list[dict[str, Any]]]  # loads the n per-sample records (ingest's json)
+    size: np.ndarray | None = None  # (n,) uint8: which of `latents` holds each row; None: one
+    index: np.ndarray | None = None  # (n,) int32: the row's place in it
     text_rows: np.ndarray | None = None  # (M,) int64 ascending: the rows with a caption
     # Caption m's tokens (the unpadded ones) are text_tokens[text_starts[m]:][:text_lengths[m]].
     text_tokens: torch.Tensor | None = None  # (T, Dt) float16
     text_starts: np.ndarray | None = None  # (M,) int64
     text_lengths: np.ndarray | None = None  # (M,) int64
+
+    def latent(self, row: int) -> torch.Tensor:
+        """Row `row`'s latents (C, h, w), a view of the map."""
+        if self.size is None:
+            return self.latents[0][row]
+        assert self.index is not None
+        return self.latents[self.size[row]][self.index[row]]
 
     def text_row(self, row: int) -> int | None:
         """The position of `row` among the text rows, None when it has no caption."""
@@ -125,6 +136,9 @@ class FeatureTable:
     local_rows: np.ndarray  # (N,) int32: row within its part
     has_text: np.ndarray  # (N,) bool
     excluded_eval: int = 0  # samples left out because their split is "eval"
+    # Several image sizes (aspect buckets): each row's index in `latent_sizes` ((h, w), sorted)
+    size_ids: np.ndarray | None = None  # (N,) uint8; None: one size
+    latent_sizes: list[tuple[int, int]] = field(default_factory=list)
     records: TableRecords = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,13 +155,14 @@ class FeatureTable:
         """One part held in memory (tests, small tables built in code)."""
         n = len(records)
         assert latents.shape[0] == n and image_embeds.shape[0] == n, "one feature row per record"
-        part = FeaturePart(latents=latents, image_embeds=image_embeds, records=lambda: records)
+        part = FeaturePart(latents=[latents], image_embeds=image_embeds, records=lambda: records)
         return cls(
             spec=spec or {},
             parts=[part],
             part_starts=np.array([0, n], dtype=np.int64),
             local_rows=np.arange(n, dtype=ROW_DTYPE),
             has_text=np.zeros(n, dtype=bool),
+            latent_sizes=[(int(latents.shape[-2]), int(latents.shape[-1]))],
         )
 
     def __len__(self) -> int:
@@ -173,20 +188,28 @@ class FeatureTable:
         text_shape = self.spec.get("shapes", {}).get("text_embeds") if text else None
         if text and text_shape is None:
             raise ValueError("text features asked for, but the dataset has no paired samples")
-        first = self.parts[0]
+        if self.size_ids is not None and len(np.unique(self.size_ids[flat])) > 1:
+            mixed = [self.latent_sizes[i] for i in np.unique(self.size_ids[flat])]
+            raise ValueError(
+                f"rows of latent sizes {mixed} cannot share a batch: batch the rows of one size "
+                "together (ResumableSampler's groups, FeatureDataset.item_sizes)"
+            )
+        part_ids, local = self.locate(flat)
+        first = (
+            self.parts[part_ids[0]].latent(local[0]) if flat.size else self.parts[0].latents[0][0]
+        )
         out = {
-            "latents": torch.empty((len(flat), *first.latents.shape[1:]), dtype=torch.float16),
-            "image_embeds": torch.empty((len(flat), *first.image_embeds.shape[1:]), dtype=torch.float16),
+            "latents": torch.empty((len(flat), *first.shape), dtype=torch.float16),
+            "image_embeds": torch.empty((len(flat), *self.parts[0].image_embeds.shape[1:]), dtype=torch.float16),
         }  # fmt: skip
         if text_shape is not None:
             out["text_embeds"] = torch.empty((len(flat), *text_shape), dtype=torch.float16)
             lengths = torch.zeros(len(flat), dtype=torch.int64)
         # One copy per row straight from the map into the batch: no temporaries (a caption of
         # T5-XXL tokens is about 8 KB a token), and a row costs the same whichever part holds it.
-        part_ids, local = self.locate(flat)
         for i, (p, r) in enumerate(zip(part_ids.tolist(), local.tolist(), strict=True)):
             part = self.parts[p]
-            out["latents"][i].copy_(part.latents[r])
+            out["latents"][i].copy_(part.latent(r))
             out["image_embeds"][i].copy_(part.image_embeds[r])
             if text_shape is None:
                 continue
@@ -334,24 +357,23 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
     )
     parts: list[FeaturePart] = []
     starts, local_rows, has_text, excluded = [0], [], [], 0
+    part_sizes: list[list[tuple[int, int]]] = []  # per part: the (h, w) of each of its latents
     for entry in entries:
         name = entry["name"]
-        tensors = _map(files(f"{name}.safetensors"), ("latents", "image_embeds"))
         records = functools.partial(_part_records, files, f"{name}.json")
+        part = _map_part(files(f"{name}.safetensors"), records)
         if split_listed:
             n, is_eval = int(entry["count"]), np.zeros(int(entry["count"]), dtype=bool)
             is_eval[np.asarray(entry["eval_rows"], dtype=np.int64)] = True
         else:
             is_eval = np.array([is_eval_record(r) for r in records()], dtype=bool)
             n = len(is_eval)
-        if tensors["latents"].shape[0] != n or tensors["image_embeds"].shape[0] != n:
+        if part.image_embeds.shape[0] != n:
             raise ValueError(
-                f"part {name} of {dataset_uri} has {tensors['latents'].shape[0]} feature rows "
+                f"part {name} of {dataset_uri} has {part.image_embeds.shape[0]} feature rows "
                 f"for {n} records: the features are inconsistent; re-run `lumos featurize`"
             )
-        part = FeaturePart(
-            latents=tensors["latents"], image_embeds=tensors["image_embeds"], records=records
-        )
+        part_sizes.append([(int(t.shape[-2]), int(t.shape[-1])) for t in part.latents])
         part_has_text = np.zeros(n, dtype=bool)
         if entry.get("paired", 0) > 0:
             text_len = spec["shapes"]["text_embeds"][0]
@@ -369,7 +391,7 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
         starts.append(starts[-1] + len(keep))
     if starts[-1] == 0:
         raise ValueError(f"the features of {dataset_uri} hold no {split!r} samples")
-    return FeatureTable(
+    table = FeatureTable(
         spec=spec,
         parts=parts,
         part_starts=np.array(starts, dtype=np.int64),
@@ -377,6 +399,51 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
         has_text=np.concatenate(has_text),
         excluded_eval=excluded,
     )
+    table.latent_sizes = sorted({size for sizes in part_sizes for size in sizes})
+    if len(table.latent_sizes) > 255:
+        raise ValueError(f"{dataset_uri} holds {len(table.latent_sizes)} image sizes; 255 at most")
+    if len(table.latent_sizes) > 1:  # aspect buckets: each row's size, for batching by size
+        ids = {size: i for i, size in enumerate(table.latent_sizes)}
+        table.size_ids = np.concatenate([
+            np.array([ids[s] for s in sizes], dtype=np.uint8)[
+                part.size[rows] if part.size is not None else np.zeros(len(rows), dtype=np.int64)
+            ]
+            for part, sizes, rows in zip(parts, part_sizes, local_rows, strict=True)
+        ])  # fmt: skip
+    return table
+
+
+def _map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> FeaturePart:
+    """A part's image features, mapped: one `latents` tensor, or for a part holding several image
+    sizes, `latents_{h}x{w}` with `rows_{h}x{w}` per size (featurize's layouts)."""
+    suffixes = sorted(n.removeprefix("latents_") for n in _names(path) if n.startswith("latents_"))
+    if not suffixes:
+        tensors = _map(path, ("latents", "image_embeds"))
+        return FeaturePart([tensors["latents"]], tensors["image_embeds"], records)
+    wanted = ("image_embeds", *(f"{k}_{s}" for s in suffixes for k in ("latents", "rows")))
+    tensors = _map(path, wanted)
+    n = tensors["image_embeds"].shape[0]
+    size, index = np.full(n, 255, dtype=np.uint8), np.zeros(n, dtype=ROW_DTYPE)
+    for i, suffix in enumerate(suffixes):
+        rows = tensors[f"rows_{suffix}"].numpy()
+        size[rows], index[rows] = i, np.arange(len(rows), dtype=ROW_DTYPE)
+    counts = sum(len(tensors[f"rows_{s}"]) for s in suffixes)
+    if counts != n or np.any(size == 255):
+        raise ValueError(
+            f"{path}: its latents of each size do not cover its {n} rows exactly once: re-run "
+            "`lumos featurize`"
+        )
+    latents = [tensors[f"latents_{s}"] for s in suffixes]
+    return FeaturePart(latents, tensors["image_embeds"], records, size=size, index=index)
+
+
+def _names(path: Path) -> set[str]:
+    """The names of the tensors in a safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except (OSError, RuntimeError) as err:  # safetensors' own error is a RuntimeError subclass
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
 
 
 def is_eval_record(record: dict[str, Any]) -> bool:
@@ -436,7 +503,22 @@ class FeatureDataset:
                 f"{len(table)} samples: t2i needs captioned (paired) samples, multi-frame heads "
                 f"need groups (meta.group / meta.index) of at least num_frames samples"
             )
+        if table.size_ids is not None:
+            sizes = table.size_ids[ds.items]  # (num_items, frames)
+            mixed = np.nonzero((sizes != sizes[:, :1]).any(axis=1))[0]
+            if len(mixed):
+                keys = [table.records[int(r)]["key"] for r in ds.items[mixed[0]]]
+                raise ValueError(
+                    f"{len(mixed)} {head} items mix image sizes (first: {keys}): the frames of a "
+                    "group must share one size; ingest views and clips without aspect buckets"
+                )
         return ds
+
+    def item_sizes(self) -> np.ndarray | None:
+        """(num_items,) uint8: each item's image size (`table.latent_sizes`); None: one size."""
+        if self.table.size_ids is None:
+            return None
+        return self.table.size_ids[self.items[:, 0]]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -507,29 +589,57 @@ class ResumableSampler:
 
     Each micro-step takes `global_batch` items of the epoch's permutation (the last incomplete
     batch of an epoch is dropped, as in DiT); process `rank` of `world_size` takes its slice.
+    With `groups` (an id per item: its image size), every batch holds items of one group: each
+    group's items are permuted and cut into batches (dropping each group's incomplete last one),
+    then the batches of all groups are shuffled together (PixArt's aspect-ratio batches).
     """
 
     def __init__(
-        self, num_items: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        num_items: int,
+        global_batch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        groups: np.ndarray | None = None,
     ) -> None:
-        if num_items < global_batch:
-            raise ValueError(
-                f"{num_items} training items cannot fill one global batch of {global_batch} "
-                "(batch_size x processes): lower batch_size or add data"
-            )
         assert global_batch % world_size == 0, "the global batch must split evenly over processes"
         if num_items > np.iinfo(ROW_DTYPE).max:
             raise ValueError(f"{num_items} training items exceed the 2^31 this sampler indexes")
         self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
         self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = num_items // global_batch
+        self.groups: list[np.ndarray] | None = None  # each group's items
+        self.group_sizes: dict[int, int] | None = None  # group id -> its number of items
+        if groups is not None:
+            assert len(groups) == num_items, "one group id per item"
+            order = np.argsort(groups, kind="stable").astype(ROW_DTYPE)
+            bounds = np.flatnonzero(groups[order][1:] != groups[order][:-1]) + 1
+            self.groups = np.split(order, bounds)
+            self.group_sizes = {int(groups[g[0]]): len(g) for g in self.groups}
+        sizes = list(self.group_sizes.values()) if self.group_sizes else [num_items]
+        self.batches_per_epoch = sum(n // global_batch for n in sizes)
+        # Items of groups too small for one global batch: never trained on.
+        self.starved_items = sum(n for n in sizes if n < global_batch)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{num_items} training items cannot fill one global batch of {global_batch} "
+                f"(batch_size x processes){' in any image size' if groups is not None else ''}: "
+                "lower batch_size or add data"
+            )
         self.epoch, self.position = 0, 0  # position: batches already taken in this epoch
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        # The same order as permuting an int64 range (what checkpoints before int32 rows used).
-        rows = np.arange(self.num_items, dtype=ROW_DTYPE)
-        return np.random.default_rng([self.seed, epoch]).permutation(rows)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.groups is None:
+            # The same order as permuting an int64 range (what checkpoints before int32 rows used).
+            return rng.permutation(np.arange(self.num_items, dtype=ROW_DTYPE))
+        batches = []
+        for members in self.groups:
+            full = len(members) // self.global_batch * self.global_batch
+            batches.append(rng.permutation(members)[:full].reshape(-1, self.global_batch))
+        stacked = np.concatenate(batches)  # (batches_per_epoch, global_batch)
+        return stacked[rng.permutation(len(stacked))].reshape(-1)
 
     def next_batch(self) -> list[int]:
         if self.position == self.batches_per_epoch:
@@ -540,21 +650,26 @@ class ResumableSampler:
         self.position += 1
         return batch[self.rank :: self.world_size].tolist()
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "position": self.position,
             "num_items": self.num_items,
             "global_batch": self.global_batch,
             "seed": self.seed,
+            # JSON keys are strings: the ids as text, as they read back from a checkpoint
+            "group_sizes": {str(k): n for k, n in self.group_sizes.items()}
+            if self.group_sizes is not None
+            else None,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        same = (state["num_items"], state["global_batch"], state["seed"])
-        if same != (self.num_items, self.global_batch, self.seed):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        same = (state["num_items"], state["global_batch"], state["seed"], state.get("group_sizes"))
+        this = (self.num_items, self.global_batch, self.seed, self.state_dict()["group_sizes"])
+        if same != this:
             raise ValueError(
                 f"cannot resume the data order: the checkpoint was taken with (items, global batch, "
-                f"seed) = {same}, this run has {(self.num_items, self.global_batch, self.seed)}"
+                f"seed, items per image size) = {same}, this run has {this}"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)

@@ -4,6 +4,7 @@ The VAE, DINO and T5 never change during training, and the SD VAE encoder alone 
 an XL/2 training step, so the loop reads cached features instead of images:
 
     <dataset>/features/part-00000.safetensors       latents (N,C,h,w) f16 scaled, image_embeds (N,D) f16
+                                                    (several sizes: latents_{h}x{w}, rows_{h}x{w})
                       /part-00000.text.safetensors  rows (M,): the captioned rows,
                                                     text_offsets (M+1,), text_tokens (T,Dt) f16
                       /part-00000.json              keys, meta (the per-sample json of the shard)
@@ -14,6 +15,11 @@ the tokens before its padding (T5 pads on the right; padded positions are masked
 so they are never needed). A typical caption fills a quarter of T5's 120 positions, and a padded
 row of T5-XXL tokens is about 1 MB. Features written before this (`lumos-features/1`) stored
 `text_embeds (M,L,Dt)` and `text_mask (M,L)`; `lumos.training.data` reads both.
+
+Datasets ingested with aspect buckets hold several image sizes. A part with more than one then
+stores, per latent size, `latents_{h}x{w}` (n, C, h, w) and `rows_{h}x{w}` (n,) int64: which of
+the part's rows they are, ascending. Training batches one size at a time (PixArt's multi-aspect
+training; the model takes any grid and conditions T2I on the image size).
 
 One part per shard. A part's json is written after its tensors and records the encoders and the
 shard it came from, so a rerun (a retried pipeline step) skips every part already featurized with
@@ -26,7 +32,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -64,6 +70,9 @@ class FeaturizeResult(BaseModel):
     parts: int
     parts_skipped: int  # already featurized with the same encoders
     shapes: dict[str, list[int] | None]
+    sizes: list[
+        dict[str, Any]
+    ]  # every image size: {"image": [H, W], "latents": [C, h, w], "count"}
     images_per_second: float  # over the parts computed in this call
 
 
@@ -83,6 +92,7 @@ def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
 
     parts, skipped, computed_images, compute_seconds = [], 0, 0, 0.0
     shapes: dict[str, list[int] | None] = {}
+    sizes: dict[tuple[int, ...], dict[str, Any]] = {}  # latent shape -> size entry
     bar = tqdm(manifest["shards"], desc="featurize", unit="shard", disable=not cfg.progress_bar)
     for index, shard in enumerate(bar):
         name = f"part-{index:05d}"
@@ -101,13 +111,19 @@ def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
             skipped += 1
         parts.append(done["part"])
         for key, shape in done["shapes"].items():
+            if key in ("image", "latents"):
+                continue  # per size, below
             if shape and shapes.get(key) and shapes[key] != shape:
                 raise ValueError(
-                    f"{name} has {key} of shape {shape}, earlier parts {shapes[key]}: a dataset "
-                    "must have one image size (re-ingest at one resolution)"
+                    f"{name} has {key} of shape {shape}, earlier parts {shapes[key]}: the "
+                    "dataset's features are inconsistent; re-run featurize"
                 )
             shapes[key] = shapes.get(key) or shape
+        for size in done["sizes"]:
+            entry = sizes.setdefault(tuple(size["latents"]), {**size, "count": 0})
+            entry["count"] += size["count"]
     bar.close()
+    shapes.update(_base_shapes(list(sizes.values()), manifest.get("resolution"), dataset.uri))
 
     spec = write_features_spec(
         features,
@@ -117,6 +133,7 @@ def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
         manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
         resolution=manifest.get("resolution"),
         dataset_uri=dataset.uri,
+        sizes=sorted(sizes.values(), key=lambda e: e["latents"]),
     )
     return FeaturizeResult(
         features_uri=features.uri,
@@ -125,6 +142,7 @@ def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
         parts=len(parts),
         parts_skipped=skipped,
         shapes=shapes,
+        sizes=spec["sizes"],
         images_per_second=computed_images / compute_seconds if compute_seconds else 0.0,
     )
 
@@ -161,32 +179,32 @@ def iter_shard_samples(dataset: Storage, name: str) -> Iterator[tuple[dict[str, 
 def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str) -> dict[str, Any]:
     """Encode a shard batch by batch as it streams in: a 1 GB shard decodes to several GB."""
     records: list[dict[str, Any]] = []
-    latents: list[torch.Tensor] = []
-    embeds: list[torch.Tensor] = []
-    pending: list[Any] = []
-    image_size = None
+    latents: list[torch.Tensor | None] = []  # per row: (C, h, w)
+    embeds: list[torch.Tensor | None] = []  # per row: (D,)
+    # Images wait for an encoder batch with others of their size (aspect buckets): (row, image)
+    pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    image_sizes: dict[tuple[int, ...], list[int]] = {}  # (H, W, 3) -> rows of that size
 
-    def encode_pending() -> None:
-        batch = np.stack(pending)  # (B, H, W, 3) uint8
-        latents.append(encoders.encode_images(batch).to("cpu", torch.float16))  # (B, C, h, w)
-        embeds.append(encoders.embed_images(batch).to("cpu", torch.float16))  # (B, D)
-        pending.clear()
+    def encode(size: tuple[int, ...]) -> None:
+        rows, images = zip(*pending.pop(size), strict=True)
+        batch = np.stack(images)  # (B, H, W, 3) uint8
+        batch_latents = encoders.encode_images(batch).to("cpu", torch.float16)  # (B, C, h, w)
+        batch_embeds = encoders.embed_images(batch).to("cpu", torch.float16)  # (B, D)
+        for i, row in enumerate(rows):
+            latents[row], embeds[row] = batch_latents[i], batch_embeds[i]
 
     for record, image in iter_shard_samples(dataset, name):
-        image_size = image_size or image.shape
-        if image.shape != image_size:
-            raise ValueError(
-                f"shard {name} of {dataset.uri} mixes image sizes {image_size} and {image.shape} "
-                f"({record.get('key')}): featurize caches one latent size per dataset; ingest "
-                "without aspect_buckets (one square resolution)"
-            )
+        row = len(records)
         records.append(record)
-        pending.append(image)
-        if len(pending) == batch_size:
-            encode_pending()
-    if pending:
-        encode_pending()
-    assert image_size is not None, f"shard {name} of {dataset.uri} is empty"
+        latents.append(None)
+        embeds.append(None)
+        image_sizes.setdefault(image.shape, []).append(row)
+        pending.setdefault(image.shape, []).append((row, image))
+        if len(pending[image.shape]) == batch_size:
+            encode(image.shape)
+    for size in list(pending):
+        encode(size)
+    assert records, f"shard {name} of {dataset.uri} is empty"
     # Text only for captioned pairs: T2I fine-tuning uses them, the other heads never do.
     rows = [i for i, r in enumerate(records) if r.get("paired") and r.get("caption")]
     text_embeds = text_mask = None
@@ -198,11 +216,12 @@ def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str
             chunks.append(emb.to("cpu", torch.float16))
             masks.append(mask.to("cpu", torch.bool))
         text_embeds, text_mask = torch.cat(chunks), torch.cat(masks)
+    one_size = len(image_sizes) == 1
     return {
         "records": records,
-        "image_size": list(image_size[:2]),  # (H, W) pixels
-        "latents": torch.cat(latents),
-        "image_embeds": torch.cat(embeds),
+        "image_size": list(next(iter(image_sizes))[:2]) if one_size else None,  # (H, W) pixels
+        "latents": torch.stack(latents) if one_size else latents,  # type: ignore[arg-type]
+        "image_embeds": torch.stack(embeds),  # type: ignore[arg-type]
         "text_rows": torch.tensor(rows, dtype=torch.int64),
         "text_embeds": text_embeds,
         "text_mask": text_mask,
@@ -213,7 +232,7 @@ def write_feature_part(
     features: Storage,
     name: str,
     records: list[dict[str, Any]],
-    latents: torch.Tensor,
+    latents: torch.Tensor | Sequence[torch.Tensor],
     image_embeds: torch.Tensor,
     text_rows: torch.Tensor | None = None,
     text_embeds: torch.Tensor | None = None,
@@ -222,18 +241,32 @@ def write_feature_part(
     encoders: dict[str, Any] | None = None,
     image_size: list[int] | None = None,
 ) -> None:
-    """Write one part in the contract layout; its json last (the json marks the part complete)."""
+    """Write one part in the contract layout; its json last (the json marks the part complete).
+
+    `latents` is (N, C, h, w), or one (C, h, w) per row when the rows differ in size: they are
+    then stored per size, with their rows (the records give each size's image height, width)."""
     n = len(records)
-    assert latents.shape[0] == n and image_embeds.shape[0] == n, "one feature row per record"
-    features.write_bytes(
-        f"{name}.safetensors",
-        save_safetensors(
-            {
-                "latents": latents.to(torch.float16).contiguous(),
-                "image_embeds": image_embeds.to(torch.float16).contiguous(),
-            }
-        ),
-    )
+    assert len(latents) == n and image_embeds.shape[0] == n, "one feature row per record"
+    tensors = {"image_embeds": image_embeds.to(torch.float16).contiguous()}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    if not isinstance(latents, torch.Tensor):
+        for row, latent in enumerate(latents):
+            groups.setdefault(tuple(latent.shape), []).append(row)
+    if len(groups) <= 1:  # one size: one (N, C, h, w) tensor
+        stacked = latents if isinstance(latents, torch.Tensor) else torch.stack(list(latents))
+        tensors["latents"] = stacked.to(torch.float16).contiguous()
+        latent_shape = list(stacked.shape[1:])
+        sizes = [{"image": image_size or latent_shape[1:], "latents": latent_shape, "count": n}]
+    else:
+        sizes = []
+        for shape, rows in sorted(groups.items()):
+            h, w = shape[1:]
+            tensors[f"latents_{h}x{w}"] = torch.stack([latents[r] for r in rows]).half()
+            tensors[f"rows_{h}x{w}"] = torch.tensor(rows, dtype=torch.int64)
+            first = records[rows[0]]  # ingest's record: the image's output size
+            sizes.append({"image": [first["height"], first["width"]], "latents": list(shape),
+                          "count": len(rows)})  # fmt: skip
+    features.write_bytes(f"{name}.safetensors", save_safetensors(tensors))
     paired = 0 if text_rows is None else len(text_rows)
     if paired:
         assert text_rows is not None and text_embeds is not None and text_mask is not None
@@ -261,9 +294,11 @@ def write_feature_part(
             "encoders": encoders,
             "count": n,
             "paired": paired,
+            "sizes": sizes,
             "shapes": {
-                "image": image_size or [int(latents.shape[-2]), int(latents.shape[-1])],
-                "latents": list(latents.shape[1:]),
+                # One image size: its image and latent shapes; several: see "sizes".
+                "image": sizes[0]["image"] if len(sizes) == 1 else None,
+                "latents": sizes[0]["latents"] if len(sizes) == 1 else None,
                 "image_embeds": list(image_embeds.shape[1:]),
                 "text_embeds": list(text_embeds.shape[1:])
                 if paired and text_embeds is not None
@@ -310,6 +345,41 @@ def _existing_part(
             "eval_rows": [i for i, r in enumerate(part["meta"]) if is_eval_record(r)],
         },
         "shapes": part["shapes"],
+        # Parts written before sizes were listed hold one size.
+        "sizes": part.get("sizes")
+        or [
+            {
+                "image": part["shapes"]["image"],
+                "latents": part["shapes"]["latents"],
+                "count": part["count"],
+            }
+        ],  # fmt: skip
+    }
+
+
+def _base_shapes(
+    sizes: list[dict[str, Any]], resolution: int | None, dataset_uri: str
+) -> dict[str, list[int]]:
+    """The dataset's image and latent shapes: its one size, or with several (aspect buckets), the
+    square at its nominal resolution, which the model's position embedding is scaled to."""
+    if len(sizes) == 1:
+        return {"image": sizes[0]["image"], "latents": sizes[0]["latents"]}
+    channels = {s["latents"][0] for s in sizes}
+    downsample = {s["image"][0] // s["latents"][1] for s in sizes}
+    if len(channels) != 1 or len(downsample) != 1:
+        raise ValueError(
+            f"the parts of {dataset_uri} were encoded differently (latent channels {channels}, "
+            f"downsampling {downsample}): re-run featurize"
+        )
+    if resolution is None:
+        raise ValueError(
+            f"{dataset_uri} holds several image sizes but its manifest gives no resolution: the "
+            "model's base size; re-ingest it"
+        )
+    f = downsample.pop()
+    return {
+        "image": [resolution, resolution],
+        "latents": [channels.pop(), resolution // f, resolution // f],
     }
 
 
@@ -321,11 +391,17 @@ def write_features_spec(
     manifest_sha256: str | None,
     resolution: int | None,
     dataset_uri: str,
+    sizes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """`features.json`, written last: a reader that finds it finds every part complete."""
+    """`features.json`, written last: a reader that finds it finds every part complete.
+
+    `shapes` gives the base image and latent shapes; `sizes` every image size with its count
+    (default: the base size only)."""
     image_shape, latent_shape = shapes["image"], shapes["latents"]
     assert image_shape and latent_shape, "features.json needs the image and latent shapes"
     image_h, latent_h = image_shape[0], latent_shape[-2]
+    total = sum(p["count"] for p in parts)
+    sizes = sizes or [{"image": image_shape, "latents": latent_shape, "count": total}]
     spec = {
         "format": FEATURES_FORMAT,
         "dataset_uri": dataset_uri,
@@ -335,11 +411,9 @@ def write_features_spec(
         # Pixels per latent cell (8 for the SD VAE, 1 in pixel space): T2I's size condition.
         "latent_downsample": image_h // latent_h,
         "parts": parts,
-        "counts": {
-            "samples": sum(p["count"] for p in parts),
-            "paired": sum(p["paired"] for p in parts),
-        },
+        "counts": {"samples": total, "paired": sum(p["paired"] for p in parts)},
         "shapes": shapes,
+        "sizes": sizes,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     features.write_json("features.json", spec)

@@ -185,6 +185,8 @@ class TrainResult(BaseModel):
     num_parameters: int
     train_items: int
     skipped_groups: int  # multi-frame groups shorter than num_frames (not trained on)
+    # Items of image sizes (aspect buckets) too few to fill one global batch (not trained on).
+    starved_items: int = 0
     global_batch: int  # items per optimizer step
     resumed_from: str | None
     transfer_report: dict[str, Any] | None
@@ -239,7 +241,20 @@ def train(
             f"{cfg.head}: {dataset.skipped_groups} groups have fewer than {cfg.num_frames} frames "
             "and are not used"
         )
-    sampler = ResumableSampler(len(dataset), cfg.batch_size * world, cfg.seed, rank, world)
+    # Several image sizes (aspect buckets): every batch holds one size.
+    sizes = dataset.item_sizes()
+    sampler = ResumableSampler(
+        len(dataset), cfg.batch_size * world, cfg.seed, rank, world, groups=sizes
+    )
+    if sampler.starved_items:
+        accelerator.print(
+            f"{cfg.head}: {sampler.starved_items} items are of image sizes with fewer items than "
+            f"one global batch ({sampler.global_batch}) and are not used; items per latent size: "
+            + ", ".join(
+                f"{table.latent_sizes[i][0]}x{table.latent_sizes[i][1]}: {n}"
+                for i, n in (sampler.group_sizes or {}).items()
+            )
+        )
     frames = cfg.num_frames or 1
     images_per_step = cfg.batch_size * world * cfg.grad_accum * frames
     latent_downsample = int(spec["latent_downsample"])
@@ -320,6 +335,7 @@ def train(
         "num_parameters": num_parameters,
         "train_items": len(dataset),
         "skipped_groups": dataset.skipped_groups,
+        "starved_items": sampler.starved_items,
     }
 
     def checkpoint(step: int, loss: float | None) -> str:
@@ -424,6 +440,7 @@ def train(
         num_parameters=num_parameters,
         train_items=len(dataset),
         skipped_groups=dataset.skipped_groups,
+        starved_items=sampler.starved_items,
         global_batch=cfg.batch_size * world * cfg.grad_accum,
         resumed_from=resume_meta["uri"] if resume_meta else None,
         transfer_report=transfer_report,
@@ -638,6 +655,7 @@ def _result_from_meta(meta: dict[str, Any]) -> TrainResult:
         num_parameters=meta.get("num_parameters", 0),
         train_items=meta.get("train_items", 0),
         skipped_groups=meta.get("skipped_groups", 0),
+        starved_items=meta.get("starved_items", 0),
         global_batch=cfg["batch_size"] * cfg["grad_accum"],
         resumed_from=meta["uri"],
         transfer_report=meta.get("transfer_report"),
