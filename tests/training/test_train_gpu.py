@@ -103,3 +103,17 @@ def test_throughput_at_the_paper_size(tmp_path, size, mixed_precision):
         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, losses {result.losses}"
     )
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+
+
+def test_batches_are_assembled_in_pinned_memory(images_features, views_features):
+    """With pin_memory (the loop sets it on CUDA), every tensor of a batch is page-locked: one
+    pageable tensor would make its copy to the GPU wait for the previous step again."""
+    from lumos.training.data import FeatureDataset, load_feature_table
+
+    for dataset, head, frames in ((images_features, "t2i", 1), (views_features, "novel_view", 3)):
+        items = FeatureDataset.for_head(load_feature_table(dataset), head, num_frames=frames)
+        batch = items.batch([0, 1], pin_memory=True)
+        assert all(t.is_pinned() for t in batch.values()), {
+            k: t.is_pinned() for k, t in batch.items()
+        }
+        assert not any(t.is_pinned() for t in items.batch([0, 1]).values())

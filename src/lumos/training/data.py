@@ -173,12 +173,14 @@ class FeatureTable:
         return np.searchsorted(self.part_starts, rows, side="right") - 1, self.local_rows[rows]
 
     def gather(
-        self, rows: Sequence[int] | np.ndarray, text: bool = False
+        self, rows: Sequence[int] | np.ndarray, text: bool = False, pin_memory: bool = False
     ) -> dict[str, torch.Tensor]:
         """The features of `rows` (any shape S): latents (*S, C, h, w), image_embeds (*S, D) and,
         with `text`, text_embeds (*S, L, Dt) and text_mask (*S, L): each caption's tokens, then
         zeros (and mask False) up to L; all zeros for a row without one.
-        Reads only these rows of the memory-mapped parts."""
+        Reads only these rows of the memory-mapped parts. `pin_memory` (CUDA only) assembles the
+        features in page-locked memory, so their copy to the GPU runs without waiting for the GPU
+        (`FeatureDataset.batch` pins the rest of a batch)."""
         index = np.asarray(rows, dtype=np.int64)
         flat = index.reshape(-1)
         if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
@@ -198,12 +200,16 @@ class FeatureTable:
         first = (
             self.parts[part_ids[0]].latent(local[0]) if flat.size else self.parts[0].latents[0][0]
         )
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=torch.float16, pin_memory=pin_memory)
+
         out = {
-            "latents": torch.empty((len(flat), *first.shape), dtype=torch.float16),
-            "image_embeds": torch.empty((len(flat), *self.parts[0].image_embeds.shape[1:]), dtype=torch.float16),
-        }  # fmt: skip
+            "latents": empty(len(flat), *first.shape),
+            "image_embeds": empty(len(flat), *self.parts[0].image_embeds.shape[1:]),
+        }
         if text_shape is not None:
-            out["text_embeds"] = torch.empty((len(flat), *text_shape), dtype=torch.float16)
+            out["text_embeds"] = empty(len(flat), *text_shape)
             lengths = torch.zeros(len(flat), dtype=torch.int64)
         # One copy per row straight from the map into the batch: no temporaries (a caption of
         # T5-XXL tokens is about 8 KB a token), and a row costs the same whichever part holds it.
@@ -523,16 +529,19 @@ class FeatureDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, item_ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(
+        self, item_ids: Sequence[int] | np.ndarray, pin_memory: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Collate items into the keys the head reads (`HeadSpec.batch_keys`), float16 as cached
-        (the model casts them)."""
+        (the model casts them); `pin_memory`: see `FeatureTable.gather`."""
         rows = self.items[np.asarray(item_ids, dtype=np.int64)]  # (B, F)
         keys = get_head(self.head).batch_keys
         if self.head not in MULTI_FRAME_HEADS:
             # latents (B, C, h, w) and image_embeds (B, D) or text (B, L, Dt), (B, L)
-            out = self.table.gather(rows[:, 0], text="text_embeds" in keys)
+            out = self.table.gather(rows[:, 0], "text_embeds" in keys, pin_memory)
         else:
-            out = self.table.gather(rows)  # latents (B, F, C, h, w), image_embeds (B, F, D)
+            # latents (B, F, C, h, w), image_embeds (B, F, D)
+            out = self.table.gather(rows, pin_memory=pin_memory)
             b, f = rows.shape
             out["frame_index"] = torch.arange(f).expand(b, f).clone()  # (B, F)
             if self.head == "novel_view":
@@ -540,6 +549,8 @@ class FeatureDataset:
                     self.cameras = _cameras(self.table, np.unique(self.items))
                 # (B, F, 4) absolute; lumos.heads.relative_camera makes it relative to view 0
                 out["camera"] = torch.from_numpy(self.cameras[rows])
+        if pin_memory:  # one tensor in pageable memory would make the GPU copies wait again
+            return {k: out[k] if out[k].is_pinned() else out[k].pin_memory() for k in keys}
         return {k: out[k] for k in keys}
 
 

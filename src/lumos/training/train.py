@@ -258,6 +258,9 @@ def train(
     frames = cfg.num_frames or 1
     images_per_step = cfg.batch_size * world * cfg.grad_accum * frames
     latent_downsample = int(spec["latent_downsample"])
+    # Batches in page-locked memory: their copy to the GPU does not wait for the previous step,
+    # so the next batch is assembled while the GPU computes.
+    pin_memory = device.type == "cuda"
 
     # --- model and EMA ------------------------------------------------------------------------
     model_cfg = build_model_config(cfg, spec)
@@ -386,7 +389,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
-            batch = _to_device(dataset.batch(sampler.next_batch()), device)
+            batch = _to_device(dataset.batch(sampler.next_batch(), pin_memory), device)
             x0, model_kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
             t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
             with accelerator.accumulate(model):
