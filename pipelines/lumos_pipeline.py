@@ -17,6 +17,9 @@ from components.default_dataset.component import default_dataset
 from components.evaluate.component import evaluate
 from components.export.component import export
 from components.featurize.component import featurize
+from components.featurize_merge.component import featurize_merge
+from components.featurize_partition.component import featurize_partition
+from components.featurize_plan.component import featurize_plan
 from components.finetune.component import finetune
 from components.ingest.component import ingest
 from components.ingest_merge.component import ingest_merge
@@ -123,12 +126,18 @@ def build_pipeline(cfg: PipelineConfig):
                 )
             ).set_display_name(f"ingest-{kind}")
 
-        features = {
-            kind: gpu(
-                featurize(config_json=config_json, dataset=task.outputs["dataset"])
+        # Images featurize in a fan-out over shard ranges (one GPU pod each), then a merge that
+        # writes features.json; views and clips are small: one step each.
+        featurize_work = cpu(
+            featurize_plan(config_json=config_json, dataset=datasets["images"].outputs["dataset"])
+        )
+        with dsl.ParallelFor(featurize_work.output) as work_item:
+            featurized = gpu(featurize_partition(config_json=config_json, work_item=work_item))
+        features = {"images": cpu(featurize_merge(work_items=dsl.Collected(featurized.output)))}
+        for kind in ("views", "clips"):
+            features[kind] = gpu(
+                featurize(config_json=config_json, dataset=datasets[kind].outputs["dataset"])
             ).set_display_name(f"featurize-{kind}")
-            for kind, task in datasets.items()
-        }
 
         i2i = gpu(
             pretrain(config_json=config_json, run_root=run_root, features=features["images"].output)

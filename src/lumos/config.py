@@ -76,6 +76,11 @@ class DataConfig(Strict):
         "incrementally into them); empty: inside each run's root",
     )
     ingest_partitions: int = Field(2, ge=1, description="ParallelFor fan-out of image ingest")
+    featurize_partitions: int = Field(
+        2,
+        ge=1,
+        description="ParallelFor fan-out of image featurize: GPU pods, one shard range each",
+    )
 
 
 class FinetuneConfig(Strict):

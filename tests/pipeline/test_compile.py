@@ -73,6 +73,14 @@ def test_pipeline_shape_fan_out_parallel_heads_and_gate() -> None:
     for head in ("t2i", "novel_view", "video"):
         assert any(t.startswith("condition") or "gate" in t for t in root) or "gate" in text
         assert f"finetune-{head}" in text.replace("_", "-") or f"finetune-{head}" in text
+    # Image featurize fans out over shard ranges on GPU pods; the merge (CPU) feeds pretraining.
+    executors = pipeline_spec["deploymentSpec"]["executors"]
+    assert "accelerator" in executors["exec-featurize-partition"]["container"]["resources"]
+    for step in ("exec-featurize-plan", "exec-featurize-merge"):
+        assert "accelerator" not in executors[step]["container"].get("resources", {}), step
+    loops = [t for t in root.values() if "parameterIterator" in t]
+    assert len(loops) == 2  # ingest and featurize
+    assert "featurize-merge" in root["pretrain"]["dependentTasks"]
     # fine-tunes depend on pretraining only, so they run in parallel
     finetunes = [t for name, t in root.items() if name.startswith("finetune")]
     assert len(finetunes) == 3

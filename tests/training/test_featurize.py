@@ -15,7 +15,13 @@ from lumos.data.shards import ShardWriter
 from lumos.encoders import EncodersConfig, FrozenEncoders
 from lumos.storage import Storage
 from lumos.training.data import FeatureDataset, load_feature_table
-from lumos.training.featurize import FeaturizeConfig, featurize, pack_text
+from lumos.training.featurize import (
+    FeaturizeConfig,
+    featurize,
+    merge_featurize,
+    pack_text,
+    plan_featurize,
+)
 from lumos.training.train import train
 
 SIZE = 16
@@ -161,3 +167,47 @@ def test_captions_must_be_right_padded():
     )
     with pytest.raises(ValueError, match="text row 1's padding mask is not right-padded"):
         pack_text(embeds, torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]]))
+
+
+def test_fan_out_over_shard_ranges_then_merge_matches_one_call(tmp_path):
+    one = write_dataset(str(tmp_path / "one"), per_shard=1)  # 10 images, 5 shards of 2
+    fanned = write_dataset(str(tmp_path / "fanned"), per_shard=1)
+    cfg = tiny_featurize_config()
+    single = featurize(cfg, one)
+
+    assert [(p["start"], p["stop"]) for p in plan_featurize(fanned, 9)] == [
+        (i, i + 1) for i in range(5)
+    ]  # at most one partition per shard
+    plan = plan_featurize(fanned, 2)
+    assert [(p["start"], p["stop"], p["num_partitions"]) for p in plan] == [(0, 3, 2), (3, 5, 2)]
+    with pytest.raises(ValueError, match=r"partition 0 of 2 \(shards 0..2\) has not finished"):
+        merge_featurize(fanned, plan)
+    results = [featurize(cfg, fanned, partition=p) for p in reversed(plan)]
+    assert [r.num_samples for r in results] == [4, 6] and [r.parts for r in results] == [2, 3]
+    merged = merge_featurize(fanned, list(reversed(plan)))
+
+    specs = [
+        Storage.from_uri(uri).child("features").read_json("features.json") for uri in (one, fanned)
+    ]
+    for key in (
+        "parts",
+        "counts",
+        "shapes",
+        "sizes",
+        "encoders",
+        "latent_downsample",
+        "resolution",
+    ):
+        assert specs[0][key] == specs[1][key], key
+    assert merged.num_samples == single.num_samples == 10 and merged.parts == single.parts == 5
+    a, b = load_feature_table(one), load_feature_table(fanned)
+    rows = list(range(len(a)))
+    for key, value in a.gather(rows, text=True).items():
+        assert torch.equal(value, b.gather(rows, text=True)[key]), key
+
+    # Partial or stale plans are clear errors.
+    with pytest.raises(ValueError, match="every partition of one plan_featurize call"):
+        merge_featurize(fanned, plan[1:])
+    write_dataset(fanned, count=11, per_shard=1)  # the dataset changes after the plan was made
+    with pytest.raises(ValueError, match="changed since its featurize plan was made"):
+        featurize(cfg, fanned, partition=plan[0])

@@ -143,6 +143,35 @@ def featurize_step(config_json: str, dataset: KfpArtifact, features: KfpArtifact
     describe(features, dataset_uri, result)
 
 
+def featurize_plan_step(config_json: str, dataset: KfpArtifact) -> list[str]:
+    """One self-contained work item (JSON) per shard range of the dataset."""
+    from lumos.training.featurize import plan_featurize
+
+    cfg = validate_config(config_json)
+    plan = plan_featurize(described_uri(dataset), cfg.data.featurize_partitions)
+    return [json.dumps(item) for item in plan]
+
+
+def featurize_partition_step(config_json: str, work_item: str) -> str:
+    """Featurize one shard range; returns its work item, for the merge."""
+    from lumos.training.featurize import featurize
+
+    cfg = validate_config(config_json)
+    partition = json.loads(work_item)
+    featurize(cfg.featurize, partition["dataset_uri"], partition=partition)
+    return work_item
+
+
+def featurize_merge_step(work_items: list[str], features: KfpArtifact) -> None:
+    from lumos.training.featurize import merge_featurize
+
+    partitions = [json.loads(item) for item in work_items]
+    if not partitions:
+        raise ValueError("featurize_merge got no partitions: the plan was empty")
+    dataset_uri = partitions[0]["dataset_uri"]
+    describe(features, dataset_uri, merge_featurize(dataset_uri, partitions))
+
+
 def _train_config(cfg: PipelineConfig, head: str):
     return cfg.pretrain if head == "i2i" else getattr(cfg.finetune, head)
 
@@ -296,6 +325,9 @@ __all__ = [
     "described_uri",
     "evaluate_step",
     "export_step",
+    "featurize_merge_step",
+    "featurize_partition_step",
+    "featurize_plan_step",
     "featurize_step",
     "ingest_merge_step",
     "ingest_partition_step",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -76,25 +77,32 @@ class FeaturizeResult(BaseModel):
     images_per_second: float  # over the parts computed in this call
 
 
-def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
-    """Compute the features of every shard of `dataset_uri` (skipping parts already done)."""
+def featurize(
+    cfg: FeaturizeConfig, dataset_uri: str, partition: dict[str, Any] | None = None
+) -> FeaturizeResult:
+    """Compute the features of every shard of `dataset_uri` (skipping parts already done) and
+    write features.json. With `partition` (a work item of `plan_featurize`), only its shards:
+    their summary goes to the features directory for `merge_featurize`, which writes
+    features.json once every partition is done (a fan-out over GPU pods)."""
     from lumos.encoders import FrozenEncoders  # heavy: transformers / diffusers models
 
     dataset = Storage.from_uri(dataset_uri)
     manifest_bytes = _read_manifest_bytes(dataset)
     manifest = json.loads(manifest_bytes)
+    manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     features = dataset.child(FEATURES_DIR)
     encoders_spec = cfg.encoders.model_dump(mode="json")
+    shards = list(enumerate(manifest["shards"]))
+    if partition is not None:
+        _check_partition(partition, dataset.uri, manifest_sha256)
+        shards = shards[partition["start"] : partition["stop"]]
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     encoders = None  # built on the first part that needs it: a full rerun loads no weights
 
-    parts, skipped, computed_images, compute_seconds = [], 0, 0, 0.0
-    shapes: dict[str, list[int] | None] = {}
-    sizes: dict[tuple[int, ...], dict[str, Any]] = {}  # latent shape -> size entry
-    bar = tqdm(manifest["shards"], desc="featurize", unit="shard", disable=not cfg.progress_bar)
-    for index, shard in enumerate(bar):
+    done_parts, skipped, computed_images, compute_seconds = [], 0, 0, 0.0
+    for index, shard in tqdm(shards, desc="featurize", unit="shard", disable=not cfg.progress_bar):
         name = f"part-{index:05d}"
         done = _existing_part(features, name, shard, encoders_spec)
         if done is None:
@@ -109,41 +117,166 @@ def featurize(cfg: FeaturizeConfig, dataset_uri: str) -> FeaturizeResult:
             assert done is not None, f"{name} was just written but does not read back"
         else:
             skipped += 1
-        parts.append(done["part"])
+        done_parts.append(done)
+    summary = {
+        "dataset_uri": dataset.uri,
+        "manifest_sha256": manifest_sha256,
+        "resolution": manifest.get("resolution"),
+        "encoders": encoders_spec,
+        "done": done_parts,
+        "parts_skipped": skipped,
+        "computed_images": computed_images,
+        "compute_seconds": compute_seconds,
+    }
+    if partition is not None:  # merge_featurize writes features.json from the summaries
+        features.write_json(_summary_key(partition), summary)
+        parts, shapes, sizes = _combine(done_parts, manifest.get("resolution"), dataset.uri)
+        return _result(features, parts, shapes, sizes, [summary])
+    return _write_spec(features, [summary])
+
+
+def plan_featurize(dataset_uri: str, num_partitions: int) -> list[dict[str, Any]]:
+    """Split the dataset's shards into up to `num_partitions` contiguous ranges of about equal
+    sample counts: one `featurize(..., partition=item)` each, then `merge_featurize`."""
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    dataset = Storage.from_uri(dataset_uri)
+    manifest_bytes = _read_manifest_bytes(dataset)
+    shards = json.loads(manifest_bytes)["shards"]
+    if not shards:
+        raise ValueError(f"{dataset.uri} has no shards: nothing to featurize")
+    cumulative = np.cumsum([int(s["count"]) for s in shards])
+    n = min(num_partitions, len(shards))
+    # Partition i ends after the shard where the running count passes i/n of the samples.
+    stops = [int(np.searchsorted(cumulative, cumulative[-1] * (i + 1) / n)) + 1 for i in range(n)]
+    bounds = sorted({0, *stops[:-1], len(shards)})
+    sha = hashlib.sha256(manifest_bytes).hexdigest()
+    return [
+        {
+            "dataset_uri": dataset.uri,
+            "manifest_sha256": sha,
+            "index": i,
+            "num_partitions": len(bounds) - 1,
+            "start": start,
+            "stop": stop,
+        }  # fmt: skip
+        for i, (start, stop) in enumerate(itertools.pairwise(bounds))
+    ]
+
+
+def merge_featurize(dataset_uri: str, partitions: list[dict[str, Any]]) -> FeaturizeResult:
+    """Write features.json from the summaries of every partition of one `plan_featurize` (all
+    must be done, made with one set of encoders from the dataset as it still is)."""
+    dataset = Storage.from_uri(dataset_uri)
+    manifest_sha256 = hashlib.sha256(_read_manifest_bytes(dataset)).hexdigest()
+    partitions = sorted(partitions, key=lambda p: p["index"])
+    expected = partitions[0]["num_partitions"] if partitions else 0
+    if [p["index"] for p in partitions] != list(range(expected)) or not expected:
+        raise ValueError(
+            f"merge_featurize needs every partition of one plan_featurize call, got indices "
+            f"{[p['index'] for p in partitions]} (of {expected})"
+        )
+    features = dataset.child(FEATURES_DIR)
+    summaries = []
+    for partition in partitions:
+        _check_partition(partition, dataset.uri, manifest_sha256)
+        if not features.exists(_summary_key(partition)):
+            raise ValueError(
+                f"featurize partition {partition['index']} of {expected} (shards "
+                f"{partition['start']}..{partition['stop'] - 1}) has not finished: no "
+                f"{features.key_uri(_summary_key(partition))}; run it before merging"
+            )
+        summaries.append(features.read_json(_summary_key(partition)))
+    encoders = {json.dumps(s["encoders"], sort_keys=True) for s in summaries}
+    if len(encoders) != 1:
+        raise ValueError(
+            f"the partitions of {dataset.uri} were featurized with {len(encoders)} different "
+            "encoder configs: run every partition with the same config"
+        )
+    return _write_spec(features, summaries)
+
+
+def _summary_key(partition: dict[str, Any]) -> str:
+    return f"partitions/{partition['index']:05d}-of-{partition['num_partitions']:05d}.json"
+
+
+def _check_partition(partition: dict[str, Any], dataset_uri: str, manifest_sha256: str) -> None:
+    """A work item of `plan_featurize` for this dataset, as it still is."""
+    missing = {"dataset_uri", "manifest_sha256", "index", "num_partitions", "start", "stop"}
+    missing -= set(partition)
+    if missing:
+        raise ValueError(
+            f"not a work item of plan_featurize (lacks {sorted(missing)}): {partition}"
+        )
+    if partition["dataset_uri"] != dataset_uri:
+        raise ValueError(f"partition of {partition['dataset_uri']} given for dataset {dataset_uri}")
+    if partition["manifest_sha256"] != manifest_sha256:
+        raise ValueError(
+            f"{dataset_uri} changed since its featurize plan was made (manifest sha256 "
+            f"{manifest_sha256[:12]}, planned {partition['manifest_sha256'][:12]}): plan again"
+        )
+
+
+def _combine(
+    done_parts: list[dict[str, Any]], resolution: int | None, dataset_uri: str
+) -> tuple[list[dict[str, Any]], dict[str, list[int] | None], list[dict[str, Any]]]:
+    """(part entries, shapes, sizes) of features.json from the parts' summaries, in order."""
+    shapes: dict[str, list[int] | None] = {}
+    sizes: dict[tuple[int, ...], dict[str, Any]] = {}  # latent shape -> size entry
+    for done in done_parts:
         for key, shape in done["shapes"].items():
             if key in ("image", "latents"):
                 continue  # per size, below
             if shape and shapes.get(key) and shapes[key] != shape:
                 raise ValueError(
-                    f"{name} has {key} of shape {shape}, earlier parts {shapes[key]}: the "
-                    "dataset's features are inconsistent; re-run featurize"
+                    f"{done['part']['name']} has {key} of shape {shape}, earlier parts "
+                    f"{shapes[key]}: the dataset's features are inconsistent; re-run featurize"
                 )
             shapes[key] = shapes.get(key) or shape
         for size in done["sizes"]:
             entry = sizes.setdefault(tuple(size["latents"]), {**size, "count": 0})
             entry["count"] += size["count"]
-    bar.close()
-    shapes.update(_base_shapes(list(sizes.values()), manifest.get("resolution"), dataset.uri))
+    shapes.update(_base_shapes(list(sizes.values()), resolution, dataset_uri))
+    ordered = sorted(sizes.values(), key=lambda e: e["latents"])
+    return [done["part"] for done in done_parts], shapes, ordered
 
-    spec = write_features_spec(
+
+def _write_spec(features: Storage, summaries: list[dict[str, Any]]) -> FeaturizeResult:
+    """features.json from the summaries of all shards (one call, or every partition's)."""
+    first = summaries[0]
+    done = [part for summary in summaries for part in summary["done"]]
+    parts, shapes, sizes = _combine(done, first["resolution"], first["dataset_uri"])
+    write_features_spec(
         features,
         parts=parts,
         shapes=shapes,
-        encoders=encoders_spec,
-        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
-        resolution=manifest.get("resolution"),
-        dataset_uri=dataset.uri,
-        sizes=sorted(sizes.values(), key=lambda e: e["latents"]),
+        encoders=first["encoders"],
+        manifest_sha256=first["manifest_sha256"],
+        resolution=first["resolution"],
+        dataset_uri=first["dataset_uri"],
+        sizes=sizes,
     )
+    return _result(features, parts, shapes, sizes, summaries)
+
+
+def _result(
+    features: Storage,
+    parts: list[dict[str, Any]],
+    shapes: dict[str, list[int] | None],
+    sizes: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+) -> FeaturizeResult:
+    images = sum(s["computed_images"] for s in summaries)
+    seconds = sum(s["compute_seconds"] for s in summaries)
     return FeaturizeResult(
         features_uri=features.uri,
-        num_samples=spec["counts"]["samples"],
-        num_paired=spec["counts"]["paired"],
+        num_samples=sum(p["count"] for p in parts),
+        num_paired=sum(p["paired"] for p in parts),
         parts=len(parts),
-        parts_skipped=skipped,
+        parts_skipped=sum(s["parts_skipped"] for s in summaries),
         shapes=shapes,
-        sizes=spec["sizes"],
-        images_per_second=computed_images / compute_seconds if compute_seconds else 0.0,
+        sizes=sizes,
+        images_per_second=images / seconds if seconds else 0.0,  # per GPU, over computed parts
     )
 
 
