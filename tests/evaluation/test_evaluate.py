@@ -90,3 +90,27 @@ def test_config_is_strict() -> None:
         EvaluateConfig(num_sample=3)
     with pytest.raises(ValueError, match="unknown heads"):
         EvaluateConfig(thresholds={"t2v": {"psnr": 1.0}})
+
+
+def test_t2i_eval_items_read_only_the_parts_they_need() -> None:
+    """The first captioned eval samples come from the first parts: later parts' records (json
+    that can be gigabytes at the paper's scale) are never read."""
+    import numpy as np
+    import torch
+
+    from lumos.evaluation.evaluate import _eval_items
+    from lumos.training.data import FeaturePart, FeatureTable
+
+    def unread() -> list[dict]:
+        raise AssertionError("a later part's records were read")
+
+    first = [{"key": f"a{i}", "caption": f"caption {i}" if i % 2 else None} for i in range(6)]
+    parts = [
+        FeaturePart([torch.zeros(6, 3, 4, 4)], torch.zeros(6, 8), lambda: first),
+        FeaturePart([torch.zeros(6, 3, 4, 4)], torch.zeros(6, 8), unread),
+    ]
+    table = FeatureTable(
+        spec={}, parts=parts, part_starts=np.array([0, 6, 12]),
+        local_rows=np.tile(np.arange(6, dtype=np.int32), 2), has_text=np.zeros(12, dtype=bool),
+    )  # fmt: skip
+    assert _eval_items(table, "t2i", model=None, num_samples=3) == [[1], [3], [5]]

@@ -22,6 +22,7 @@ same metrics. Writes `metrics.json`, `samples.json`, `report.html` and `eval.jso
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -248,13 +249,16 @@ def _eval_items(table, head: str, model, num_samples: int) -> list[list[int]]:
         # Every captioned eval image, paired or not: the caption is embedded at evaluation time
         # by the checkpoint's own text encoder, so the eval set does not shrink to the paired
         # subset that featurize embedded for training.
-        captioned = [[i] for i, r in enumerate(table.records) if _caption(r)]
+        # Lazily: the first num_samples read only the first parts' records, not all of them.
+        captioned = list(
+            itertools.islice(([i] for i, r in enumerate(table.records) if _caption(r)), num_samples)
+        )
         if not captioned:
             raise ValueError(
                 "t2i evaluation needs captioned eval samples; the eval split has none "
                 "(the embedded dataset's images carry captions in their sidecars)"
             )
-        return captioned[:num_samples]
+        return captioned
     num_frames = int(getattr(model.config, "num_frames", 1) or 1)
     dataset = FeatureDataset.for_head(table, head, num_frames=num_frames)
     items: list[list[int]] = []
