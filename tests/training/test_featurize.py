@@ -211,3 +211,10 @@ def test_fan_out_over_shard_ranges_then_merge_matches_one_call(tmp_path):
     write_dataset(fanned, count=11, per_shard=1)  # the dataset changes after the plan was made
     with pytest.raises(ValueError, match="changed since its featurize plan was made"):
         featurize(cfg, fanned, partition=plan[0])
+    # A new plan's partitions have the old ones' names: their old summaries do not count.
+    replan = plan_featurize(fanned, 2)
+    with pytest.raises(ValueError, match="partition 0 of 2 .* has not finished: .* earlier plan"):
+        merge_featurize(fanned, replan)
+    for partition in replan:
+        featurize(cfg, fanned, partition=partition)
+    assert merge_featurize(fanned, replan).num_samples == 11

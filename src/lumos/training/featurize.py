@@ -121,6 +121,7 @@ def featurize(
     summary = {
         "dataset_uri": dataset.uri,
         "manifest_sha256": manifest_sha256,
+        "shards": [shards[0][0], shards[-1][0] + 1] if shards else [0, 0],
         "resolution": manifest.get("resolution"),
         "encoders": encoders_spec,
         "done": done_parts,
@@ -180,13 +181,21 @@ def merge_featurize(dataset_uri: str, partitions: list[dict[str, Any]]) -> Featu
     summaries = []
     for partition in partitions:
         _check_partition(partition, dataset.uri, manifest_sha256)
-        if not features.exists(_summary_key(partition)):
+        key = _summary_key(partition)
+        summary = features.read_json(key) if features.exists(key) else None
+        # A summary left by an earlier plan (another manifest or shard range) does not count.
+        this_plan = summary is not None and (
+            summary["manifest_sha256"] == manifest_sha256
+            and summary.get("shards") == [partition["start"], partition["stop"]]
+        )
+        if summary is None or not this_plan:
             raise ValueError(
                 f"featurize partition {partition['index']} of {expected} (shards "
-                f"{partition['start']}..{partition['stop'] - 1}) has not finished: no "
-                f"{features.key_uri(_summary_key(partition))}; run it before merging"
+                f"{partition['start']}..{partition['stop'] - 1}) has not finished: "
+                f"{features.key_uri(key)} is {'missing' if summary is None else 'from an earlier plan'}"
+                "; run it before merging"
             )
-        summaries.append(features.read_json(_summary_key(partition)))
+        summaries.append(summary)
     encoders = {json.dumps(s["encoders"], sort_keys=True) for s in summaries}
     if len(encoders) != 1:
         raise ValueError(
