@@ -292,27 +292,35 @@ class _LocalFiles:
             return list(pool.map(self, keys))
 
 
-def _map(path: Path, *layouts: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file as views of its memory map (nothing is read yet): those of
-    the first of `layouts` (tuples of tensor names) that the file holds."""
+def _map_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, as views of its memory map (nothing is read yet)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            available = set(f.keys())
-            for names in layouts:
-                if available.issuperset(names):
-                    return {n: f.get_tensor(n) for n in names}
+            return {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 (no __iter__)
     except (OSError, RuntimeError) as err:  # safetensors' own error is a RuntimeError subclass
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+
+
+def _select(
+    tensors: dict[str, torch.Tensor], path: Path, *layouts: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The tensors of the first of `layouts` (tuples of tensor names) that the file holds."""
+    for names in layouts:
+        if set(tensors).issuperset(names):
+            return {n: tensors[n] for n in names}
     wanted = " or ".join(str(list(names)) for names in layouts)
     raise ValueError(
-        f"{path} holds tensors {sorted(available)}, not {wanted}: re-run `lumos featurize`"
+        f"{path} holds tensors {sorted(tensors)}, not {wanted}: re-run `lumos featurize`"
     )
 
 
 def _map_text(path: Path, text_len: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
     """A part's captions: (rows, tokens (T, Dt), starts, lengths), from the unpadded layout or
     from the padded one of features written before it (`lumos-features/1`)."""
-    text = _map(path, ("rows", "text_offsets", "text_tokens"), ("rows", "text_embeds", "text_mask"))
+    text = _select(
+        _map_all(path), path,
+        ("rows", "text_offsets", "text_tokens"), ("rows", "text_embeds", "text_mask"),
+    )  # fmt: skip
     rows = text["rows"].numpy().astype(np.int64)  # these index arrays are small: in memory
     if np.any(rows[1:] <= rows[:-1]):
         raise ValueError(f"{path}: text rows are not ascending")
@@ -422,12 +430,13 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
 def _map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> FeaturePart:
     """A part's image features, mapped: one `latents` tensor, or for a part holding several image
     sizes, `latents_{h}x{w}` with `rows_{h}x{w}` per size (featurize's layouts)."""
-    suffixes = sorted(n.removeprefix("latents_") for n in _names(path) if n.startswith("latents_"))
+    mapped = _map_all(path)
+    suffixes = sorted(n.removeprefix("latents_") for n in mapped if n.startswith("latents_"))
     if not suffixes:
-        tensors = _map(path, ("latents", "image_embeds"))
+        tensors = _select(mapped, path, ("latents", "image_embeds"))
         return FeaturePart([tensors["latents"]], tensors["image_embeds"], records)
     wanted = ("image_embeds", *(f"{k}_{s}" for s in suffixes for k in ("latents", "rows")))
-    tensors = _map(path, wanted)
+    tensors = _select(mapped, path, wanted)
     n = tensors["image_embeds"].shape[0]
     size, index = np.full(n, 255, dtype=np.uint8), np.zeros(n, dtype=ROW_DTYPE)
     for i, suffix in enumerate(suffixes):
@@ -441,15 +450,6 @@ def _map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> Featur
         )
     latents = [tensors[f"latents_{s}"] for s in suffixes]
     return FeaturePart(latents, tensors["image_embeds"], records, size=size, index=index)
-
-
-def _names(path: Path) -> set[str]:
-    """The names of the tensors in a safetensors file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return set(f.keys())
-    except (OSError, RuntimeError) as err:  # safetensors' own error is a RuntimeError subclass
-        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
 
 
 def is_eval_record(record: dict[str, Any]) -> bool:

@@ -325,7 +325,7 @@ def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str
     embeds: list[torch.Tensor | None] = []  # per row: (D,)
     # Images wait for an encoder batch with others of their size (aspect buckets): (row, image)
     pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-    image_sizes: dict[tuple[int, ...], list[int]] = {}  # (H, W, 3) -> rows of that size
+    image_sizes: set[tuple[int, ...]] = set()  # (H, W, 3)
 
     def encode(size: tuple[int, ...]) -> None:
         rows, images = zip(*pending.pop(size), strict=True)
@@ -340,7 +340,7 @@ def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str
         records.append(record)
         latents.append(None)
         embeds.append(None)
-        image_sizes.setdefault(image.shape, []).append(row)
+        image_sizes.add(image.shape)
         pending.setdefault(image.shape, []).append((row, image))
         if len(pending[image.shape]) == batch_size:
             encode(image.shape)
@@ -358,11 +358,11 @@ def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str
             chunks.append(emb.to("cpu", torch.float16))
             masks.append(mask.to("cpu", torch.bool))
         text_embeds, text_mask = torch.cat(chunks), torch.cat(masks)
-    one_size = len(image_sizes) == 1
     return {
         "records": records,
-        "image_size": list(next(iter(image_sizes))[:2]) if one_size else None,  # (H, W) pixels
-        "latents": torch.stack(latents) if one_size else latents,  # type: ignore[arg-type]
+        # (H, W) pixels of a one-size shard; with several, the records give each size's
+        "image_size": list(next(iter(image_sizes))[:2]) if len(image_sizes) == 1 else None,
+        "latents": latents,  # one (C, h, w) per row: write_feature_part groups them by size
         "image_embeds": torch.stack(embeds),  # type: ignore[arg-type]
         "text_rows": torch.tensor(rows, dtype=torch.int64),
         "text_embeds": text_embeds,
