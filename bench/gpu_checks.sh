@@ -1,34 +1,47 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in one call on a lent H100/H200 (the `device` tool), from the repo
-# root, with the missing wheels carried in .whl/ (diffusers, importlib_metadata; see
-# docs/benchmarks.md). Writes logs and JSON under $OUT; prints the tables last.
+# root, with the missing wheels carried in .whl/ (diffusers, importlib_metadata, pydantic and its
+# small dependencies; see docs/benchmarks.md). Writes logs and JSON under $OUT, most important
+# first, so a run cut short still returns what finished.
+#   BATCH=128   per-GPU batch of the throughput bench and of the loop's XL/2 test (default 128:
+#               the optimizer step's fixed cost spread over twice the images of batch 64)
+#   LOOP_K=...  which loop tests run (pytest -k; default: resume, pinned batches, bf16-weights)
+#   LOOP=0 / SAMPLING=0 skip a part; WHEELS=0 skips the wheel install (a CPU dry run)
+#   SIZE=tiny DEVICE=cpu  a CPU dry run of the benches: `WHEELS=0 SIZE=tiny DEVICE=cpu bash ...`
 set -u
 OUT=${OUT:-bench/results}
+SIZE=${SIZE:-XL/2}
+DEVICE=${DEVICE:-cuda}
+BATCH=${BATCH:-128}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+if [ "${WHEELS:-1}" = 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 # Training throughput: the compiled reference vs this project's XL/2 (bf16 weights), compiled.
-# BATCH=128 measures both at twice the per-GPU batch: the optimizer step's fixed cost is then
-# spread over twice the images (not measured yet).
-timeout "${TRAIN_TIMEOUT:-280}" python3 bench/train_throughput.py \
-  --variants "${VARIANTS:-ref,lumos-bf16w}" --batch "${BATCH:-64}" \
-  --steps 20 --warmup 3 --out "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.log"
-# The training loop itself (lumos.training.train) at XL/2, batch 64, compiled, in both precisions
-# ("bf16" autocast and "bf16-weights"), plus its CUDA resume check. It imports the whole library:
-# besides the wheels above it needs pydantic, pydantic-core, minio and their small dependencies
-# in .whl/ (docs/benchmarks.md lists them). LOOP=0 skips it.
+timeout "${TRAIN_TIMEOUT:-230}" python3 bench/train_throughput.py --size "$SIZE" --device "$DEVICE" \
+  --variants "${VARIANTS:-ref,lumos-bf16w}" --batch "$BATCH" \
+  --steps "${STEPS:-15}" --warmup 3 --out "$OUT/train_throughput.json" 2>&1 \
+  | tee "$OUT/train_throughput.log"
+# The training loop itself (lumos.training.train): its CUDA resume check, pinned batches, and XL/2
+# at 256 px compiled in "bf16-weights" (the mode the bench measured fastest). It imports the whole
+# library (pydantic and its dependencies in .whl/). LOOP_K="" runs every GPU test (bf16 too).
 if [ "${LOOP:-1}" = 1 ]; then
-  PYTHONPATH=/tmp/site:src timeout "${LOOP_TIMEOUT:-300}" python3 -m pytest -m gpu -s -q \
-    -p no:cacheprovider tests/training/test_train_gpu.py 2>&1 | tee "$OUT/train_loop.log"
+  LUMOS_GPU_BATCH=$BATCH PYTHONPATH=${PYTHONPATH:-}:src timeout "${LOOP_TIMEOUT:-170}" \
+    python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/training/test_train_gpu.py \
+    -k "${LOOP_K-resume or pinned or bf16-weights}" 2>&1 | tee "$OUT/train_loop.log"
 fi
-# Sampling latency of one 256 px image at XL/2 (target <= 60 ms). The device image's onnxruntime
-# is the CPU build, and onnxruntime-gpu's wheel is larger than what a device call can carry: the
-# ONNX path's GPU latency needs a cluster GPU node with the serving image. SAMPLING=0 skips it.
+# Sampling latency of one 256 px image (target <= 60 ms). The device image's onnxruntime is the
+# CPU build, and onnxruntime-gpu's wheel is larger than what a device call can carry: the ONNX
+# path's GPU latency needs a cluster GPU node with the serving image.
 if [ "${SAMPLING:-1}" = 1 ]; then
-  PYTHONPATH=/tmp/site:src timeout "${SAMPLING_TIMEOUT:-240}" python3 bench/sampling_latency.py \
-    --size XL/2 --resolution 256 --device cuda --paths pytorch-eager,pytorch-compile,pytorch-cudagraphs \
+  PATHS=pytorch-eager,pytorch-compile
+  [ "$DEVICE" = cuda ] && PATHS=$PATHS,pytorch-cudagraphs
+  PYTHONPATH=${PYTHONPATH:-}:src timeout "${SAMPLING_TIMEOUT:-140}" python3 \
+    bench/sampling_latency.py --size "$SIZE" --device "$DEVICE" --paths "$PATHS" \
     --out "$OUT/sampling_latency.json" 2>&1 | tee "$OUT/sampling_latency.log"
 fi

@@ -14,7 +14,8 @@ holds the model's parameters in bf16 (every op computes in bf16, no autocast) wh
 gradients, steps AdamW on the masters and copies them back; the EMA follows the masters and the
 checkpoints hold the fp32 masters, so they look the same in every mode. "bf16-weights" is the
 layout that bench/train_throughput.py measured fastest (variant `lumos-bf16w`, which runs the same
-optimizer class); inside this loop it has been tested on CPUs only, so the presets keep "bf16".
+optimizer class); inside this loop it ran XL/2 at 533 img/s on an H100 (docs/benchmarks.md). The
+presets keep "bf16" until the two modes are timed in one run of the loop.
 
 Single process, or several under `accelerate launch --multi_gpu` (DDP): `batch_size` is per
 process and per micro-step, so one optimizer step sees batch_size x grad_accum x processes items.
