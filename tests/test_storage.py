@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,48 @@ def test_files_and_dirs_round_trip(store: Storage, tmp_path):
     store.download_file("single/top.txt", tmp_path / "one" / "t.txt")
     assert (tmp_path / "one" / "t.txt").read_bytes() == b"top"
     assert not list(tmp_path.glob("one/.*"))  # no temporary files left behind
+
+
+def test_staged_files_are_moved_into_a_local_store_and_uploaded_to_s3(store: Storage):
+    """`staging_dir` + `upload_dir(move=True)`, as a checkpoint is written: a local store takes
+    the staged files by renaming them (written once, no second copy on disk); nothing staged
+    is ever listed, and nothing is left behind."""
+    parent = Storage.from_uri(str(store.root.parent)) if isinstance(store, LocalStorage) else None
+    with store.staging_dir() as staged:
+        (Path(staged) / "w").mkdir()
+        (Path(staged) / "w" / "big.bin").write_bytes(b"\x01" * 4096)
+        (Path(staged) / "meta.json").write_bytes(b"{}")
+        inode = (Path(staged) / "w" / "big.bin").stat().st_ino
+        assert list(store.list()) == []
+        if parent is not None:  # the staging directory sits beside the store, hidden
+            assert Path(staged).parent == store.root.parent
+            assert list(parent.list()) == []
+        store.upload_dir(staged, prefix="ckpt", move=True)
+        assert [o.key for o in store.list()] == ["ckpt/meta.json", "ckpt/w/big.bin"]
+        if parent is not None:
+            assert (store.root / "ckpt" / "w" / "big.bin").stat().st_ino == inode  # renamed
+            assert not (Path(staged) / "w" / "big.bin").exists()
+    assert store.read_bytes("ckpt/w/big.bin") == b"\x01" * 4096
+    if parent is not None:
+        assert sorted(p.name for p in store.root.parent.iterdir()) == [store.root.name]
+        with pytest.raises(StorageError, match="cannot move .*missing.bin"):
+            store.upload_file(store.root / "missing.bin", "x.bin", move=True)
+
+
+@pytest.mark.skipif(
+    not Path("/dev/shm").is_dir(), reason="needs a second filesystem (/dev/shm) to move across"
+)
+def test_a_move_across_filesystems_copies(tmp_path):
+    import tempfile
+
+    if Path("/dev/shm").stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test's directory here")
+    store = Storage.from_uri(str(tmp_path / "root"))
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        (Path(other) / "a.bin").write_bytes(b"abc")
+        store.upload_file(Path(other) / "a.bin", "a.bin", move=True)  # EXDEV: falls back to a copy
+    assert store.read_bytes("a.bin") == b"abc"
+    assert [o.key for o in store.list()] == ["a.bin"]
 
 
 def test_invalid_keys_are_rejected(store: Storage):

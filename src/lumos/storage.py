@@ -14,10 +14,12 @@ Every failure is a `StorageError` (or its subclass `ObjectNotFound`) whose messa
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-# Temporary files of atomic local writes carry this marker; `list` never shows them.
+# Temporary files of atomic local writes, and staging directories, carry this marker; `list`
+# never shows them.
 _TMP_MARKER = ".lumos-tmp-"
 
 
@@ -114,11 +117,17 @@ class Storage:
         """Delete an object; deleting a missing object is not an error (as in S3)."""
         raise NotImplementedError
 
-    def upload_file(self, local_path: str | Path, key: str) -> None:
+    def upload_file(self, local_path: str | Path, key: str, move: bool = False) -> None:
+        """Store a local file as `key`. `move=True` says the caller is done with the file: a
+        local store on the same filesystem then renames it into place instead of copying it."""
         raise NotImplementedError
 
     def download_file(self, key: str, local_path: str | Path) -> None:
         raise NotImplementedError
+
+    def staging_dir(self) -> tempfile.TemporaryDirectory:
+        """A temporary directory to assemble files in, then `upload_dir(staged, move=True)`."""
+        return tempfile.TemporaryDirectory(prefix="lumos-stage-")
 
     def local_path(self, key: str) -> Path | None:
         """The object's own file when the store is a local directory (to memory-map it), else
@@ -140,14 +149,15 @@ class Storage:
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8") + b"\n")
 
-    def upload_dir(self, local_dir: str | Path, prefix: str = "") -> None:
-        """Upload every file under `local_dir` to `prefix/<relative path>`."""
+    def upload_dir(self, local_dir: str | Path, prefix: str = "", move: bool = False) -> None:
+        """Upload every file under `local_dir` to `prefix/<relative path>` (`move`: as in
+        `upload_file`)."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StorageError(f"cannot upload {local_dir}: not a directory")
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
-            self.upload_file(path, _join(prefix.strip("/"), rel))
+            self.upload_file(path, _join(prefix.strip("/"), rel), move=move)
 
     def download_dir(self, prefix: str, local_dir: str | Path) -> None:
         """Download every object under `prefix` into `local_dir`, keeping relative paths."""
@@ -200,6 +210,8 @@ class LocalStorage(Storage):
         for name, path in entries:
             key = Path(path).relative_to(self.root).as_posix()
             if name.endswith("/"):
+                if _TMP_MARKER in name:
+                    continue  # a staging directory (`staging_dir`), not part of the store
                 if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
                     yield from self._sorted_keys(Path(path), prefix)
             elif _TMP_MARKER not in name and key.startswith(prefix):
@@ -259,8 +271,29 @@ class LocalStorage(Storage):
         except OSError as err:
             raise StorageError(f"cannot delete {path}: {err}") from err
 
-    def upload_file(self, local_path: str | Path, key: str) -> None:
-        self._copy_atomically(Path(local_path), self._path(key), "upload")
+    def upload_file(self, local_path: str | Path, key: str, move: bool = False) -> None:
+        src, dst = Path(local_path), self._path(key)
+        if move:
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)  # the whole file appears at once, as after a copy
+                return
+            except OSError as err:
+                if err.errno != errno.EXDEV:  # another filesystem: copy instead
+                    raise StorageError(f"cannot move {src} to {dst}: {err}") from err
+        self._copy_atomically(src, dst, "upload")
+
+    def staging_dir(self) -> tempfile.TemporaryDirectory:
+        """Beside the store's directory, so `upload_dir(..., move=True)` renames each file into
+        place: a multi-GB checkpoint is written once instead of written and then copied (which
+        also needed twice its size of free disk). Its name keeps it out of `list`."""
+        try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot create {self.root.parent}: {err}") from err
+        return tempfile.TemporaryDirectory(
+            prefix=f".{self.root.name}{_TMP_MARKER}", dir=self.root.parent
+        )
 
     def download_file(self, key: str, local_path: str | Path) -> None:
         path = self._path(key)
@@ -430,7 +463,7 @@ class S3Storage(Storage):
             if not isinstance(translated, ObjectNotFound):
                 raise translated from err
 
-    def upload_file(self, local_path: str | Path, key: str) -> None:
+    def upload_file(self, local_path: str | Path, key: str, move: bool = False) -> None:
         if not Path(local_path).is_file():
             raise StorageError(f"cannot upload {local_path} to {self.key_uri(key)}: no such file")
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -181,9 +180,9 @@ def _read_export(export: Storage, head: str) -> dict[str, Any]:
 
 def _copy_export(export: Storage, target: Storage) -> None:
     # through a local directory: exports hold multi-GB weight files, kept out of memory
-    with tempfile.TemporaryDirectory(prefix="lumos-promote-") as tmp:
+    with target.staging_dir() as tmp:
         export.download_dir("", tmp)
-        target.upload_dir(tmp)
+        target.upload_dir(tmp, move=True)
 
 
 def render_inference_service(

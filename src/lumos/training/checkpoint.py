@@ -93,14 +93,14 @@ def save_checkpoint(
     transfer_report); `training_state` maps file names under `training_state/` to their bytes.
     """
     store = Storage.from_uri(checkpoint_uri)
-    with tempfile.TemporaryDirectory(prefix="lumos-ckpt-") as tmp:
+    with store.staging_dir() as tmp:
         model.save_pretrained(Path(tmp) / "transformer")
         ema_model.save_pretrained(Path(tmp) / "transformer_ema")
         for name, data in (training_state or {}).items():
             path = Path(tmp) / "training_state" / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        store.upload_dir(tmp)
+        store.upload_dir(tmp, move=True)
     store.write_json(META_FILE, {"format": CHECKPOINT_FORMAT, **meta})
     return store.uri
 
