@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import _group_records, write_features
 from safetensors import safe_open
 from safetensors.torch import save
 
@@ -143,17 +144,23 @@ def test_processes_of_a_node_download_each_object_once(
     assert not leftovers
 
 
-def test_listed_eval_rows_split_without_reading_the_records(images_features, tmp_path):
-    """featurize lists each part's eval rows in features.json: loading reads no part json."""
-    copy = tmp_path / "ds"
-    shutil.copytree(images_features, copy)
-    features = Storage.from_uri(str(copy)).child("features")
+def list_eval_rows_and_drop_records(dataset: str | Path) -> None:
+    """List each part's eval rows in features.json, as featurize does, then delete the parts'
+    json records: any later read of a record fails."""
+    features = Storage.from_uri(str(dataset)).child("features")
     spec = features.read_json("features.json")
     for entry in spec["parts"]:
         records = features.read_json(f"{entry['name']}.json")["meta"]
         entry["eval_rows"] = [i for i, r in enumerate(records) if r["meta"].get("split") == "eval"]
         features.delete(f"{entry['name']}.json")
     features.write_json("features.json", spec)
+
+
+def test_listed_eval_rows_split_without_reading_the_records(images_features, tmp_path):
+    """featurize lists each part's eval rows in features.json: loading reads no part json."""
+    copy = tmp_path / "ds"
+    shutil.copytree(images_features, copy)
+    list_eval_rows_and_drop_records(copy)
     table, legacy = load_feature_table(str(copy)), load_feature_table(images_features)
     assert len(table) == len(legacy) == 18 and table.excluded_eval == 2
     assert torch.equal(table.gather(range(18))["latents"], legacy.gather(range(18))["latents"])
@@ -217,6 +224,66 @@ def test_views_are_grouped_sorted_and_carry_their_cameras(views_features):
     first = [table.records[r]["meta"]["camera"] for r in views.items[0]]
     expected = [[c["azimuth"], c["elevation"], c["radius"], 0.0] for c in first]
     assert batch["camera"][0].tolist() == expected  # absolute: lumos.heads makes it relative
+
+
+def _strip_frame_tensors(features: Path) -> None:
+    """Rewrite every part without its frame arrays, as featurize wrote parts before them."""
+    for path in features.glob("part-*[0-9].safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            kept = {k: f.get_tensor(k) for k in f.keys() if k not in FRAME_KEYS}  # noqa: SIM118
+        path.write_bytes(save(kept))
+
+
+FRAME_KEYS = ("frame_group", "frame_index", "camera")
+
+
+@pytest.mark.parametrize("head", ["novel_view", "video"])
+def test_multi_frame_items_come_from_stored_arrays_without_reading_records(tmp_path, head):
+    """Featurize stores each part's groups, frame indices and cameras as arrays, so the items of
+    a views / clips dataset are built without its json records (gigabytes at Objaverse scale).
+    They must equal the items built from the records (parts written before the arrays existed),
+    with groups spanning parts and frames stored out of order."""
+    records = _group_records("obj", 5, 4)  # 5 objects x 4 views; the last one is eval
+    ds = write_features(tmp_path / "arrays", records, parts=3, paired=False)  # groups span parts
+    with safe_open(f"{ds}/features/part-00000.safetensors", framework="pt") as f:
+        assert set(FRAME_KEYS) <= set(f.keys())
+    legacy = Path(shutil.copytree(ds, tmp_path / "legacy"))
+    _strip_frame_tensors(legacy / "features")
+    list_eval_rows_and_drop_records(ds)
+
+    from_arrays = FeatureDataset.for_head(load_feature_table(ds), head, num_frames=3)
+    from_records = FeatureDataset.for_head(load_feature_table(str(legacy)), head, num_frames=3)
+    assert from_arrays.items.tolist() == from_records.items.tolist()
+    assert len(from_arrays) == 4 * 2 and from_arrays.skipped_groups == 0  # 4 objects x 2 windows
+    batch, expected = from_arrays.batch([0, 5]), from_records.batch([0, 5])
+    assert sorted(batch) == sorted(expected)
+    for key in batch:
+        torch.testing.assert_close(batch[key], expected[key])
+    table = load_feature_table(str(legacy))
+    for item in from_records.items:  # one object per item, its frames in order
+        metas = [table.records[r]["meta"] for r in item]
+        assert len({m["group"] for m in metas}) == 1
+        assert [m["index"] for m in metas] == list(range(metas[0]["index"], metas[0]["index"] + 3))
+
+
+def test_frames_without_valid_sidecars_fall_back_to_records_and_name_the_sample(tmp_path):
+    """A part whose records lack meta.group, or hold a malformed camera, stores no frame arrays:
+    the reader then reads its records, and the error names the sample."""
+    records = _group_records("obj", 2, 3)
+    records[1]["meta"].pop("group")
+    ds = write_features(tmp_path / "nogroup", records, parts=1, paired=False)
+    with safe_open(f"{ds}/features/part-00000.safetensors", framework="pt") as f:
+        assert "frame_group" not in f.keys()  # noqa: SIM118
+    with pytest.raises(ValueError, match="'obj-0000-01' has no meta.group / meta.index"):
+        FeatureDataset.for_head(load_feature_table(ds), "video", num_frames=2)
+
+    records = _group_records("obj", 2, 3)
+    records[1]["meta"]["camera"] = {"azimuth": "left", "elevation": 0, "radius": 2}
+    ds = write_features(tmp_path / "badcam", records, parts=1, paired=False)
+    with safe_open(f"{ds}/features/part-00000.safetensors", framework="pt") as f:
+        assert "camera" not in f.keys() and "frame_group" in f.keys()  # noqa: SIM118
+    with pytest.raises(ValueError, match="meta.camera must hold the numbers.*'left'"):
+        FeatureDataset.for_head(load_feature_table(ds, split="all"), "novel_view", num_frames=2)
 
 
 def test_short_groups_are_counted_not_silently_used(clips_features):

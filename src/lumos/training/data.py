@@ -71,6 +71,10 @@ class FeaturePart:
     text_tokens: torch.Tensor | None = None  # (T, Dt) float16
     text_starts: np.ndarray | None = None  # (M,) int64
     text_lengths: np.ndarray | None = None  # (M,) int64
+    # What multi-frame heads need of the records (`frame_tensors`), when featurize stored it:
+    frame_group: np.ndarray | None = None  # (n,) int64 `group_id` of meta.group
+    frame_index: np.ndarray | None = None  # (n,) int64 meta.index
+    camera: np.ndarray | None = None  # (n, 4) float32 `absolute_camera` of meta.camera
 
     def latent(self, row: int) -> torch.Tensor:
         """Row `row`'s latents (C, h, w), a view of the map."""
@@ -167,6 +171,35 @@ class FeatureTable:
 
     def __len__(self) -> int:
         return len(self.local_rows)
+
+    def part_rows(self, p: int) -> np.ndarray:
+        """The rows, within part `p`, of the table's rows in that part (in table order)."""
+        return self.local_rows[self.part_starts[p] : self.part_starts[p + 1]]
+
+    def frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """(group, frame index), both (N,) int64, of every row: `group_id(meta.group)` and
+        meta.index, from the arrays featurize stores with each part (no json is read), else from
+        the part's records."""
+        group, index = np.zeros(len(self), np.int64), np.zeros(len(self), np.int64)
+        for p, part in enumerate(self.parts):
+            rows, span = self.part_rows(p), slice(self.part_starts[p], self.part_starts[p + 1])
+            if part.frame_group is not None and part.frame_index is not None:
+                group[span], index[span] = part.frame_group[rows], part.frame_index[rows]
+                continue
+            records = part.records()
+            for i, r in enumerate(rows.tolist()):
+                meta = records[r].get("meta") or {}
+                if "group" not in meta or "index" not in meta:
+                    raise ValueError(
+                        f"sample {records[r].get('key')!r} has no meta.group / meta.index: "
+                        "multi-frame heads need the views / clips sidecars (see "
+                        "docs/architecture.md, raw source layout)"
+                    )
+                group[span.start + i], index[span.start + i] = (
+                    group_id(meta["group"]),
+                    meta["index"],
+                )
+        return group, index
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part index, row within the part) of each table row."""
@@ -431,10 +464,11 @@ def _map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> Featur
     """A part's image features, mapped: one `latents` tensor, or for a part holding several image
     sizes, `latents_{h}x{w}` with `rows_{h}x{w}` per size (featurize's layouts)."""
     mapped = _map_all(path)
+    frames = {k: mapped[k].numpy() for k in ("frame_group", "frame_index", "camera") if k in mapped}
     suffixes = sorted(n.removeprefix("latents_") for n in mapped if n.startswith("latents_"))
     if not suffixes:
         tensors = _select(mapped, path, ("latents", "image_embeds"))
-        return FeaturePart([tensors["latents"]], tensors["image_embeds"], records)
+        return FeaturePart([tensors["latents"]], tensors["image_embeds"], records, **frames)
     wanted = ("image_embeds", *(f"{k}_{s}" for s in suffixes for k in ("latents", "rows")))
     tensors = _select(mapped, path, wanted)
     n = tensors["image_embeds"].shape[0]
@@ -449,7 +483,7 @@ def _map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> Featur
             "`lumos featurize`"
         )
     latents = [tensors[f"latents_{s}"] for s in suffixes]
-    return FeaturePart(latents, tensors["image_embeds"], records, size=size, index=index)
+    return FeaturePart(latents, tensors["image_embeds"], records, size=size, index=index, **frames)
 
 
 def is_eval_record(record: dict[str, Any]) -> bool:
@@ -470,7 +504,44 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 def absolute_camera(camera: dict[str, float]) -> list[float]:
     """[azimuth_deg, elevation_deg, radius, 0]: the heads' camera layout (they make it relative)."""
-    return [float(camera["azimuth"]), float(camera["elevation"]), float(camera["radius"]), 0.0]
+    try:
+        return [float(camera["azimuth"]), float(camera["elevation"]), float(camera["radius"]), 0.0]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"meta.camera must hold the numbers azimuth, elevation and radius, got {camera!r}"
+        ) from err
+
+
+def group_id(group: Any) -> int:
+    """A multi-frame group's name (meta.group) as an int64: the first 8 bytes of its BLAKE2b."""
+    digest = hashlib.blake2b(str(group).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def frame_tensors(records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """What multi-frame heads read of a part's records, as tensors featurize stores with the
+    part, so that building their items reads no json: `frame_group` and `frame_index` (n,)
+    int64 when every record has meta.group and an integer meta.index, `camera` (n, 4) float32
+    when every record has a valid meta.camera. Otherwise not stored: the reader then falls back
+    to the records, whose errors name the sample."""
+    metas = [r.get("meta") or {} for r in records]
+    out: dict[str, torch.Tensor] = {}
+    if not metas:
+        return out
+    try:
+        if all("group" in m and "index" in m for m in metas):
+            index = [int(m["index"]) for m in metas]
+            out["frame_group"] = torch.tensor([group_id(m["group"]) for m in metas])
+            out["frame_index"] = torch.tensor(index, dtype=torch.int64)
+    except (TypeError, ValueError):
+        out = {}
+    try:
+        if all("camera" in m for m in metas):
+            cameras = [absolute_camera(m["camera"]) for m in metas]
+            out["camera"] = torch.tensor(cameras, dtype=torch.float32)
+    except ValueError:
+        pass
+    return out
 
 
 @dataclass
@@ -495,8 +566,7 @@ class FeatureDataset:
         ds = cls(table=table, head=head, num_frames=num_frames)
         if head in MULTI_FRAME_HEADS:
             assert num_frames >= 2, f"head {head!r} needs num_frames >= 2, got {num_frames}"
-            items, ds.skipped_groups = _frame_windows(table.records, num_frames)
-            ds.items = np.asarray(items, dtype=ROW_DTYPE).reshape(-1, num_frames)
+            ds.items, ds.skipped_groups = _frame_windows(*table.frames(), num_frames)
             if head == "novel_view":
                 ds.cameras = _cameras(table, np.unique(ds.items))
         elif head == "t2i":
@@ -555,15 +625,25 @@ class FeatureDataset:
 
 
 def _cameras(table: FeatureTable, rows: np.ndarray) -> np.ndarray:
-    """(N, 4) float32: the absolute camera of each of `rows` (others zero); all must have one."""
+    """(N, 4) float32: the absolute camera of each of `rows` (others zero); all must have one.
+    From the arrays featurize stores with each part, else from the part's records."""
     cameras = np.zeros((len(table), 4), dtype=np.float32)
     missing = []
-    for r in rows.tolist():
-        meta = table.records[r].get("meta") or {}
-        if "camera" in meta:
-            cameras[r] = absolute_camera(meta["camera"])
-        else:
-            missing.append(table.records[r]["key"])
+    needed = np.unique(rows)
+    for p, part in enumerate(table.parts):
+        lo, hi = table.part_starts[p], table.part_starts[p + 1]
+        if part.camera is not None:
+            cameras[lo:hi] = part.camera[table.part_rows(p)]
+            continue
+        in_part = needed[(needed >= lo) & (needed < hi)]
+        records = part.records() if len(in_part) else []
+        for r in in_part.tolist():
+            record = records[int(table.local_rows[r])]
+            meta = record.get("meta") or {}
+            if "camera" in meta:
+                cameras[r] = absolute_camera(meta["camera"])
+            else:
+                missing.append(record["key"])
     if missing:
         raise ValueError(
             f"head 'novel_view' needs meta.camera on every view; {len(missing)} views "
@@ -572,27 +652,20 @@ def _cameras(table: FeatureTable, rows: np.ndarray) -> np.ndarray:
     return cameras
 
 
-def _frame_windows(
-    records: Sequence[dict[str, Any]], num_frames: int
-) -> tuple[list[list[int]], int]:
-    """Every run of `num_frames` consecutive frames (by meta.index) of each group."""
-    groups: dict[str, list[tuple[int, int]]] = {}
-    for row, record in enumerate(records):
-        meta = record.get("meta") or {}
-        if "group" not in meta or "index" not in meta:
-            raise ValueError(
-                f"sample {record.get('key')!r} has no meta.group / meta.index: multi-frame heads "
-                "need the views / clips sidecars (see docs/architecture.md, raw source layout)"
-            )
-        groups.setdefault(str(meta["group"]), []).append((int(meta["index"]), row))
-    windows, skipped = [], 0
-    for name in sorted(groups):
-        frames = [row for _, row in sorted(groups[name])]
-        if len(frames) < num_frames:
-            skipped += 1
-            continue
-        windows += [frames[s : s + num_frames] for s in range(len(frames) - num_frames + 1)]
-    return windows, skipped
+def _frame_windows(group: np.ndarray, index: np.ndarray, num_frames: int) -> tuple[np.ndarray, int]:
+    """Every run of `num_frames` consecutive frames (by frame index) of each group: (windows,
+    num_frames) table rows, groups in the order of their first row; and how many groups were
+    shorter than `num_frames`."""
+    n = len(group)
+    _, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    first = np.full(len(counts), n, dtype=np.int64)
+    np.minimum.at(first, inverse, np.arange(n))
+    order = np.lexsort((np.arange(n), index, first[inverse]))  # by group, then index, then row
+    end = np.cumsum(counts[np.argsort(first)])  # where each group ends, in `order`
+    group_end = np.repeat(end, np.diff(end, prepend=0))  # (n,) the end of each slot's group
+    starts = np.nonzero(np.arange(n) + num_frames <= group_end)[0]
+    windows = order[starts[:, None] + np.arange(num_frames)].astype(ROW_DTYPE)
+    return windows.reshape(-1, num_frames), int((counts < num_frames).sum())
 
 
 class ResumableSampler:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from lumos.data.shards import iter_shard_records
 from lumos.encoders.config import EncodersConfig
 from lumos.storage import Storage
-from lumos.training.data import FEATURES_DIR, is_eval_record
+from lumos.training.data import FEATURES_DIR, frame_tensors, is_eval_record
 
 FEATURES_FORMAT = "lumos-features/2"  # /2: unpadded text tokens
 DATASET_FORMAT = "lumos-dataset/1"
@@ -408,6 +408,7 @@ def write_feature_part(
             first = records[rows[0]]  # ingest's record: the image's output size
             sizes.append({"image": [first["height"], first["width"]], "latents": list(shape),
                           "count": len(rows)})  # fmt: skip
+    tensors.update(frame_tensors(records))  # views / clips: their groups, frames and cameras
     features.write_bytes(f"{name}.safetensors", save_safetensors(tensors))
     paired = 0 if text_rows is None else len(text_rows)
     if paired:
