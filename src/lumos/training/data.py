@@ -461,29 +461,45 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
 
 
 def _map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> FeaturePart:
-    """A part's image features, mapped: one `latents` tensor, or for a part holding several image
-    sizes, `latents_{h}x{w}` with `rows_{h}x{w}` per size (featurize's layouts)."""
+    """A part's features, mapped: one `latents` tensor, or for a part holding several image
+    sizes, `latents_{h}x{w}` with `rows_{h}x{w}` per size (featurize's layouts); and the frame
+    arrays of views and clips when the part has them."""
     mapped = _map_all(path)
-    frames = {k: mapped[k].numpy() for k in ("frame_group", "frame_index", "camera") if k in mapped}
     suffixes = sorted(n.removeprefix("latents_") for n in mapped if n.startswith("latents_"))
     if not suffixes:
         tensors = _select(mapped, path, ("latents", "image_embeds"))
-        return FeaturePart([tensors["latents"]], tensors["image_embeds"], records, **frames)
-    wanted = ("image_embeds", *(f"{k}_{s}" for s in suffixes for k in ("latents", "rows")))
-    tensors = _select(mapped, path, wanted)
-    n = tensors["image_embeds"].shape[0]
-    size, index = np.full(n, 255, dtype=np.uint8), np.zeros(n, dtype=ROW_DTYPE)
-    for i, suffix in enumerate(suffixes):
-        rows = tensors[f"rows_{suffix}"].numpy()
-        size[rows], index[rows] = i, np.arange(len(rows), dtype=ROW_DTYPE)
-    counts = sum(len(tensors[f"rows_{s}"]) for s in suffixes)
-    if counts != n or np.any(size == 255):
-        raise ValueError(
-            f"{path}: its latents of each size do not cover its {n} rows exactly once: re-run "
-            "`lumos featurize`"
+        part = FeaturePart([tensors["latents"]], tensors["image_embeds"], records)
+    else:
+        wanted = ("image_embeds", *(f"{k}_{s}" for s in suffixes for k in ("latents", "rows")))
+        tensors = _select(mapped, path, wanted)
+        n = tensors["image_embeds"].shape[0]
+        size, index = np.full(n, 255, dtype=np.uint8), np.zeros(n, dtype=ROW_DTYPE)
+        for i, suffix in enumerate(suffixes):
+            rows = tensors[f"rows_{suffix}"].numpy()
+            size[rows], index[rows] = i, np.arange(len(rows), dtype=ROW_DTYPE)
+        counts = sum(len(tensors[f"rows_{s}"]) for s in suffixes)
+        if counts != n or np.any(size == 255):
+            raise ValueError(
+                f"{path}: its latents of each size do not cover its {n} rows exactly once: "
+                "re-run `lumos featurize`"
+            )
+        latents = [tensors[f"latents_{s}"] for s in suffixes]
+        part = FeaturePart(latents, tensors["image_embeds"], records, size=size, index=index)
+    n = part.image_embeds.shape[0]
+    for name in ("frame_group", "frame_index", "camera"):
+        if name in mapped and mapped[name].shape[0] != n:
+            raise ValueError(
+                f"{path}: {name} has {mapped[name].shape[0]} rows for {n} samples: re-run "
+                "`lumos featurize`"
+            )
+    if "frame_group" in mapped and "frame_index" in mapped:
+        part.frame_group, part.frame_index = (
+            mapped["frame_group"].numpy(),
+            mapped["frame_index"].numpy(),
         )
-    latents = [tensors[f"latents_{s}"] for s in suffixes]
-    return FeaturePart(latents, tensors["image_embeds"], records, size=size, index=index, **frames)
+    if "camera" in mapped:
+        part.camera = mapped["camera"].numpy()
+    return part
 
 
 def is_eval_record(record: dict[str, Any]) -> bool:
