@@ -286,6 +286,17 @@ def test_frames_without_valid_sidecars_fall_back_to_records_and_name_the_sample(
         FeatureDataset.for_head(load_feature_table(ds, split="all"), "novel_view", num_frames=2)
 
 
+def test_frame_arrays_of_the_wrong_length_are_a_clear_error(views_features, tmp_path):
+    copy = Path(shutil.copytree(views_features, tmp_path / "ds"))
+    path = copy / "features" / "part-00000.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["frame_index"] = tensors["frame_index"][:-1]
+    path.write_bytes(save(tensors))
+    with pytest.raises(ValueError, match="frame_index has 9 rows for 10 samples"):
+        load_feature_table(str(copy))
+
+
 def test_short_groups_are_counted_not_silently_used(clips_features):
     table = load_feature_table(clips_features)
     clips = FeatureDataset.for_head(table, "video", num_frames=5)
