@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lumos.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, StorageError
+from lumos.storage import (
+    LocalStorage,
+    ObjectNotFound,
+    PreconditionFailed,
+    S3Storage,
+    Storage,
+    StorageError,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -129,6 +136,32 @@ def test_a_move_across_filesystems_copies(tmp_path):
         store.upload_file(Path(other) / "a.bin", "a.bin", move=True)  # EXDEV: falls back to a copy
     assert store.read_bytes("a.bin") == b"abc"
     assert [o.key for o in store.list()] == ["a.bin"]
+
+
+def test_conditional_writes_are_a_compare_and_swap(store: Storage):
+    """`if_absent` creates only; `if_version` replaces only what was read: the second of two
+    writers that read the same version fails and writes nothing (the registry's current.json)."""
+    store.write_json("head/current.json", {"version": "v0001"}, if_absent=True)
+    with pytest.raises(PreconditionFailed, match="exists already"):
+        store.write_json("head/current.json", {"version": "other"}, if_absent=True)
+
+    first, version = store.read_json_versioned("head/current.json")
+    assert first == {"version": "v0001"}
+    store.write_json("head/current.json", {"version": "v0002"}, if_version=version)  # A wins
+    with pytest.raises(PreconditionFailed, match="changed"):  # B read the same version
+        store.write_json("head/current.json", {"version": "v0003"}, if_version=version)
+    data, latest = store.read_json_versioned("head/current.json")
+    assert data == {"version": "v0002"} and latest != version
+    store.write_json("head/current.json", {"version": "v0003"}, if_version=latest)
+    assert store.read_json("head/current.json") == {"version": "v0003"}
+    assert [o.key for o in store.list()] == ["head/current.json"]  # no lock or temp file listed
+
+    store.delete("head/current.json")
+    with pytest.raises(PreconditionFailed):  # gone since it was read
+        store.write_bytes("head/current.json", b"x", if_version=latest)
+    assert not store.exists("head/current.json")
+    with pytest.raises(ObjectNotFound):
+        store.read_versioned("head/missing.json")
 
 
 def test_invalid_keys_are_rejected(store: Storage):

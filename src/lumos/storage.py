@@ -15,6 +15,7 @@ Every failure is a `StorageError` (or its subclass `ObjectNotFound`) whose messa
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
@@ -40,6 +41,11 @@ class ObjectNotFound(StorageError):
     """The object does not exist."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write (`write_bytes(..., if_version=...)` or `if_absent=True`) found the
+    object changed, gone or present: another writer got there first."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str  # relative to the store's root, "/"-separated
@@ -51,6 +57,11 @@ class ObjectInfo:
     def version(self) -> str:
         """A string that changes when the object's content changes (ETag, else size and mtime)."""
         return self.etag or f"{self.size}:{self.mtime}"
+
+
+def _file_version(st: os.stat_result) -> str:
+    """A local file's version: every write replaces the file (a new inode), so this changes."""
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def _check_key(key: str) -> str:
@@ -107,7 +118,16 @@ class Storage:
         """A readable binary stream of the object (close it after use); for large objects."""
         raise NotImplementedError
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(
+        self, key: str, data: bytes, if_version: str | None = None, if_absent: bool = False
+    ) -> None:
+        """Write an object whole. A compare-and-swap with a condition: `if_version` writes only
+        if the object is still the version `read_versioned` returned, `if_absent` only if there
+        is no object yet; else `PreconditionFailed`, and nothing is written."""
+        raise NotImplementedError
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and a token of exactly that version, for `write_bytes(if_version=)`."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -146,8 +166,19 @@ class Storage:
         except ValueError as err:
             raise StorageError(f"{self.key_uri(key)} is not valid JSON: {err}") from err
 
-    def write_json(self, key: str, obj: Any) -> None:
-        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8") + b"\n")
+    def write_json(
+        self, key: str, obj: Any, if_version: str | None = None, if_absent: bool = False
+    ) -> None:
+        data = json.dumps(obj, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+        self.write_bytes(key, data, if_version=if_version, if_absent=if_absent)
+
+    def read_json_versioned(self, key: str) -> tuple[Any, str]:
+        """`read_json` and the version token of what was read (see `read_versioned`)."""
+        data, version = self.read_versioned(key)
+        try:
+            return json.loads(data), version
+        except ValueError as err:
+            raise StorageError(f"{self.key_uri(key)} is not valid JSON: {err}") from err
 
     def upload_dir(self, local_dir: str | Path, prefix: str = "", move: bool = False) -> None:
         """Upload every file under `local_dir` to `prefix/<relative path>` (`move`: as in
@@ -250,8 +281,34 @@ class LocalStorage(Storage):
     def _tmp_path(self, path: Path) -> Path:
         return path.with_name(f".{path.name}{_TMP_MARKER}{uuid.uuid4().hex[:8]}")
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(
+        self, key: str, data: bytes, if_version: str | None = None, if_absent: bool = False
+    ) -> None:
         path = self._path(key)
+        if if_version is None and not if_absent:
+            return self._replace(path, data)
+        # Conditional writes hold an exclusive lock on a file beside the object, so two of them
+        # cannot both pass the check (a plain write does not take it: it is last-writer-wins).
+        lock_path = path.with_name(f".{path.name}{_TMP_MARKER}lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                try:
+                    current = _file_version(os.stat(path))
+                except FileNotFoundError:
+                    current = None
+                if if_absent and current is not None:
+                    raise PreconditionFailed(f"cannot create {path}: it exists already")
+                if if_version is not None and current != if_version:
+                    state = "is gone" if current is None else "has changed"
+                    raise PreconditionFailed(f"cannot replace {path}: it {state} since it was read")
+                self._replace(path, data)
+        except OSError as err:
+            raise StorageError(f"cannot write {path}: {err}") from err
+        return None
+
+    def _replace(self, path: Path, data: bytes) -> None:
         tmp = self._tmp_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +317,16 @@ class LocalStorage(Storage):
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {path}: {err}") from err
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:  # the version of the very file read: fstat, not stat
+                return f.read(), _file_version(os.fstat(f.fileno()))
+        except FileNotFoundError as err:
+            raise ObjectNotFound(f"no object at {path}") from err
+        except OSError as err:
+            raise StorageError(f"cannot read {path}: {err}") from err
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -433,13 +500,45 @@ class S3Storage(Storage):
         except Exception as err:
             raise self._error(err, key, "read") from err
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(
+        self, key: str, data: bytes, if_version: str | None = None, if_absent: bool = False
+    ) -> None:
         try:
-            self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+            if if_version is None and not if_absent:
+                self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+                return
+            # S3's conditional PUT (AWS S3 and MinIO both honour it). minio-py's public
+            # put_object turns every header that is not x-amz-* into user metadata
+            # (helpers.normalize_headers), so the condition goes through its PutObject call.
+            condition = {"If-None-Match": "*"} if if_absent else {"If-Match": f'"{if_version}"'}
+            headers = {"Content-Type": "application/octet-stream", **condition}
+            self.client._put_object(self.bucket, self._name(key), data, headers=headers)
         except StorageError:
             raise
         except Exception as err:
+            from minio.error import S3Error
+
+            code = err.code if isinstance(err, S3Error) else None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or (
+                if_version is not None and code in ("NoSuchKey", "NoSuchObject")
+            ):
+                what = "it exists already" if if_absent else "it changed since it was read"
+                raise PreconditionFailed(f"cannot write {self.key_uri(key)}: {what}") from err
             raise self._error(err, key, "write") from err
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        response = None
+        try:
+            response = self.client.get_object(self.bucket, self._name(key))
+            return response.read(), response.headers.get("ETag", "").strip('"')
+        except StorageError:
+            raise
+        except Exception as err:
+            raise self._error(err, key, "read") from err
+        finally:
+            if response is not None:
+                response.close()
+                response.release_conn()
 
     def exists(self, key: str) -> bool:
         try:

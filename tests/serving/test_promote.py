@@ -173,3 +173,48 @@ def test_promotion_to_s3_copies_the_model(tmp_path: Path, s3_bucket: str) -> Non
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == result.model_uri
     assert isvc["spec"]["predictor"]["minReplicas"] == 0
     assert current_promoted(cfg.registry_uri, "novel_view")["metrics"] == {"psnr": 21.0}
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_concurrent_promotions_of_one_head_fail_loudly(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another promotion of the head lands while this one copies its model: this one's swap of
+    current.json fails (it would point back to an older version), and a promotion that picked
+    a version someone has just registered fails before it copies anything."""
+    import lumos.serving.promote as promote_module
+
+    root = str(tmp_path) if backend == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
+    cfg = PromoteConfig(registry_uri=f"{root}/registry", storage_uri_base=f"{root}/models")
+    real_copy, others = promote_module._copy_export, []
+
+    def copy_while_another_lands(export: Storage, target: Storage) -> None:
+        real_copy(export, target)
+        if not others:
+            others.append("running")  # the other one copies without a third
+            others[0] = promote(cfg, str(make_export(tmp_path / "e2")), eval_result(), root + "/p2")
+
+    monkeypatch.setattr(promote_module, "_copy_export", copy_while_another_lands)
+    with pytest.raises(PromotionError, match="made v0002 current while this one ran: v0001 is"):
+        promote(cfg, str(make_export(tmp_path / "e1")), eval_result(), root + "/p1")
+    assert others[0].version == "v0002" and others[0].previous_version is None
+    assert current_promoted(cfg.registry_uri, "t2i")["version"] == "v0002"
+    registry = Storage.from_uri(cfg.registry_uri)
+    assert sorted(o.key for o in registry.list()) == [
+        "t2i/current.json", "t2i/v0001.json", "t2i/v0002.json",
+    ]  # fmt: skip
+
+    monkeypatch.setattr(promote_module, "_next_version", lambda registry, head: "v0002")
+    with pytest.raises(PromotionError, match="version v0002 of head 't2i' was registered by"):
+        promote(cfg, str(make_export(tmp_path / "e3")), eval_result(), root + "/p3")
+    assert registry.read_json("t2i/v0002.json")["lineage"]["export_uri"].endswith("e2")
+
+    def failing_copy(export: Storage, target: Storage) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(promote_module, "_next_version", lambda registry, head: "v0003")
+    monkeypatch.setattr(promote_module, "_copy_export", failing_copy)
+    with pytest.raises(OSError, match="disk full"):
+        promote(cfg, str(make_export(tmp_path / "e4")), eval_result(), root + "/p4")
+    assert not registry.exists("t2i/v0003.json")  # not promoted: the version is free again
+    assert current_promoted(cfg.registry_uri, "t2i")["version"] == "v0002"

@@ -15,8 +15,10 @@ For a model that did not pass nothing is registered: `promote.json` in `out_uri`
 
 With `storage_uri_base` set, the export is first copied to `<storage_uri_base>/<head>/<version>/`
 so the served model is immutable and outlives the pipeline run that produced it.
-Two promotions of the same head at the same moment may pick the same version number: promotions
-are serialised by the pipeline (one scheduled run at a time), not by this module.
+Two promotions of the same head at the same moment are safe: the version's record is created
+only if no record has that version yet, and current.json is replaced only if it has not changed
+since this promotion read it (S3 conditional writes; a file lock on a local registry). The one
+that loses a race fails with a `PromotionError` that says what the other one did.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lumos.k8s.crd_validation import validate_custom_resource
 from lumos.k8s.resources import ComputeResources, Strict, Toleration, check_dns_label
-from lumos.storage import Storage
+from lumos.storage import PreconditionFailed, Storage
 
 EXPORT_JSON = "export.json"  # written by lumos.export.onnx_export
 RECORD_FORMAT = "lumos-registry-record/1"
@@ -245,13 +247,16 @@ def promote(
     export = Storage.from_uri(export_uri)
     export_meta = _read_export(export, head)
     registry = Storage.from_uri(cfg.registry_uri)
-    previous = current_promoted(cfg.registry_uri, head)
+    current_key = f"{head}/{CURRENT_KEY}"
+    previous, seen = None, None  # the current record and its version, for the swap at the end
+    if registry.exists(current_key):
+        previous, seen = registry.read_json_versioned(current_key)
     version = _next_version(registry, head)
 
     model_uri = export.uri
+    target = None
     if cfg.storage_uri_base:
         target = Storage.from_uri(cfg.storage_uri_base).child(f"{head}/{version}")
-        _copy_export(export, target)
         model_uri = target.uri
     warnings = []
     if not model_uri.startswith(REMOTE_SCHEMES):
@@ -306,9 +311,30 @@ def promote(
         "previous_version": previous["version"] if previous else None,
         "promoted_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    out.write_bytes(ISVC_FILE, yaml.safe_dump(isvc, sort_keys=False).encode())
-    registry.write_json(record_key, record)
-    registry.write_json(f"{head}/{CURRENT_KEY}", {**record, "record_uri": record_uri})
+    try:  # takes the version: created only if no other promotion has taken it meanwhile
+        registry.write_json(record_key, record, if_absent=True)
+    except PreconditionFailed as err:
+        raise PromotionError(
+            f"version {version} of head {head!r} was registered by another promotion running "
+            f"at the same time ({record_uri}): run this promotion again"
+        ) from err
+    try:
+        if target is not None:
+            _copy_export(export, target)
+        out.write_bytes(ISVC_FILE, yaml.safe_dump(isvc, sort_keys=False).encode())
+    except BaseException:
+        registry.delete(record_key)  # nothing was promoted: the version is free again
+        raise
+    try:  # current.json, only if no other promotion has replaced it since it was read above
+        current = {**record, "record_uri": record_uri}
+        registry.write_json(current_key, current, if_version=seen, if_absent=seen is None)
+    except PreconditionFailed as err:
+        now = current_promoted(cfg.registry_uri, head) or {}
+        raise PromotionError(
+            f"another promotion of head {head!r} made {now.get('version')} current while this "
+            f"one ran: {version} is registered ({record_uri}) but not served; promote it again "
+            "to serve it"
+        ) from err
     result = PromoteResult(
         head=head,
         promoted=True,
