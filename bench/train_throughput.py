@@ -20,6 +20,8 @@ Variants are a base (`ref` | `lumos`) with modifiers joined by `-` or `+`:
   regional     compile each transformer block (one compiled graph reused 28 times: seconds of
                compile instead of minutes) instead of the whole model
   cudnn|flash  force that SDPA backend
+--profile adds where each variant's device time goes (matmul, attention, fused elementwise,
+optimizer, other; and the top 20 kernels) to the JSON.
 The reference is the Lumos layout written plainly: DiT blocks with separate q/k/v/out linears,
 SDPA, and a cross-attention that really attends to its one condition token.
 
@@ -360,6 +362,49 @@ class Step:
         return counter.get_total_flops()
 
 
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "aten::mm", "addmm", "bmm")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused (inductor)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
+
+
+def profile_steps(step: Step, data, device: torch.device, steps: int = 3) -> dict:
+    """Where a step's device time goes: per kind of kernel (matmul, attention, fused
+    elementwise, optimizer, other) and the top kernels, over `steps` steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(*data)
+        synchronize(device)
+    rows = [
+        (e.key, e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total)
+        for e in prof.key_averages()
+    ]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    total = sum(us for _, us in rows) or 1.0
+    kinds: dict[str, float] = {}
+    for name, us in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+    return {
+        "ms_per_step_by_kind": {k: v / 1e3 / steps for k, v in sorted(kinds.items())},
+        "share_by_kind": {k: v / total for k, v in sorted(kinds.items())},
+        "top_kernels": [
+            {"name": name[:120], "ms_per_step": us / 1e3 / steps, "share": us / total}
+            for name, us in rows[:20]
+        ],
+    }
+
+
 def measure(name: str, args, device: torch.device, data, compile_: bool) -> dict:
     base, mods = parse_variant(name)
     if device.type == "cuda":
@@ -395,6 +440,10 @@ def measure(name: str, args, device: torch.device, data, compile_: bool) -> dict
         "peak_mem_gib": peak,
         "final_loss": loss.item(),
     }
+    if args.profile:
+        result["profile"] = profile_steps(step, data, device)
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in result["profile"]["share_by_kind"].items())
+        print(f"{name}: device time by kind: {shares}", flush=True)
     del step
     gc.collect()
     torch._dynamo.reset()
@@ -420,6 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--matmul-size", type=int, default=None, help="default 8192 (CUDA), 512")
     parser.add_argument("--out", default=None, help="JSON path (default $OUT or bench/results)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile 3 steps: device time by kernel kind"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

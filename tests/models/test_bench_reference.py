@@ -54,3 +54,32 @@ def test_bf16w_variant_steps_the_training_loops_optimizer():
         assert m.dtype == torch.float32 and not torch.equal(m, b)
         assert torch.equal(p, m.to(torch.bfloat16))
         assert p.grad is None
+
+
+def test_profile_splits_a_steps_device_time_by_kernel_kind():
+    """`--profile`: what the next GPU session reads to aim a speed-up (kernel names from H100)."""
+    bench = load_bench()
+    assert bench.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == (
+        "matmul"
+    )
+    assert bench.kernel_kind("nvjet_tst_192x192_64x4_1x2_h_bz_coopA_NTN") == "matmul"
+    assert bench.kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel<...>") == (
+        "attention"
+    )
+    assert bench.kernel_kind("triton_per_fused_add_mul_native_layer_norm_12") == "fused (inductor)"
+    assert bench.kernel_kind("multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert bench.kernel_kind("aten::copy_") == "other"
+
+    device = torch.device("cpu")
+    step = bench.Step("lumos", set(), "tiny", device, compile_=False)
+    g = torch.Generator().manual_seed(0)
+    data = (
+        torch.randn(2, 4, 32, 32, generator=g),
+        torch.randint(0, 1000, (2,), generator=g),
+        torch.randn(2, 4, 32, 32, generator=g),
+        torch.randn(2, 768, generator=g),
+    )
+    profile = bench.profile_steps(step, data, device, steps=1)
+    assert abs(sum(profile["share_by_kind"].values()) - 1.0) < 1e-6
+    assert profile["share_by_kind"]["matmul"] > 0 and len(profile["top_kernels"]) == 20
+    assert profile["ms_per_step_by_kind"]["matmul"] > 0
