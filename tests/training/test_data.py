@@ -278,6 +278,12 @@ def test_frames_without_valid_sidecars_fall_back_to_records_and_name_the_sample(
         FeatureDataset.for_head(load_feature_table(ds), "video", num_frames=2)
 
     records = _group_records("obj", 2, 3)
+    records[2]["meta"]["index"] = "first"
+    ds = write_features(tmp_path / "badindex", records, parts=1, paired=False)
+    with pytest.raises(ValueError, match="'obj-0000-00' has meta.index 'first': it must be an"):
+        FeatureDataset.for_head(load_feature_table(ds), "video", num_frames=2)
+
+    records = _group_records("obj", 2, 3)
     records[1]["meta"]["camera"] = {"azimuth": "left", "elevation": 0, "radius": 2}
     ds = write_features(tmp_path / "badcam", records, parts=1, paired=False)
     with safe_open(f"{ds}/features/part-00000.safetensors", framework="pt") as f:

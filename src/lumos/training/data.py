@@ -195,10 +195,14 @@ class FeatureTable:
                         "multi-frame heads need the views / clips sidecars (see "
                         "docs/architecture.md, raw source layout)"
                     )
-                group[span.start + i], index[span.start + i] = (
-                    group_id(meta["group"]),
-                    meta["index"],
-                )
+                try:
+                    index[span.start + i] = int(meta["index"])
+                except (TypeError, ValueError) as err:
+                    raise ValueError(
+                        f"sample {records[r].get('key')!r} has meta.index {meta['index']!r}: "
+                        "it must be an integer (the frame's place in its group)"
+                    ) from err
+                group[span.start + i] = group_id(meta["group"])
         return group, index
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
