@@ -162,6 +162,8 @@ def test_conditional_writes_are_a_compare_and_swap(store: Storage):
     assert not store.exists("head/current.json")
     with pytest.raises(ObjectNotFound):
         store.read_versioned("head/missing.json")
+    with pytest.raises(ValueError, match="if_version or if_absent, not both"):
+        store.write_bytes("head/x.json", b"x", if_version=latest, if_absent=True)
 
 
 def test_invalid_keys_are_rejected(store: Storage):

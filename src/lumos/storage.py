@@ -59,6 +59,11 @@ class ObjectInfo:
         return self.etag or f"{self.size}:{self.mtime}"
 
 
+def _check_condition(if_version: str | None, if_absent: bool) -> None:
+    if if_absent and if_version is not None:
+        raise ValueError("a conditional write takes if_version or if_absent, not both")
+
+
 def _file_version(st: os.stat_result) -> str:
     """A local file's version: every write replaces the file (a new inode), so this changes."""
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
@@ -285,6 +290,7 @@ class LocalStorage(Storage):
         self, key: str, data: bytes, if_version: str | None = None, if_absent: bool = False
     ) -> None:
         path = self._path(key)
+        _check_condition(if_version, if_absent)
         if if_version is None and not if_absent:
             return self._replace(path, data)
         # Conditional writes hold an exclusive lock on a file beside the object, so two of them
@@ -503,6 +509,7 @@ class S3Storage(Storage):
     def write_bytes(
         self, key: str, data: bytes, if_version: str | None = None, if_absent: bool = False
     ) -> None:
+        _check_condition(if_version, if_absent)
         try:
             if if_version is None and not if_absent:
                 self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
@@ -510,6 +517,11 @@ class S3Storage(Storage):
             # S3's conditional PUT (AWS S3 and MinIO both honour it). minio-py's public
             # put_object turns every header that is not x-amz-* into user metadata
             # (helpers.normalize_headers), so the condition goes through its PutObject call.
+            if not hasattr(self.client, "_put_object"):
+                raise StorageError(
+                    f"cannot write {self.key_uri(key)} conditionally: this minio client has no "
+                    "PutObject call that keeps If-Match headers (install minio>=7.2,<8)"
+                )
             condition = {"If-None-Match": "*"} if if_absent else {"If-Match": f'"{if_version}"'}
             headers = {"Content-Type": "application/octet-stream", **condition}
             self.client._put_object(self.bucket, self._name(key), data, headers=headers)
