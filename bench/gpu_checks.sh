@@ -5,8 +5,8 @@
 # first, so a run cut short still returns what finished.
 #   BATCH=128   per-GPU batch of the throughput bench and of the loop's XL/2 test (default 128:
 #               the optimizer step's fixed cost spread over twice the images of batch 64)
-#   LOOP_K=...  which loop tests run (pytest -k; default: resume, pinned batches, and XL/2 in
-#               both precisions)
+#   LOOP_K=...  which loop tests run (pytest -k; default: resume, pinned batches, XL/2 i2i in
+#               both precisions and XL/2 t2i)
 #   LOOP=0 skips the loop; SAMPLING=1 also times sampling (measured: 59.4 ms on an H100, see
 #   docs/benchmarks.md); WHEELS=0 skips the wheel install (a CPU dry run)
 #   SIZE=tiny DEVICE=cpu  a CPU dry run of the benches: `WHEELS=0 SIZE=tiny DEVICE=cpu bash ...`
@@ -26,15 +26,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 # Training throughput: the compiled reference vs this project's XL/2 (bf16 weights), compiled,
 # with where each one's device time goes (--profile), to aim the next speed-up.
-timeout "${TRAIN_TIMEOUT:-240}" python3 bench/train_throughput.py --size "$SIZE" --device "$DEVICE" \
+timeout "${TRAIN_TIMEOUT:-230}" python3 bench/train_throughput.py --size "$SIZE" --device "$DEVICE" \
   --variants "${VARIANTS:-ref,lumos-bf16w}" --batch "$BATCH" --profile \
   --steps "${STEPS:-15}" --warmup 3 --out "$OUT/train_throughput.json" 2>&1 \
   | tee "$OUT/train_throughput.log"
-# The training loop itself (lumos.training.train): its CUDA resume check, pinned batches, and XL/2
-# at 256 px compiled in "bf16" and "bf16-weights". It imports the whole library (pydantic and its
-# dependencies in .whl/).
+# The training loop itself (lumos.training.train): its CUDA resume check, pinned batches, XL/2 at
+# 256 px compiled in "bf16" and "bf16-weights", and the T2I step (120 T5-XXL tokens). It imports
+# the whole library (pydantic and its dependencies in .whl/).
 if [ "${LOOP:-1}" = 1 ]; then
-  LUMOS_GPU_BATCH=$BATCH PYTHONPATH=${PYTHONPATH:-}:src timeout "${LOOP_TIMEOUT:-260}" \
+  LUMOS_GPU_BATCH=$BATCH PYTHONPATH=${PYTHONPATH:-}:src timeout "${LOOP_TIMEOUT:-320}" \
     python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/training/test_train_gpu.py \
     -k "${LOOP_K-resume or pinned or paper_size}" 2>&1 | tee "$OUT/train_loop.log"
 fi
