@@ -292,7 +292,11 @@ class LocalStorage(Storage):
         path = self._path(key)
         _check_condition(if_version, if_absent)
         if if_version is None and not if_absent:
-            return self._replace(path, data)
+            self._replace(path, data)
+        else:
+            self._replace_if(path, data, if_version, if_absent)
+
+    def _replace_if(self, path: Path, data: bytes, if_version: str | None, if_absent: bool) -> None:
         # Conditional writes hold an exclusive lock on a file beside the object, so two of them
         # cannot both pass the check (a plain write does not take it: it is last-writer-wins).
         lock_path = path.with_name(f".{path.name}{_TMP_MARKER}lock")
@@ -312,7 +316,6 @@ class LocalStorage(Storage):
                 self._replace(path, data)
         except OSError as err:
             raise StorageError(f"cannot write {path}: {err}") from err
-        return None
 
     def _replace(self, path: Path, data: bytes) -> None:
         tmp = self._tmp_path(path)
@@ -485,18 +488,7 @@ class S3Storage(Storage):
             raise self._error(err, prefix, "list") from err
 
     def read_bytes(self, key: str) -> bytes:
-        response = None
-        try:
-            response = self.client.get_object(self.bucket, self._name(key))
-            return response.read()
-        except StorageError:
-            raise
-        except Exception as err:
-            raise self._error(err, key, "read") from err
-        finally:
-            if response is not None:
-                response.close()
-                response.release_conn()
+        return self.read_versioned(key)[0]
 
     def open_read(self, key: str) -> BinaryIO:
         try:

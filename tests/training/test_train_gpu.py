@@ -110,10 +110,13 @@ def test_bf16_compiled_training_and_resume_on_cuda(tmp_path):
 @pytest.mark.parametrize("size", ["XL/2"])
 def test_throughput_at_the_paper_size(tmp_path, size, mixed_precision):
     data = random_features(tmp_path / "data", 4096, (4, 32, 32), 768, 256)
+    timed_run(tmp_path, data, model_size=size, mixed_precision=mixed_precision, steps=40)
+
+
+def timed_run(tmp_path, data: str, **config) -> None:
+    """Train a compiled config at batch BATCH, print its throughput, check its losses are finite."""
     cfg = TrainConfig(
-        model_size=size,
-        mixed_precision=mixed_precision,
-        steps=40,
+        **config,
         batch_size=BATCH,
         log_every=10,
         compile=True,
@@ -123,7 +126,7 @@ def test_throughput_at_the_paper_size(tmp_path, size, mixed_precision):
     )
     result = train(cfg, data, str(tmp_path / "run"))
     print(
-        f"\n{size} 256px {mixed_precision} compiled, batch {BATCH}: "
+        f"\n{cfg.model_size} {cfg.head} 256px {cfg.mixed_precision} compiled, batch {BATCH}: "
         f"{result.last_images_per_second:.0f} img/s (steady), "
         f"{result.images_per_second:.0f} img/s with compile, peak memory "
         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, losses {result.losses}"
@@ -151,23 +154,6 @@ def test_batches_are_assembled_in_pinned_memory(images_features, views_features)
 def test_t2i_throughput_at_the_paper_size(tmp_path):
     """The T2I fine-tune's step: XL/2 cross-attending to 120 T5-XXL tokens (4096-d)."""
     data = random_features(tmp_path / "data", 512, (4, 32, 32), 768, 256, text=(120, 4096))
-    cfg = TrainConfig(
-        head="t2i",
-        model_size="XL/2",
-        mixed_precision="bf16-weights",
-        steps=30,
-        batch_size=BATCH,
-        log_every=10,
-        compile=True,
-        checkpoint_every=1000,
-        keep_checkpoints=1,
-        progress_bar=False,
+    timed_run(
+        tmp_path, data, head="t2i", model_size="XL/2", mixed_precision="bf16-weights", steps=30
     )
-    result = train(cfg, data, str(tmp_path / "run"))
-    print(
-        f"\nXL/2 t2i 256px bf16-weights compiled, batch {BATCH}: "
-        f"{result.last_images_per_second:.0f} img/s (steady), peak memory "
-        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, losses {result.losses}"
-    )
-    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
-    shutil.rmtree(tmp_path / "run")

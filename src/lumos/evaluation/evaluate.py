@@ -261,12 +261,11 @@ def _eval_items(table, head: str, model, num_samples: int) -> list[list[int]]:
         return captioned
     num_frames = int(getattr(model.config, "num_frames", 1) or 1)
     dataset = FeatureDataset.for_head(table, head, num_frames=num_frames)
-    groups = table.frames()[0] if num_frames > 1 else None  # (N,) ids: no records read
     items: list[list[int]] = []
     seen: set[int] = set()
     for item in dataset.items:
-        if groups is not None:
-            group = int(groups[item[0]])
+        if dataset.groups is not None:
+            group = int(dataset.groups[item[0]])
             if group in seen:  # one window per group: the one starting at its first frame
                 continue
             seen.add(group)

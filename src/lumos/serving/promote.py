@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lumos.k8s.crd_validation import validate_custom_resource
 from lumos.k8s.resources import ComputeResources, Strict, Toleration, check_dns_label
-from lumos.storage import PreconditionFailed, Storage
+from lumos.storage import ObjectNotFound, PreconditionFailed, Storage
 
 EXPORT_JSON = "export.json"  # written by lumos.export.onnx_export
 RECORD_FORMAT = "lumos-registry-record/1"
@@ -248,9 +248,10 @@ def promote(
     export_meta = _read_export(export, head)
     registry = Storage.from_uri(cfg.registry_uri)
     current_key = f"{head}/{CURRENT_KEY}"
-    previous, seen = None, None  # the current record and its version, for the swap at the end
-    if registry.exists(current_key):
+    try:  # the current record and its version, for the swap at the end
         previous, seen = registry.read_json_versioned(current_key)
+    except ObjectNotFound:
+        previous, seen = None, None
     version = _next_version(registry, head)
 
     model_uri = export.uri

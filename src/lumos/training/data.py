@@ -576,6 +576,8 @@ class FeatureDataset:
     skipped_groups: int = 0  # multi-frame groups shorter than num_frames
     # (N, 4) float32 absolute camera of every table row, for head "novel_view"
     cameras: np.ndarray | None = None
+    # (N,) int64 group id (`group_id` of meta.group) of every table row, for multi-frame heads
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         items = np.asarray(self.items, dtype=ROW_DTYPE)
@@ -586,7 +588,8 @@ class FeatureDataset:
         ds = cls(table=table, head=head, num_frames=num_frames)
         if head in MULTI_FRAME_HEADS:
             assert num_frames >= 2, f"head {head!r} needs num_frames >= 2, got {num_frames}"
-            ds.items, ds.skipped_groups = _frame_windows(*table.frames(), num_frames)
+            ds.groups, index = table.frames()
+            ds.items, ds.skipped_groups = _frame_windows(ds.groups, index, num_frames)
             if head == "novel_view":
                 ds.cameras = _cameras(table, np.unique(ds.items))
         elif head == "t2i":
