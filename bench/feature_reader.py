@@ -12,8 +12,11 @@ Writes a featurized dataset of generated features with featurize's own writer (S
                (ResumableSampler: random rows over all parts), batches/s and images/s;
                "first pass" right after the table is mapped, "second pass" over the same batches
   t2i batch    the same for the T2I head on a smaller set whose paired tenth carries T5-XXL
-               token embeddings (4096-d float16, 8 KB a token, padded to 120 in a batch) of
-               8 to 64 tokens a caption (uniform; alt-text-like captions), stored unpadded
+               token embeddings (4096-d float16, 8 KB a token) of 8 to 64 tokens a caption
+               (uniform; alt-text-like captions), stored unpadded; batches as the training
+               loop assembles them: captions packed, padded to 120 on the GPU (`pad_text`)
+  t2i-cpu-pad  the same dataset, each batch padded to 120 tokens here, on the CPU (about 1 MB
+               a caption), as the loop did before it packed them
   t2i-padded   the same captions stored padded to 120 tokens (about 1 MB a caption), as
                features written before lumos-features/2 were: the earlier layout, same run
   novel_view   --view-objects objects of 4 views each (meta.group, meta.index, meta.camera),
@@ -131,6 +134,7 @@ FRAME_ARRAYS = ("frame_group", "frame_index", "camera")
 
 def measure(dataset: str, case: str, batch: int, batches: int) -> dict:
     head = case.split("-")[0]
+    pack_text = case != "t2i-cpu-pad"  # as the training loop does (ignored without text)
     before = memory_mib()
     start = time.perf_counter()
     table = load_feature_table(dataset)
@@ -145,7 +149,7 @@ def measure(dataset: str, case: str, batch: int, batches: int) -> dict:
     for _ in range(2):
         start = time.perf_counter()
         for ids in order:
-            out = items.batch(ids)
+            out = items.batch(ids, pack_text=pack_text)
         seconds = time.perf_counter() - start
         passes.append(batches * batch / seconds)
     batch_mib = sum(t.numel() * t.element_size() for t in out.values()) / 2**20
@@ -199,7 +203,8 @@ def main() -> None:
                 views=case == "novel_view",
             )  # fmt: skip
             print(f"wrote {images} {case} samples in {time.perf_counter() - start:.0f} s")
-            for variant in [case] + (["novel_view-records"] if case == "novel_view" else []):
+            variants = {"novel_view": ["novel_view-records"], "t2i": ["t2i-cpu-pad"]}
+            for variant in [case, *variants.get(case, [])]:
                 if variant == "novel_view-records":
                     strip_frame_arrays(dataset)
                 # A fresh process: its memory before and after mapping is the table's alone.

@@ -122,6 +122,23 @@ def test_staged_files_are_moved_into_a_local_store_and_uploaded_to_s3(store: Sto
             store.upload_file(store.root / "missing.bin", "x.bin", move=True)
 
 
+def test_staging_left_by_a_killed_writer_is_removed(store: Storage):
+    """`remove_staging`, which a training run calls on its out_uri: a writer killed inside
+    `staging_dir` leaves the directory beside the store's keys (locally); it is removed and
+    nothing else is touched."""
+    store.write_bytes("step-1/a.bin", b"1")
+    with store.child("step-2").staging_dir() as killed:
+        (Path(killed) / "big.bin").write_bytes(b"x" * 4096)
+        removed = store.remove_staging()
+        if isinstance(store, LocalStorage):  # an object store stages in the local temp dir
+            assert removed == (Path(killed).name,) and not Path(killed).exists()
+        else:
+            assert removed == () and Path(killed).exists()
+    assert [o.key for o in store.list()] == ["step-1/a.bin"]
+    assert store.remove_staging() == ()
+    assert Storage.from_uri(str(Path(killed).parent / "never-written")).remove_staging() == ()
+
+
 @pytest.mark.skipif(
     not Path("/dev/shm").is_dir(), reason="needs a second filesystem (/dev/shm) to move across"
 )

@@ -159,6 +159,13 @@ class Storage:
         None: the caller downloads it."""
         return None
 
+    def remove_staging(self) -> tuple[str, ...]:
+        """Delete the staging directories (`staging_dir`) that writers killed mid-write left
+        directly under this store, and return their names. Call it only where nothing else is
+        staging now: a training run on its own out_uri. An object store's staging directories
+        are in the local temp directory, not in the store: nothing to do."""
+        return ()
+
     # -- shared on top of the primitives -------------------------------------------------------
     def key_uri(self, key: str) -> str:
         """The full URI of `key` (for messages and for handing to other stages)."""
@@ -370,6 +377,18 @@ class LocalStorage(Storage):
         return tempfile.TemporaryDirectory(
             prefix=f".{self.root.name}{_TMP_MARKER}", dir=self.root.parent
         )
+
+    def remove_staging(self) -> tuple[str, ...]:
+        if not self.root.is_dir():
+            return ()
+        stale = sorted(p for p in self.root.iterdir() if _TMP_MARKER in p.name and p.is_dir())
+        for path in stale:
+            try:
+                shutil.rmtree(path)
+            except OSError as err:
+                msg = f"cannot remove the stale staging directory {path}: {err}"
+                raise StorageError(msg) from err
+        return tuple(path.name for path in stale)
 
     def download_file(self, key: str, local_path: str | Path) -> None:
         path = self._path(key)

@@ -24,6 +24,7 @@ from lumos.training.data import (
     FeatureTable,
     ResumableSampler,
     load_feature_table,
+    pad_text,
 )
 
 
@@ -80,6 +81,33 @@ def test_gather_reads_the_right_rows_across_parts_and_splits(images_features):
     assert got["text_mask"][0].any(dim=1).all()
     with pytest.raises(IndexError, match="out of range for 18 samples"):
         table.gather([18])
+
+
+def test_packed_captions_pad_to_the_padded_batch(images_features):
+    """The training loop's batches carry captions packed (padded on the device by `pad_text`):
+    only the tokens are copied, and padding them gives exactly the padded batch."""
+    table = load_feature_table(images_features)
+    rows = [[10, 3, 1], [2, 10, 5]]  # captioned and uncaptioned rows, one twice, two dims
+    padded = table.gather(rows, text=True)
+    packed = table.gather(rows, text=True, pack_text=True)
+    assert "text_embeds" not in packed and packed["text_mask"].shape == (2, 3, 6)
+    assert packed["text_tokens"].shape == (int(padded["text_mask"].sum()), 12)
+    assert packed["text_index"].shape == (len(packed["text_tokens"]),)
+    got = pad_text(packed)
+    assert sorted(got) == sorted(padded)
+    for key, value in padded.items():
+        assert torch.equal(got[key], value), key
+    assert pad_text(padded) is padded  # nothing packed: unchanged
+
+    t2i = FeatureDataset.for_head(table, "t2i")
+    batch = t2i.batch([0, 4, 9], pack_text=True)
+    assert sorted(batch) == ["latents", "text_index", "text_mask", "text_tokens"]
+    expected = t2i.batch([0, 4, 9])
+    assert all(torch.equal(pad_text(batch)[k], v) for k, v in expected.items())
+    # A head without text ignores the flag.
+    assert sorted(FeatureDataset.for_head(table, "i2i").batch([0], pack_text=True)) == [
+        "image_embeds", "latents"
+    ]  # fmt: skip
 
 
 def test_parts_are_memory_mapped_not_read(images_features):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,13 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(
 
     interrupted = str(tmp_path / "interrupted")
     first = train(cfg.model_copy(update={"steps": 3}), images_features, interrupted)
-    second = train(cfg, images_features, interrupted)
+    # A run killed while saving step 6 left its staging directory: the resumed run removes it.
+    with Storage.from_uri(interrupted).child("step-0000006").staging_dir() as killed:
+        (Path(killed) / "transformer").mkdir()
+        (Path(killed) / "transformer" / "weights.bin").write_bytes(b"\0" * 4096)
+        second = train(cfg, images_features, interrupted)
+        assert not Path(killed).exists()
+    assert sorted(p.name for p in Path(interrupted).iterdir()) == ["step-0000003", "step-0000006"]
 
     assert second.resumed_from == first.checkpoint_uri
     curve = torch.tensor([loss for _, loss in first.losses + second.losses], dtype=torch.float64)

@@ -144,10 +144,11 @@ def test_batches_are_assembled_in_pinned_memory(images_features, views_features)
 
     for dataset, head, frames in ((images_features, "t2i", 1), (views_features, "novel_view", 3)):
         items = FeatureDataset.for_head(load_feature_table(dataset), head, num_frames=frames)
-        batch = items.batch([0, 1], pin_memory=True)
-        assert all(t.is_pinned() for t in batch.values()), {
-            k: t.is_pinned() for k, t in batch.items()
-        }
+        for pack_text in (False, True):  # the loop packs captions
+            batch = items.batch([0, 1], pin_memory=True, pack_text=pack_text)
+            assert all(t.is_pinned() for t in batch.values()), {
+                k: t.is_pinned() for k, t in batch.items()
+            }
         assert not any(t.is_pinned() for t in items.batch([0, 1]).values())
 
 

@@ -15,6 +15,7 @@ for the run's latest complete checkpoint.
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from lumos.storage import LocalStorage, Storage
 CHECKPOINT_FORMAT = "lumos-checkpoint/1"
 META_FILE = "lumos_checkpoint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -105,9 +108,20 @@ def save_checkpoint(
     return store.uri
 
 
+def remove_stale_staging(out_uri: str) -> None:
+    """Delete what a run killed while saving a checkpoint left beside its checkpoints on local
+    storage (the checkpoint's staging directory: an XL/2 checkpoint is about 13 GB). Only the
+    run's own main process calls this, when it is not saving."""
+    removed = Storage.from_uri(out_uri).remove_staging()
+    if removed:
+        logger.warning("removed %s under %s: checkpoints a killed run was saving", removed, out_uri)
+
+
 def prune_checkpoints(out_uri: str, keep: int) -> None:
-    """Delete all but the `keep` latest complete checkpoints of a run (metadata first)."""
+    """Delete all but the `keep` latest complete checkpoints of a run (metadata first), and
+    `remove_stale_staging`."""
     assert keep >= 1, "keep at least the latest checkpoint"
+    remove_stale_staging(out_uri)
     store = Storage.from_uri(out_uri)
     for step, _ in list_checkpoints(out_uri)[:-keep]:
         old = store.child(checkpoint_dirname(step))

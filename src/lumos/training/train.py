@@ -75,6 +75,7 @@ from lumos.training.checkpoint import (
     local_copy,
     prune_checkpoints,
     read_checkpoint_meta,
+    remove_stale_staging,
     save_checkpoint,
 )
 from lumos.training.data import (
@@ -82,6 +83,7 @@ from lumos.training.data import (
     FeatureDataset,
     ResumableSampler,
     load_feature_table,
+    pad_text,
     read_features_spec,
 )
 from lumos.training.monitoring import TrainingMetrics
@@ -224,6 +226,8 @@ def train(
         )
     resume_uri = latest_checkpoint(out_uri)
     resume_meta = read_checkpoint_meta(resume_uri) if resume_uri else None
+    if accelerator.is_main_process:
+        remove_stale_staging(out_uri)  # before this run needs the disk space for its own
     if resume_meta is not None:
         _check_resumable(cfg, resume_meta)
         if resume_meta["step"] >= cfg.steps:
@@ -390,7 +394,9 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
-            batch = _to_device(dataset.batch(sampler.next_batch(), pin_memory), device)
+            # Captions travel packed and are padded to the model's length on the device.
+            batch = dataset.batch(sampler.next_batch(), pin_memory, pack_text=True)
+            batch = pad_text(_to_device(batch, device))
             x0, model_kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
             t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
             with accelerator.accumulate(model):
