@@ -7,8 +7,13 @@
 #               the optimizer step's fixed cost spread over twice the images of batch 64)
 #   LOOP_K=...  which loop tests run (pytest -k; default: resume, pinned batches, XL/2 i2i in
 #               both precisions and XL/2 t2i)
-#   LOOP=0 skips the loop; SAMPLING=1 also times sampling (measured: 59.4 ms on an H100, see
-#   docs/benchmarks.md); WHEELS=0 skips the wheel install (a CPU dry run)
+#   VARIANTS=...  the bench's variants (default ref,lumos-bf16w,lumos-bf16w-fusedopt: the
+#               compiled one-pass optimizer step against torch's fused AdamW, not yet measured)
+#   TRAIN=0 skips the bench; LOOP=0 skips the loop. Together they may take TRAIN_TIMEOUT +
+#   LOOP_TIMEOUT = 620 s, more than a device call's 600 s: run them as two calls on the warm
+#   machine, `LOOP=0 bash bench/gpu_checks.sh`, then `TRAIN=0 bash bench/gpu_checks.sh`.
+#   SAMPLING=1 also times sampling (measured: 59.4 ms on an H100, see docs/benchmarks.md);
+#   WHEELS=0 skips the wheel install (a CPU dry run)
 #   SIZE=tiny DEVICE=cpu  a CPU dry run of the benches: `WHEELS=0 SIZE=tiny DEVICE=cpu bash ...`
 set -u
 OUT=${OUT:-bench/results}
@@ -26,10 +31,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 # Training throughput: the compiled reference vs this project's XL/2 (bf16 weights), compiled,
 # with where each one's device time goes (--profile), to aim the next speed-up.
-timeout "${TRAIN_TIMEOUT:-230}" python3 bench/train_throughput.py --size "$SIZE" --device "$DEVICE" \
-  --variants "${VARIANTS:-ref,lumos-bf16w}" --batch "$BATCH" --profile \
-  --steps "${STEPS:-15}" --warmup 3 --out "$OUT/train_throughput.json" 2>&1 \
-  | tee "$OUT/train_throughput.log"
+if [ "${TRAIN:-1}" = 1 ]; then
+  timeout "${TRAIN_TIMEOUT:-300}" python3 bench/train_throughput.py --size "$SIZE" \
+    --device "$DEVICE" --variants "${VARIANTS:-ref,lumos-bf16w,lumos-bf16w-fusedopt}" \
+    --batch "$BATCH" --profile --steps "${STEPS:-15}" --warmup 3 \
+    --out "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.log"
+fi
 # The training loop itself (lumos.training.train): its CUDA resume check, pinned batches, XL/2 at
 # 256 px compiled in "bf16" and "bf16-weights", and the T2I step (120 T5-XXL tokens). It imports
 # the whole library (pydantic and its dependencies in .whl/).

@@ -13,6 +13,9 @@ Variants are a base (`ref` | `lumos`) with modifiers joined by `-` or `+`:
   bf16w        bf16 weights and activations, fp32 master weights in the optimizer: the library's
                MasterWeightAdamW, as the training loop's mixed_precision "bf16-weights" (else:
                fp32 weights under bf16 autocast, as the reference and the loop's "bf16")
+  fusedopt     with bf16w: MasterWeightAdamW(fused_step=True), the optimizer step compiled into
+               one pass per parameter (gradient read once, masters, moments and bf16 copy
+               written once) instead of torch's fused AdamW between two copies
   eager        no torch.compile
   maxautotune  torch.compile(mode="max-autotune-no-cudagraphs") (compiles for several minutes)
   cudagraphs   torch.compile(mode="max-autotune") (with CUDA graphs)
@@ -239,7 +242,9 @@ def check_same_function(size: str = "tiny", seed: int = 0) -> float:
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-MODIFIERS = {"regional", "bf16w", "eager", "maxautotune", "cudagraphs", "cdt", "cudnn", "flash"}
+MODIFIERS = {
+    "regional", "bf16w", "fusedopt", "eager", "maxautotune", "cudagraphs", "cdt", "cudnn", "flash"
+}  # fmt: skip
 
 
 def parse_variant(name: str) -> tuple[str, set[str]]:
@@ -247,6 +252,8 @@ def parse_variant(name: str) -> tuple[str, set[str]]:
     base, mods = parts[0], set(parts[1:])
     if base not in ("ref", "lumos") or not mods <= MODIFIERS:
         raise SystemExit(f"bad variant {name!r}: base ref|lumos, modifiers {sorted(MODIFIERS)}")
+    if "fusedopt" in mods and "bf16w" not in mods:
+        raise SystemExit(f"bad variant {name!r}: fusedopt is an option of bf16w's optimizer")
     return base, mods
 
 
@@ -292,7 +299,8 @@ class Step:
         if self.bf16_weights:
             self.model.to(torch.bfloat16)
             # No clipping, as in the fp32-weight variants (the loop passes max_grad_norm).
-            self.opt = MasterWeightAdamW(self.model.parameters(), **adamw)
+            fused_step = "fusedopt" in mods
+            self.opt = MasterWeightAdamW(self.model.parameters(), fused_step=fused_step, **adamw)
         else:
             self.opt = torch.optim.AdamW(self.model.parameters(), **adamw)
         self.forward = self.model

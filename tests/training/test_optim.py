@@ -37,6 +37,14 @@ def backward(model: nn.Module, seed: int) -> None:
     nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
 
 
+def saved(state: dict) -> dict:
+    """`state` through torch.save and torch.load, as a checkpoint stores it: a copy."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def test_matches_fp32_adamw_on_the_same_weights_and_gradients():
     model = bf16_model()
     optimizer = MasterWeightAdamW(model.parameters(), max_grad_norm=0.05, **ADAMW)
@@ -87,13 +95,9 @@ def test_state_dict_resumes_exactly():
         backward(model, seed=step)
         optimizer.step()
         optimizer.zero_grad()
-    saved = optimizer.state_dict()
-    assert all(m.dtype == torch.float32 for m in saved["master_weights"])
+    state = saved(optimizer.state_dict())
+    assert all(m.dtype == torch.float32 for m in state["master_weights"])
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    buffer = io.BytesIO()  # through torch.save, as a checkpoint stores it
-    torch.save(saved, buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=False)
 
     for step in range(2, 4):  # the uninterrupted run
         backward(model, seed=step)
@@ -135,3 +139,59 @@ def test_master_state_dict_is_the_fp32_model():
     fp32.load_state_dict(weights)
     with pytest.raises(ValueError, match="not in the given module"):
         optimizer.master_state_dict(bf16_model())
+
+
+def run_steps(optimizer: MasterWeightAdamW, model: nn.Module, steps: range, lrs=None) -> None:
+    for step in steps:
+        if lrs is not None:
+            optimizer.param_groups[0]["lr"] = lrs[step]
+        backward(model, seed=step)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_fused_step_is_the_default_step_compiled():
+    """`fused_step=True` (torch.compile of `fused_master_update`, here inductor's CPU code):
+    the same masters, bf16 weights and AdamW state as the default path, with clipping, a
+    parameter without gradient and a changing LR; and either resumes the other's state."""
+    lrs = [1e-2, 5e-3, 2e-2, 1e-2, 1e-2, 3e-3]
+    # Tolerance: 1e-6 against steps of about 1e-2 (the clipping norm is summed in another order).
+    models = [bf16_model(), bf16_model()]
+    default, fused = (
+        MasterWeightAdamW(m.parameters(), max_grad_norm=0.05, fused_step=f, **ADAMW)
+        for m, f in zip(models, (False, True), strict=True)
+    )
+    for optimizer, model in ((default, models[0]), (fused, models[1])):
+        run_steps(optimizer, model, range(3), lrs)
+    for a, b in zip(default.master_params, fused.master_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(b, b.float().bfloat16())  # bf16 copies of the masters
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-4)
+    assert torch.equal(models[1].unused.weight, bf16_model().unused.weight)  # skipped
+    state_of = dict(zip(fused.model_params, fused.master_params, strict=True))
+    assert state_of[models[1].unused.weight] not in fused.state and len(fused.state) == 4
+    saved_default, saved_fused = (saved(o.state_dict()) for o in (default, fused))
+    for a, b in zip(saved_default["state"].values(), saved_fused["state"].values(), strict=True):
+        assert a.keys() == b.keys() and a["step"].item() == b["step"].item() == 3
+        torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+
+    # Each resumes the other's checkpoint and both carry on alike.
+    resumed = [bf16_model(seed=1), bf16_model(seed=1)]
+    crossed = [
+        MasterWeightAdamW(resumed[0].parameters(), max_grad_norm=0.05, **ADAMW),
+        MasterWeightAdamW(resumed[1].parameters(), max_grad_norm=0.05, fused_step=True, **ADAMW),
+    ]
+    crossed[0].load_state_dict(saved_fused)
+    crossed[1].load_state_dict(saved_default)
+    for optimizer, model in zip(crossed, resumed, strict=True):
+        run_steps(optimizer, model, range(3, 6), lrs)
+    run_steps(default, models[0], range(3, 6), lrs)
+    for masters in (crossed[0].master_params, crossed[1].master_params):
+        for a, b in zip(default.master_params, masters, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_step_refuses_what_it_does_not_implement():
+    with pytest.raises(ValueError, match=r"fused_step=True does not implement .*amsgrad"):
+        MasterWeightAdamW(bf16_model().parameters(), fused_step=True, amsgrad=True, **ADAMW)
