@@ -76,6 +76,11 @@ def write_features(root: Path, records: list[dict], parts: int, paired: bool) ->
 @pytest.fixture(scope="session")
 def images_features(tmp_path_factory: pytest.TempPathFactory) -> str:
     """20 images in 2 parts, every other one captioned; 2 of them in the eval split."""
+    return write_features(tmp_path_factory.mktemp("images"), image_records(), parts=2, paired=True)
+
+
+def image_records() -> list[dict]:
+    """20 images, every other one captioned; 2 of them (3 and 11) in the eval split."""
     records = []
     for i in range(20):
         meta = {"split": "eval"} if i in (3, 11) else {}
@@ -90,7 +95,7 @@ def images_features(tmp_path_factory: pytest.TempPathFactory) -> str:
                 "paired": i % 2 == 0,
             }
         )
-    return write_features(tmp_path_factory.mktemp("images"), records, parts=2, paired=True)
+    return records
 
 
 def _group_records(kind: str, groups: int, frames: int) -> list[dict]:

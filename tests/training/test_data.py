@@ -24,6 +24,7 @@ from lumos.training.data import (
     FeatureTable,
     ResumableSampler,
     load_feature_table,
+    node_parts,
     pad_text,
 )
 
@@ -108,6 +109,19 @@ def test_packed_captions_pad_to_the_padded_batch(images_features):
     assert sorted(FeatureDataset.for_head(table, "i2i").batch([0], pack_text=True)) == [
         "image_embeds", "latents"
     ]  # fmt: skip
+
+
+def test_a_node_maps_only_its_own_parts(images_features):
+    """What a node of a run with shard_features_by_node reads: parts node, node + nodes, ..."""
+    assert node_parts(5, 0, 2) == [0, 2, 4] and node_parts(5, 1, 2) == [1, 3]
+    with pytest.raises(ValueError, match="2 parts for 3 nodes, and each node needs at least one"):
+        node_parts(2, 0, 3)
+    table = load_feature_table(images_features, part_ids=[1])
+    assert len(table) == 9 and table.records[0]["key"] == "img-0010"  # sample 11 is eval
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(Path(images_features) / "features" / "part-00001.safetensors") in mapped
+    with pytest.raises(ValueError, match=r"parts \[2\] are not among the 2 parts"):
+        load_feature_table(images_features, part_ids=[2])
 
 
 def test_parts_are_memory_mapped_not_read(images_features):

@@ -253,3 +253,20 @@ def test_bf16_weights_checkpoint_loads_like_any_other(images_features, tmp_path,
 def test_bf16_weights_with_fsdp_is_a_config_error(tiny_config):
     with pytest.raises(ValidationError, match="'bf16-weights' is for distributed 'ddp'"):
         tiny_config(mixed_precision="bf16-weights", distributed="fsdp")
+
+
+def test_features_split_by_node_is_for_single_image_heads(tiny_config):
+    with pytest.raises(ValidationError, match="shard_features_by_node is for i2i and t2i"):
+        tiny_config(head="video", shard_features_by_node=True)
+    assert tiny_config(head="t2i", shard_features_by_node=True).shard_features_by_node
+
+
+def test_features_split_by_node_on_one_node_is_the_usual_run(
+    images_features, tmp_path, tiny_config
+):
+    """One node (no LOCAL_WORLD_SIZE: one process): the flag changes nothing."""
+    usual = train(tiny_config(steps=2), images_features, str(tmp_path / "usual"))
+    split = train(
+        tiny_config(steps=2, shard_features_by_node=True), images_features, str(tmp_path / "split")
+    )
+    assert split.losses == usual.losses and split.train_items == usual.train_items == 18

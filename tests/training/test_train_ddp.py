@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import image_records, write_features
 from tiny import TINY_CONFIG
 from two_processes import assert_resumed_exactly, launch
 
@@ -34,3 +35,39 @@ def test_two_processes_train_with_bf16_weights(images_features, tmp_path):
         "bf16-weights"
     )
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["losses"])
+
+
+def test_two_nodes_read_only_their_own_parts_and_resume_exactly(s3_bucket, tmp_path):
+    """shard_features_by_node: two nodes (two torchrun agents of one process each), features in
+    the object store. Each node downloads only its own parts (node i: parts i, i+2, ...), and a
+    run stopped and resumed reads each node's own data position back: with 3 parts the nodes
+    hold 12 and 6 training items, so their epochs end at different steps."""
+    local = write_features(tmp_path / "local", image_records(), parts=3, paired=True)
+    store = Storage.from_uri(f"s3://{s3_bucket}/ds")
+    store.upload_dir(local)
+    cfg = {**TINY_CONFIG, "shard_features_by_node": True}
+
+    def run(name: str, steps: int) -> dict:
+        caches = [tmp_path / name / f"cache-node-{i}" for i in range(2)]
+        result = launch(
+            tmp_path, {**cfg, "steps": steps}, store.uri, str(tmp_path / name / "out"), nodes=2,
+            node_env=[{"LUMOS_FEATURE_CACHE": str(c)} for c in caches],
+        )  # fmt: skip
+        for node, cache in enumerate(caches):  # files are cached as <version>-<key>
+            fetched = {f.name.split("-", 1)[1] for f in cache.rglob("*") if f.is_file()}
+            fetched = {name.split(".")[0] for name in fetched if not name.endswith(".lock")}
+            assert fetched == [{"part-00000", "part-00002"}, {"part-00001"}][node]
+        return result
+
+    full = run("full", 6)
+    assert full["global_batch"] == 4 and full["train_items"] == 12  # node 0's two parts
+    first = run("interrupted", 4)
+    state = Storage.from_uri(first["checkpoint_uri"]).child("training_state")
+    assert state.read_json("state.json")["feature_nodes"] == 2
+    positions = [state.read_json(f"data-node-0000{i}.json") for i in range(2)]
+    assert [(p["num_items"], p["epoch"], p["position"]) for p in positions] == [
+        (12, 0, 4),
+        (6, 1, 1),
+    ]
+    second = run("interrupted", 6)
+    assert_resumed_exactly(full, first, second)

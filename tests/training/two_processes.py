@@ -25,28 +25,48 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def launch(tmp_path, cfg: dict, dataset: str, out: str, timeout_s: float = 300) -> dict:
-    """Train with `cfg` on 2 processes; rank 0's TrainResult as a dict."""
+def launch(
+    tmp_path, cfg: dict, dataset: str, out: str, timeout_s: float = 300, nodes: int = 1,
+    node_env: list[dict[str, str]] | None = None,
+) -> dict:  # fmt: skip
+    """Train with `cfg` on 2 processes; rank 0's TrainResult as a dict. `nodes=2` starts them
+    as two nodes of one process each (two torchrun agents on this machine, as a TrainJob's
+    nodes), `node_env` adding each node's environment."""
     script = tmp_path / "run_train.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), str(script), json.dumps(cfg), dataset, out,
-    ]  # fmt: skip
+    port = str(free_port())
+    per_node = ["--nproc_per_node", str(2 // nodes), "--nnodes", str(nodes)]
+    procs = []
     # A session of its own, so that a run past its time limit takes its workers down with it.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )  # fmt: skip
+    for node in range(nodes):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", *per_node, "--node_rank", str(node),
+            "--master_addr", "127.0.0.1", "--master_port", port,
+            str(script), json.dumps(cfg), dataset, out,
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**env, **(node_env[node] if node_env else {})},
+                start_new_session=True,
+            )  # fmt: skip
+        )
+    outputs = []
     try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout_s))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         raise
-    assert proc.returncode == 0, stderr[-3000:]
-    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+    for proc, (_, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+    line = next(x for x in outputs[0][0].splitlines() if x.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
 

@@ -425,8 +425,26 @@ def _map_text(path: Path, text_len: int) -> tuple[np.ndarray, torch.Tensor, np.n
     return rows, tokens, starts, lengths
 
 
-def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
+def node_parts(num_parts: int, node: int, nodes: int) -> list[int]:
+    """The feature parts node `node` of `nodes` reads when a run splits them by node: parts
+    node, node + nodes, ... (ingest's shards are of about equal size, so the nodes are too)."""
+    if not 0 <= node < nodes:
+        raise ValueError(f"node {node} is not one of {nodes} nodes")
+    if num_parts < nodes:
+        raise ValueError(
+            f"the features have {num_parts} parts for {nodes} nodes, and each node needs at "
+            "least one: ingest with a smaller shard_max_bytes, or read every part on every node "
+            "(shard_features_by_node: false)"
+        )
+    return list(range(node, num_parts, nodes))
+
+
+def load_feature_table(
+    dataset_uri: str, split: str = "train", part_ids: Sequence[int] | None = None
+) -> FeatureTable:
     """Map the features of `dataset_uri`; split "train" keeps every sample not marked "eval".
+    `part_ids` (indices into features.json's parts, e.g. `node_parts`): only those are fetched
+    and mapped; default all.
 
     Each part's entry in features.json lists its eval rows, so the parts' json records are only
     read when a caller asks for records (multi-frame heads, evaluation); features written before
@@ -436,6 +454,10 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
     spec = read_features_spec(dataset_uri)
     files = _LocalFiles(Storage.from_uri(dataset_uri).child(FEATURES_DIR))
     entries = spec["parts"]
+    if part_ids is not None:
+        if not part_ids or not all(0 <= i < len(entries) for i in part_ids):
+            raise ValueError(f"parts {list(part_ids)} are not among the {len(entries)} parts")
+        entries = [entries[i] for i in part_ids]
     split_listed = all("eval_rows" in e for e in entries)
     files.fetch_all(
         [f"{e['name']}.safetensors" for e in entries]
@@ -477,7 +499,8 @@ def load_feature_table(dataset_uri: str, split: str = "train") -> FeatureTable:
         has_text.append(part_has_text[keep])
         starts.append(starts[-1] + len(keep))
     if starts[-1] == 0:
-        raise ValueError(f"the features of {dataset_uri} hold no {split!r} samples")
+        which = "" if part_ids is None else f" (parts {list(part_ids)})"
+        raise ValueError(f"the features of {dataset_uri}{which} hold no {split!r} samples")
     table = FeatureTable(
         spec=spec,
         parts=parts,

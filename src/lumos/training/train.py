@@ -83,6 +83,7 @@ from lumos.training.data import (
     FeatureDataset,
     ResumableSampler,
     load_feature_table,
+    node_parts,
     pad_text,
     read_features_spec,
 )
@@ -154,6 +155,12 @@ class TrainConfig(BaseModel):
     # "ddp": every process holds the whole model (replicas); "fsdp": the processes shard model,
     # gradients, optimizer state and EMA (ZeRO-3), for sizes whose replicas do not fit.
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Several nodes: node i of N fetches and trains on feature parts i, i+N, ... (`node_parts`)
+    # instead of every part; its processes split its parts' items. A node then downloads and
+    # caches 1/N of the features (at the paper's scale, terabytes) and each epoch of a node
+    # covers its own parts. One node: no effect. For i2i and t2i: a multi-frame group's frames
+    # may span parts.
+    shard_features_by_node: bool = False
 
     @model_validator(mode="after")
     def _frames_match_head(self) -> TrainConfig:
@@ -161,6 +168,11 @@ class TrainConfig(BaseModel):
             self.num_frames = 4
         if self.head not in MULTI_FRAME_HEADS and self.num_frames is not None:
             raise ValueError(f"num_frames is for novel_view / video, not head {self.head!r}")
+        if self.head in MULTI_FRAME_HEADS and self.shard_features_by_node:
+            raise ValueError(
+                f"shard_features_by_node is for i2i and t2i, not head {self.head!r}: a group's "
+                "frames may span feature parts, which would then be on different nodes"
+            )
         return self
 
     @model_validator(mode="after")
@@ -186,7 +198,7 @@ class TrainResult(BaseModel):
     # Over the last log interval only: the steady state, without torch.compile's warm-up.
     last_images_per_second: float
     num_parameters: int
-    train_items: int
+    train_items: int  # node 0's items when the features are split by node
     skipped_groups: int  # multi-frame groups shorter than num_frames (not trained on)
     # Items of image sizes (aspect buckets) too few to fill one global batch (not trained on).
     starved_items: int = 0
@@ -239,7 +251,11 @@ def train(
 
     # --- data: cached features -> items of this head ------------------------------------------
     spec = read_features_spec(dataset_uri)
-    table = load_feature_table(dataset_uri, split="train")
+    # Which processes share one copy of the features: all of them, or each node's (split by node).
+    nodes, node = _feature_nodes(cfg, rank, world)
+    data_world, data_rank = world // nodes, rank % (world // nodes)
+    parts = node_parts(len(spec["parts"]), node, nodes) if nodes > 1 else None
+    table = load_feature_table(dataset_uri, split="train", part_ids=parts)
     dataset = FeatureDataset.for_head(table, cfg.head, num_frames=cfg.num_frames or 1)
     if dataset.skipped_groups:
         accelerator.print(
@@ -249,7 +265,7 @@ def train(
     # Several image sizes (aspect buckets): every batch holds one size.
     sizes = dataset.item_sizes()
     sampler = ResumableSampler(
-        len(dataset), cfg.batch_size * world, cfg.seed, rank, world, groups=sizes
+        len(dataset), cfg.batch_size * data_world, cfg.seed, data_rank, data_world, groups=sizes
     )
     if sampler.starved_items:
         accelerator.print(
@@ -319,7 +335,9 @@ def train(
     _seed_everything(cfg.seed * world + rank)
     step = 0
     if resume_meta is not None:
-        step = _load_training_state(resume_meta["uri"], model, ema, optimizer, sampler, rank)
+        step = _load_training_state(
+            resume_meta["uri"], model, ema, optimizer, sampler, rank, (node, nodes)
+        )
         logger.info("resumed from %s at step %d", resume_meta["uri"], step)
 
     if cfg.distributed == "fsdp":
@@ -350,6 +368,8 @@ def train(
         ckpt = Storage.from_uri(out_uri).child(checkpoint_dirname(step))
         # Every process saves its own RNG state; the main process writes the rest, meta last.
         ckpt.write_bytes(f"training_state/rng-rank-{rank:05d}.pt", _to_bytes(_rng_state()))
+        if nodes > 1 and data_rank == 0:  # each node's place in its own parts' order
+            ckpt.write_json(f"training_state/data-node-{node:05d}.json", sampler.state_dict())
         raw, ema_weights = accelerator.unwrap_model(model), ema
         if master_optimizer is not None:  # the fp32 masters, not their bf16 copies in the model
             raw = _model_from_weights(master_optimizer.master_state_dict(raw), model_cfg)
@@ -363,7 +383,12 @@ def train(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # The LR schedule is a function of the step: the step is its whole state.
-            position = {"step": step, "data": sampler.state_dict(), "world_size": world}
+            position = {
+                "step": step,
+                "data": sampler.state_dict(),  # node 0's when the features are split by node
+                "world_size": world,
+                "feature_nodes": nodes,
+            }
             state = {
                 "optimizer.pt": _to_bytes(optimizer_state),
                 "state.json": json.dumps(position, indent=2).encode(),
@@ -535,6 +560,21 @@ def _model_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> L
     return model
 
 
+def _feature_nodes(cfg: TrainConfig, rank: int, world: int) -> tuple[int, int]:
+    """(nodes the features are split over, this process's node): (1, 0) unless
+    `cfg.shard_features_by_node`. A node's processes are those torchrun started together
+    (LOCAL_WORLD_SIZE of them, with consecutive ranks)."""
+    if not cfg.shard_features_by_node:
+        return 1, 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local < 1 or world % local:
+        raise RuntimeError(
+            f"LOCAL_WORLD_SIZE={local} does not divide the {world} processes into nodes: launch "
+            "the same number of processes on every node (torchrun --nproc_per_node)"
+        )
+    return world // local, rank // local
+
+
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     kwargs = dict(
         # Autocast for "bf16" only: with bf16 weights the model computes in bf16 by itself.
@@ -619,8 +659,10 @@ def _load_training_state(
     optimizer: torch.optim.Optimizer,
     sampler: ResumableSampler,
     rank: int,
+    feature_node: tuple[int, int] = (0, 1),
 ) -> int:
-    """Restore everything a resumed run needs; returns the step to continue from."""
+    """Restore everything a resumed run needs; returns the step to continue from.
+    `feature_node`: (this process's node, nodes) when the features are split by node."""
     store = Storage.from_uri(checkpoint_uri)
     with local_copy(checkpoint_uri, ["transformer", "transformer_ema"]) as root:
         for target, sub in ((model, "transformer"), (ema, "transformer_ema")):
@@ -640,7 +682,17 @@ def _load_training_state(
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     else:
         optimizer.load_state_dict(optimizer_state)
-    sampler.load_state_dict(state["data"])
+    node, nodes = feature_node
+    if state.get("feature_nodes", 1) != nodes:
+        raise ValueError(
+            f"{checkpoint_uri} was saved by a run that split the features over "
+            f"{state.get('feature_nodes', 1)} nodes, this run splits them over {nodes}: each "
+            "node's data position belongs to its parts; resume with the same number of nodes"
+        )
+    if nodes > 1:
+        sampler.load_state_dict(store.read_json(f"training_state/data-node-{node:05d}.json"))
+    else:
+        sampler.load_state_dict(state["data"])
     rng_key = f"training_state/rng-rank-{rank:05d}.pt"
     if not store.exists(rng_key):
         raise ValueError(
