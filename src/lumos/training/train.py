@@ -347,7 +347,16 @@ def train(
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = model
+    if cfg.compile:
+        # One static graph per latent size. With aspect buckets, dynamo's automatic dynamic
+        # shapes still compiled a graph per size (the model branches on its grid), stopped
+        # compiling at its recompile limit (8) and ran further sizes eagerly; in a CPU run of 11
+        # sizes (torch 2.13) a backward reused for another size crashed on its strides. Each size
+        # now compiles once, at its first batch, up to twice the sizes the features hold.
+        limit = 2 * len(table.latent_sizes)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        train_model = torch.compile(model, dynamic=False)
     diffusion = GaussianDiffusion()  # DDPM, linear betas 1e-4..0.02, 1000 steps, learned sigma
 
     meta = {
