@@ -23,8 +23,9 @@ Variants are a base (`ref` | `lumos`) with modifiers joined by `-` or `+`:
   regional     compile each transformer block (one compiled graph reused 28 times: seconds of
                compile instead of minutes) instead of the whole model
   cudnn|flash  force that SDPA backend
---profile adds where each variant's device time goes (matmul, attention, fused elementwise,
-optimizer, other; and the top 20 kernels) to the JSON.
+--profile adds where each variant's device time goes to the JSON: by phase (forward, backward,
+optimizer, timed with CUDA events), by kind of kernel (matmul, attention, fused elementwise,
+optimizer, other) and the top 20 kernels.
 The reference is the Lumos layout written plainly: DiT blocks with separate q/k/v/out linears,
 SDPA, and a cross-attention that really attends to its one condition token.
 
@@ -322,6 +323,7 @@ class Step:
                     block.compile(mode=mode, options=options)
             else:
                 self.forward = torch.compile(self.model, mode=mode, options=options)
+        self.phase_marks: list | None = None  # (phase, event or time) while timing phases
         self.sdpa = None
         if mods & {"cudnn", "flash"}:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -340,6 +342,7 @@ class Step:
 
     def __call__(self, x0, t, noise, cond, forward=None) -> torch.Tensor:
         forward = forward or self.forward
+        self.mark("start")
         with self.sdpa() if self.sdpa else nullcontext(), self.autocast():
             a = self.sqrt_ab[t].view(-1, 1, 1, 1)
             b = self.sqrt_1m_ab[t].view(-1, 1, 1, 1)
@@ -350,10 +353,24 @@ class Step:
             eps, var = out.float().chunk(2, dim=1)  # (B, C, H, W) each
             # Stand-in for the vb term: keeps the variance channels in the backward pass.
             loss = F.mse_loss(eps, noise) + 1e-3 * var.pow(2).mean()
+        self.mark("forward")
         loss.backward()
+        self.mark("backward")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.mark("optimizer")
         return loss.detach()
+
+    def mark(self, phase: str) -> None:
+        """The end of a phase of the step, while `phase_marks` is a list (`phase_times`)."""
+        if self.phase_marks is None:
+            return
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.phase_marks.append((phase, event))
+        else:  # CPU ops are synchronous
+            self.phase_marks.append((phase, time.perf_counter()))
 
     def count_flops(self, x0, t, noise, cond) -> int:
         """FLOPs of one eager forward + backward (the optimizer's elementwise work not counted)."""
@@ -383,10 +400,31 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
 
 
+def phase_times(step: Step, data, device: torch.device, steps: int = 3) -> dict[str, float]:
+    """Mean ms per step of its phases: forward (with the loss), backward, and the optimizer
+    (step and zero_grad), from CUDA events between them: whatever kernels each phase runs
+    (the compiled optimizer's are inductor's, not torch's fused AdamW)."""
+    step.phase_marks = []
+    for _ in range(steps):
+        step(*data)
+    synchronize(device)
+    marks, step.phase_marks = step.phase_marks, None
+    totals: dict[str, float] = {}
+    for (_, before), (phase, after) in zip(marks, marks[1:], strict=False):
+        if phase == "start":  # the gap between two steps
+            continue
+        ms = before.elapsed_time(after) if device.type == "cuda" else (after - before) * 1e3
+        totals[phase] = totals.get(phase, 0.0) + ms
+    return {phase: ms / steps for phase, ms in totals.items()}
+
+
 def profile_steps(step: Step, data, device: torch.device, steps: int = 3) -> dict:
-    """Where a step's device time goes: per kind of kernel (matmul, attention, fused
-    elementwise, optimizer, other) and the top kernels, over `steps` steps (torch.profiler)."""
+    """Where a step's device time goes: per phase (`phase_times`), per kind of kernel (matmul,
+    attention, fused elementwise, optimizer, other) and the top kernels, over `steps` steps
+    (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
+
+    phases = phase_times(step, data, device, steps)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
@@ -404,6 +442,7 @@ def profile_steps(step: Step, data, device: torch.device, steps: int = 3) -> dic
     for name, us in rows:
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
     return {
+        "ms_per_step_by_phase": phases,
         "ms_per_step_by_kind": {k: v / 1e3 / steps for k, v in sorted(kinds.items())},
         "share_by_kind": {k: v / total for k, v in sorted(kinds.items())},
         "top_kernels": [
@@ -452,6 +491,10 @@ def measure(name: str, args, device: torch.device, data, compile_: bool) -> dict
         result["profile"] = profile_steps(step, data, device)
         shares = ", ".join(f"{k} {v:.0%}" for k, v in result["profile"]["share_by_kind"].items())
         print(f"{name}: device time by kind: {shares}", flush=True)
+        phases = ", ".join(
+            f"{k} {v:.1f}" for k, v in result["profile"]["ms_per_step_by_phase"].items()
+        )
+        print(f"{name}: ms per step by phase: {phases}", flush=True)
     del step
     gc.collect()
     torch._dynamo.reset()
