@@ -78,16 +78,17 @@ def test_featurize_stores_each_size_apart(dataset):
         table.gather([square, landscape])
 
 
-def test_compiled_training_compiles_each_size_once(dataset, tmp_path, tiny_config, monkeypatch):
+def test_compiled_training_compiles_each_size_once(dataset, tmp_path, tiny_config):
     """compile=True with two trained sizes: a static graph per size, never an eager fallback.
     With dynamo's limit at 1 and a hit made an error, the loop must raise the limit to its
-    sizes (it compiled a graph per size anyway, and ran eagerly past the limit)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    sizes (it compiled a graph per size anyway, and ran eagerly past the limit).
+    (`config.patch`, not pytest's monkeypatch, whose undo deletes, which hides a torch config.)"""
     torch._dynamo.reset()
-    cfg = tiny_config(steps=4, batch_size=2, compile=True)
-    result = train(cfg, dataset, str(tmp_path / "compiled"))
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        cfg = tiny_config(steps=4, batch_size=2, compile=True)
+        result = train(cfg, dataset, str(tmp_path / "compiled"))
     assert result.step == 4 and math.isfinite(result.final_loss)
+    assert torch._dynamo.config.recompile_limit == 8  # restored
     torch._dynamo.reset()
 
 
