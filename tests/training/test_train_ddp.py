@@ -60,7 +60,7 @@ def test_two_nodes_read_only_their_own_parts_and_resume_exactly(s3_bucket, tmp_p
         return result
 
     full = run("full", 6)
-    assert full["global_batch"] == 4 and full["train_items"] == 12  # node 0's two parts
+    assert full["global_batch"] == 4 and full["train_items"] == 18  # 12 + 6: both nodes
     first = run("interrupted", 4)
     state = Storage.from_uri(first["checkpoint_uri"]).child("training_state")
     assert state.read_json("state.json")["feature_nodes"] == 2

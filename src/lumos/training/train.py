@@ -198,7 +198,7 @@ class TrainResult(BaseModel):
     # Over the last log interval only: the steady state, without torch.compile's warm-up.
     last_images_per_second: float
     num_parameters: int
-    train_items: int  # node 0's items when the features are split by node
+    train_items: int
     skipped_groups: int  # multi-frame groups shorter than num_frames (not trained on)
     # Items of image sizes (aspect buckets) too few to fill one global batch (not trained on).
     starved_items: int = 0
@@ -276,6 +276,10 @@ def train(
                 for i, n in (sampler.group_sizes or {}).items()
             )
         )
+    train_items, starved_items = len(dataset), sampler.starved_items
+    if nodes > 1:  # each node counted its own parts: report the whole run's (every node's)
+        counts = accelerator.gather(torch.tensor([[train_items, starved_items]], device=device))
+        train_items, starved_items = (counts.sum(dim=0) // data_world).tolist()  # (W, 2) -> 2
     frames = cfg.num_frames or 1
     images_per_step = cfg.batch_size * world * cfg.grad_accum * frames
     latent_downsample = int(spec["latent_downsample"])
@@ -368,9 +372,9 @@ def train(
         "train_config": cfg.model_dump(mode="json"),
         "transfer_report": transfer_report,
         "num_parameters": num_parameters,
-        "train_items": len(dataset),
+        "train_items": train_items,
         "skipped_groups": dataset.skipped_groups,
-        "starved_items": sampler.starved_items,
+        "starved_items": starved_items,
     }
 
     def checkpoint(step: int, loss: float | None) -> str:
@@ -482,9 +486,9 @@ def train(
         images_per_second=images_per_step * steps_done / elapsed if steps_done else 0.0,
         last_images_per_second=images_per_second,
         num_parameters=num_parameters,
-        train_items=len(dataset),
+        train_items=train_items,
         skipped_groups=dataset.skipped_groups,
-        starved_items=sampler.starved_items,
+        starved_items=starved_items,
         global_batch=cfg.batch_size * world * cfg.grad_accum,
         resumed_from=resume_meta["uri"] if resume_meta else None,
         transfer_report=transfer_report,
