@@ -270,3 +270,11 @@ def test_features_split_by_node_on_one_node_is_the_usual_run(
         tiny_config(steps=2, shard_features_by_node=True), images_features, str(tmp_path / "split")
     )
     assert split.losses == usual.losses and split.train_items == usual.train_items == 18
+
+
+def test_nodes_of_unequal_process_counts_are_an_error(
+    images_features, tmp_path, tiny_config, monkeypatch
+):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 3 processes a node, but 1 process in all
+    with pytest.raises(RuntimeError, match="LOCAL_WORLD_SIZE=3 does not divide the 1 processes"):
+        train(tiny_config(shard_features_by_node=True), images_features, str(tmp_path / "x"))
