@@ -94,7 +94,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
         state_dict as the default path, so either resumes the other's checkpoint)."""
         if not trained:
             return
-        (group,) = self.param_groups  # built from one list of parameters
+        if len(self.param_groups) != 1:
+            raise ValueError(
+                f"fused_step=True steps one parameter group, not {len(self.param_groups)}"
+            )
+        (group,) = self.param_groups
         device = trained[0][2].device
         for _, _, master in trained:
             state = self.state[master]
