@@ -172,11 +172,7 @@ class Storage:
         return f"{self.uri}/{key}" if key else self.uri
 
     def read_json(self, key: str) -> Any:
-        data = self.read_bytes(key)
-        try:
-            return json.loads(data)
-        except ValueError as err:
-            raise StorageError(f"{self.key_uri(key)} is not valid JSON: {err}") from err
+        return self.read_json_versioned(key)[0]
 
     def write_json(
         self, key: str, obj: Any, if_version: str | None = None, if_absent: bool = False

@@ -269,24 +269,18 @@ class FeatureTable:
             lengths = torch.tensor([0 if c is None else len(c) for c in captions])
             mask = torch.arange(text_shape[0]) < lengths[:, None]  # (B, L)
             out["text_mask"] = mask
-            if not pack_text:
-                out["text_embeds"] = padded = empty(len(flat), *text_shape)
-                for i, (c, n) in enumerate(zip(captions, lengths.tolist(), strict=True)):
-                    if c is not None:
-                        padded[i, :n].copy_(c)
-                    padded[i, n:].zero_()
-            else:
-                tokens = empty(int(lengths.sum()), text_shape[1])
-                at = 0
-                for c in captions:
-                    if c is not None:
-                        tokens[at : at + len(c)].copy_(c)
-                        at += len(c)
-                out["text_tokens"], out["text_index"] = tokens, mask.reshape(-1).nonzero()[:, 0]
-        return {
+            tokens = empty(int(lengths.sum()), text_shape[1])
+            at = 0
+            for c in captions:
+                if c is not None:
+                    tokens[at : at + len(c)].copy_(c)
+                    at += len(c)
+            out["text_tokens"], out["text_index"] = tokens, mask.reshape(-1).nonzero()[:, 0]
+        shaped = {
             k: v if k in PACKED_TEXT else v.reshape(*index.shape, *v.shape[1:])
             for k, v in out.items()
         }
+        return shaped if pack_text else pad_text(shaped)
 
 
 PACKED_TEXT = ("text_tokens", "text_index")  # `gather(pack_text=True)`'s keys for text_embeds
@@ -300,7 +294,10 @@ def pad_text(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch
     out = {k: v for k, v in batch.items() if k not in PACKED_TEXT}
     tokens, mask = batch["text_tokens"], batch["text_mask"]
-    padded = tokens.new_zeros(mask.numel(), tokens.shape[-1])
+    padded = torch.zeros(  # page-locked when the tokens are (a CPU batch for the GPU)
+        (mask.numel(), tokens.shape[-1]), dtype=tokens.dtype, device=tokens.device,
+        pin_memory=tokens.is_pinned(),
+    )  # fmt: skip
     padded.index_copy_(0, batch["text_index"], tokens)
     out["text_embeds"] = padded.view(*mask.shape, tokens.shape[-1])
     return out
@@ -650,7 +647,7 @@ class FeatureDataset:
             ds.groups, index = table.frames()
             ds.items, ds.skipped_groups = _frame_windows(ds.groups, index, num_frames)
             if head == "novel_view":
-                ds.cameras = _cameras(table, np.unique(ds.items))
+                ds.cameras = _cameras(table, ds.items)
         elif head == "t2i":
             ds.items = np.nonzero(table.has_text)[0].astype(ROW_DTYPE)[:, None]  # (M, 1)
         else:
@@ -706,7 +703,7 @@ class FeatureDataset:
             out["frame_index"] = torch.arange(f).expand(b, f).clone()  # (B, F)
             if self.head == "novel_view":
                 if self.cameras is None:  # built from items given directly, not by for_head
-                    self.cameras = _cameras(self.table, np.unique(self.items))
+                    self.cameras = _cameras(self.table, self.items)
                 # (B, F, 4) absolute; lumos.heads.relative_camera makes it relative to view 0
                 out["camera"] = torch.from_numpy(self.cameras[rows])
         if pin_memory:  # one tensor in pageable memory would make the GPU copies wait again
@@ -715,7 +712,8 @@ class FeatureDataset:
 
 
 def _cameras(table: FeatureTable, rows: np.ndarray) -> np.ndarray:
-    """(N, 4) float32: the absolute camera of each of `rows` (others zero); all must have one.
+    """(N, 4) float32: the absolute camera of each of `rows` (any shape; others zero); all
+    must have one.
     From the arrays featurize stores with each part, else from the part's records."""
     cameras = np.zeros((len(table), 4), dtype=np.float32)
     missing = []
