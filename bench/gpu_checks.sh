@@ -9,9 +9,12 @@
 #               both precisions and XL/2 t2i)
 #   VARIANTS=...  the bench's variants (default ref,lumos-bf16w,lumos-bf16w-fusedopt: the
 #               compiled one-pass optimizer step against torch's fused AdamW, not yet measured)
-#   TRAIN=0 skips the bench; LOOP=0 skips the loop. Together they may take TRAIN_TIMEOUT +
-#   LOOP_TIMEOUT = 620 s, more than a device call's 600 s: run them as two calls on the warm
-#   machine, `LOOP=0 bash bench/gpu_checks.sh`, then `TRAIN=0 bash bench/gpu_checks.sh`.
+#   OPTIM=0 skips the optimizer step's own bench (bench/optimizer_step.py: the default step
+#               against the compiled one-pass step, no model compile: about a minute)
+#   TRAIN=0 skips the bench; LOOP=0 skips the loop. Together they may take OPTIM_TIMEOUT +
+#   TRAIN_TIMEOUT + LOOP_TIMEOUT = 770 s, more than a device call's 600 s: run them as two
+#   calls on the warm machine, `LOOP=0 bash bench/gpu_checks.sh`, then
+#   `OPTIM=0 TRAIN=0 bash bench/gpu_checks.sh`.
 #   SAMPLING=1 also times sampling (measured: 59.4 ms on an H100, see docs/benchmarks.md);
 #   WHEELS=0 skips the wheel install (a CPU dry run)
 #   SIZE=tiny DEVICE=cpu  a CPU dry run of the benches: `WHEELS=0 SIZE=tiny DEVICE=cpu bash ...`
@@ -29,6 +32,13 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+# The optimizer step alone (bf16 weights, fp32 masters, clipping): torch's fused AdamW between
+# copies against the compiled one-pass step, and the latter's compile time.
+if [ "${OPTIM:-1}" = 1 ]; then
+  PYTHONPATH=${PYTHONPATH:-}:src timeout "${OPTIM_TIMEOUT:-150}" python3 bench/optimizer_step.py \
+    --size "$SIZE" --device "$DEVICE" --out "$OUT/optimizer_step.json" 2>&1 \
+    | tee "$OUT/optimizer_step.log"
+fi
 # Training throughput: the compiled reference vs this project's XL/2 (bf16 weights), compiled,
 # with where each one's device time goes (--profile), to aim the next speed-up.
 if [ "${TRAIN:-1}" = 1 ]; then

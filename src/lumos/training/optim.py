@@ -11,11 +11,15 @@ fp32 copy of each parameter and steps torch's own AdamW on those copies:
     optimizer.step()       # fp32 copies of them -> clip -> AdamW on the fp32 masters -> bf16 model
     optimizer.zero_grad()
 
-`fused_step=True` runs the same step as one compiled function (`fused_master_update`): each
-parameter's master, Adam moments and bf16 copy are updated in one pass that reads its bf16
-gradient (clipping reads it once more, for the norm), instead of five passes over fp32 copies (about 30 instead of 52 bytes of memory traffic
-per parameter with clipping). Its speed on a GPU has not been measured yet: the benchmark's
-`lumos-bf16w-fusedopt` variant measures it; the training loop uses the default path.
+`fused_step=True` runs the same step through one small compiled function (`fused_master_update`)
+called once per parameter: each parameter's master, Adam moments and bf16 copy are updated in
+one pass that reads its bf16 gradient (clipping reads it once more, for the norm), instead of
+five passes over fp32 copies (about 30 instead of 52 bytes of memory traffic per parameter with
+clipping). The function is compiled once for any parameter size (1-D views, a dynamic length):
+compiled over all of XL/2's 462 parameters as one graph, it took 4 to 5 minutes to compile (on
+CPU). Its speed on a GPU has not been measured yet: the benchmark's `lumos-bf16w-fusedopt`
+variant and bench/optimizer_step.py measure it; the training loop uses it with
+`fused_optimizer_step: true`.
 
 This file imports only torch: bench/train_throughput.py loads it by path on GPU images that lack
 the project's other dependencies, so the benchmark measures this class.
@@ -60,8 +64,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
                            if adamw.get(k)]  # fmt: skip
             if unsupported:
                 raise ValueError(f"fused_step=True does not implement AdamW's {unsupported}")
-            self._update = torch.compile(fused_master_update, dynamic=False)
+            # One graph for every parameter: 1-D views of a dynamic length.
+            self._update = torch.compile(fused_master_update, dynamic=True)
             self._lr: torch.Tensor | None = None  # on the device: a new lr is no recompile
+            self._no_clip: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
@@ -110,23 +116,29 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 state["step"] = state["step"].to(device, torch.float32)
         if self._lr is None or self._lr.device != device:
             self._lr = torch.zeros((), dtype=torch.float32, device=device)
+            self._no_clip = torch.ones((), dtype=torch.float32, device=device)
         self._lr.fill_(group["lr"])  # an LR schedule changes a tensor, not the compiled graph
-        states = [self.state[m] for _, _, m in trained]
+        coef = self._no_clip
+        if self.max_grad_norm is not None:  # as clip_grad_norm_, from the bf16 gradients
+            norms = torch._foreach_norm([g for _, g, _ in trained], dtype=torch.float32)
+            norm = torch.linalg.vector_norm(torch.stack(norms))
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        assert coef is not None
         beta1, beta2 = group["betas"]
-        self._update(
-            [p for p, _, _ in trained],
-            [g for _, g, _ in trained],
-            [m for _, _, m in trained],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            self._lr,
-            float(beta1),
-            float(beta2),
-            float(group["weight_decay"]),
-            float(group["eps"]),
-            self.max_grad_norm,
-        )
+        hyper = (float(beta1), float(beta2), float(group["weight_decay"]), float(group["eps"]))
+        for param, grad, master in trained:
+            state = self.state[master]
+            self._update(
+                param.view(-1),
+                grad.reshape(-1),
+                master.view(-1),
+                state["exp_avg"].view(-1),
+                state["exp_avg_sq"].view(-1),
+                state["step"],
+                self._lr,
+                coef,
+                *hyper,
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the model's gradients (the masters hold none between steps)."""
@@ -182,38 +194,31 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 
 def fused_master_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    masters: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    master: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
     lr: torch.Tensor,
+    clip_coef: torch.Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
     eps: float,
-    max_grad_norm: float | None,
 ) -> None:
-    """One AdamW step (torch's formula) on fp32 `masters` from the bf16 `grads`, clipped to
-    `max_grad_norm` as `clip_grad_norm_` clips, then `params` = the masters in bf16. Written for
-    torch.compile, which fuses each parameter's update into one pass over its tensors."""
-    grads32 = [g.float() for g in grads]
-    if max_grad_norm is not None:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads32]))
-        coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
-        grads32 = [g * coef for g in grads32]
-    for param, grad, master, exp_avg, exp_avg_sq, step in zip(
-        params, grads32, masters, exp_avgs, exp_avg_sqs, steps, strict=True
-    ):
-        step.add_(1)
-        master.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1**step)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(eps)
-        master.sub_(step_size * exp_avg / denom)
-        param.copy_(master)
+    """One AdamW step (torch's formula) of one parameter: its fp32 `master` from its bf16 `grad`
+    times `clip_coef` (clip_grad_norm_'s coefficient, or 1), then `param` = the master in bf16.
+    Written for torch.compile, which fuses it into one pass over the tensors."""
+    g = grad.float() * clip_coef
+    step.add_(1)
+    master.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(eps)
+    master.sub_(step_size * exp_avg / denom)
+    param.copy_(master)
 
 
 __all__ = ["MasterWeightAdamW", "fused_master_update"]
