@@ -54,6 +54,11 @@ def test_render_default_is_valid_and_complete(crds_dir: Path) -> None:
     assert container["name"] == "node"
     [mount] = container["volumeMounts"]
     assert env["LUMOS_FEATURE_CACHE"]["value"] == mount["mountPath"]
+    # After SIGTERM a pod has 10 minutes to checkpoint (lumos.training.stopping); torchrun
+    # waits as long for its workers, less 10 s.
+    assert pod["terminationGracePeriodSeconds"] == 600
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == {
+        "name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "590"}  # fmt: skip
 
 
 def test_cpu_only_cluster_runtime_without_placement(crds_dir: Path) -> None:
@@ -64,9 +69,13 @@ def test_cpu_only_cluster_runtime_without_placement(crds_dir: Path) -> None:
     [patch] = job["spec"]["runtimePatches"]
     [job_patch] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = job_patch["template"]["spec"]["template"]["spec"]
-    assert sorted(pod) == ["containers", "volumes"]  # the feature cache only: no placement
+    # The feature cache and the grace period only: no placement.
+    assert sorted(pod) == ["containers", "terminationGracePeriodSeconds", "volumes"]
     env = job["spec"]["trainer"]["env"]
-    assert env == [{"name": "LUMOS_FEATURE_CACHE", "value": "/var/cache/lumos-features"}]
+    assert env == [
+        {"name": "LUMOS_FEATURE_CACHE", "value": "/var/cache/lumos-features"},
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "590"},
+    ]
     assert job["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
     assert job["spec"]["trainer"]["numProcPerNode"] == 1
     assert "nvidia.com/gpu" not in job["spec"]["trainer"]["resourcesPerNode"]["limits"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from pydantic import ValidationError
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+import lumos.training.train as loop
 from lumos.models.lumos_dit import LumosDiT
 from lumos.storage import Storage
 from lumos.training.checkpoint import (
@@ -19,7 +22,8 @@ from lumos.training.checkpoint import (
     load_checkpoint,
     read_checkpoint_meta,
 )
-from lumos.training.train import train
+from lumos.training.stopping import TrainingStopped
+from lumos.training.train import train, update_ema
 
 
 def test_i2i_trains_and_writes_a_complete_checkpoint(images_features, tmp_path, tiny_config):
@@ -79,6 +83,43 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(
     assert a.model is not None and b.model is not None
     for got, want in ((b.model, a.model), (b.ema_model, a.ema_model)):
         torch.testing.assert_close(got.state_dict(), want.state_dict(), rtol=1e-5, atol=1e-7)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(
+    images_features, tmp_path, tiny_config, monkeypatch
+):
+    """SIGTERM (Kubernetes preempting the pod) during step 3 of 6: the run finishes step 3,
+    writes a checkpoint there (not a checkpoint step) and raises TrainingStopped; run again, it
+    resumes from step 3 and logs the uninterrupted run's losses."""
+    cfg = tiny_config(steps=6, checkpoint_every=100)
+    full = train(cfg, images_features, str(tmp_path / "full"))
+
+    calls: list[int] = []
+
+    def update_ema_then_signal(*args):  # a real signal, to this process, inside step 3
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        update_ema(*args)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(loop, "update_ema", update_ema_then_signal)
+    out = str(tmp_path / "stopped")
+    with pytest.raises(TrainingStopped, match=r"SIGTERM: stopped at step 3 of 6 .*step-0000003"):
+        train(cfg, images_features, out)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the process's own handler is back
+    assert [step for step, _ in list_checkpoints(out)] == [3]
+
+    resumed = train(cfg, images_features, out)
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("step-0000003")
+    assert [step for step, _ in resumed.losses] == [4, 5, 6]
+    torch.testing.assert_close(
+        torch.tensor([loss for _, loss in resumed.losses], dtype=torch.float64),
+        torch.tensor([loss for _, loss in full.losses[3:]], dtype=torch.float64),
+        rtol=1e-6,
+        atol=1e-9,
+    )
 
 
 def test_steps_zero_writes_an_untrained_checkpoint(images_features, tmp_path, tiny_config):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import image_records, write_features
 from tiny import TINY_CONFIG
-from two_processes import assert_resumed_exactly, launch
+from two_processes import assert_resumed_exactly, launch, run_processes
 
 from lumos.storage import Storage
-from lumos.training.checkpoint import read_checkpoint_meta
+from lumos.training.checkpoint import list_checkpoints, read_checkpoint_meta
 
 
 def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
@@ -23,6 +24,23 @@ def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
     second = launch(tmp_path, cfg, images_features, out)
     assert_resumed_exactly(full, first, second)
     assert read_checkpoint_meta(out)["step"] == 4
+
+    # SIGTERM reaching rank 1 alone during step 1 (one node preempted): with stop_check_every 2
+    # the processes agree at step 2, both stop there after one checkpoint, and the run resumes.
+    stopped, cfg = str(tmp_path / "stopped"), {**cfg, "stop_check_every": 2}
+    agents = run_processes(
+        tmp_path, cfg, images_features, stopped, node_env=[{"LUMOS_TEST_SIGTERM": "1:1"}]
+    )
+    returncode, _, stderr = agents[0]
+    assert returncode != 0
+    assert "TrainingStopped: SIGTERM: stopped at step 2 of 4" in stderr  # rank 1
+    assert "TrainingStopped: SIGTERM on another process: stopped at step 2 of 4" in stderr
+    assert [step for step, _ in list_checkpoints(stopped)] == [2]
+    resumed = launch(tmp_path, cfg, images_features, stopped)
+    assert resumed["resumed_from"].endswith("step-0000002")
+    assert [loss for _, loss in resumed["losses"]] == pytest.approx(
+        [loss for _, loss in full["losses"][2:]], rel=1e-6, abs=1e-9
+    )
 
 
 def test_two_processes_train_with_bf16_weights(images_features, tmp_path):

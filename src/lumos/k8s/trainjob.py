@@ -40,6 +40,7 @@ PATCH_MANAGER = "lumos.dev/launcher"  # who owns our runtimePatches entry
 POD_LABEL = "jobset.sigs.k8s.io/jobset-name"
 FEATURE_CACHE_ENV = "LUMOS_FEATURE_CACHE"  # lumos.training.data.CACHE_ENV
 FEATURE_CACHE_PATH = "/var/cache/lumos-features"
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
 
 class DistributedConfig(Strict):
@@ -70,6 +71,13 @@ class DistributedConfig(Strict):
         500, ge=1, description="node-local disk (emptyDir) for the memory-mapped features"
     )
     active_deadline_s: int | None = Field(None, ge=1, description="kill the job after this long")
+    termination_grace_s: int = Field(
+        600,
+        ge=30,
+        description="after SIGTERM (a preempted or drained node, a deleted job), how long a pod "
+        "has to finish its step and write a checkpoint (lumos.training.stopping) before it is "
+        "killed; also torchrun's wait for its workers (an XL/2 checkpoint is about 13 GB)",
+    )
     timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="how long launch_and_wait waits")
     poll_s: float = Field(30.0, gt=0)
 
@@ -98,6 +106,8 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     env += [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
     if FEATURE_CACHE_ENV not in cfg.env:
         env.append({"name": FEATURE_CACHE_ENV, "value": FEATURE_CACHE_PATH})
+    if SHUTDOWN_TIMEOUT_ENV not in cfg.env:  # torchrun's wait before it kills its workers
+        env.append({"name": SHUTDOWN_TIMEOUT_ENV, "value": str(cfg.termination_grace_s - 10)})
     trainer: dict[str, Any] = {
         "image": cfg.image,
         "command": list(command),
@@ -120,6 +130,7 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     # The features of a dataset in the object store are copied to node-local disk once and
     # memory-mapped from there (lumos.training.data): an emptyDir shared by the node's processes.
     pod_patch: dict[str, Any] = {
+        "terminationGracePeriodSeconds": cfg.termination_grace_s,
         "volumes": [
             {"name": "feature-cache", "emptyDir": {"sizeLimit": f"{cfg.feature_cache_gib}Gi"}}
         ],

@@ -89,6 +89,7 @@ from lumos.training.data import (
 )
 from lumos.training.monitoring import TrainingMetrics
 from lumos.training.optim import MasterWeightAdamW
+from lumos.training.stopping import StopSignal, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ RESUME_MAY_CHANGE = (
     "compile",
     "progress_bar",
     "fused_optimizer_step",  # the same optimizer state either way
+    "stop_check_every",
 )
 
 
@@ -154,6 +156,10 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(5_000, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept in out_uri")
     log_every: int = Field(100, ge=1)
+    # With several processes: steps between their agreement on a SIGTERM (one small all-reduce);
+    # the run stops, with a checkpoint, at the first such step after the signal. One process
+    # checks after every step.
+    stop_check_every: int = Field(10, ge=1)
     seed: int = 0
     pushgateway_url: str | None = None  # e.g. http://prometheus-pushgateway:9091
     progress_bar: bool = True
@@ -441,51 +447,65 @@ def train(
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.head}", disable=not show_bar)
     if step == 0 and cfg.steps == 0:
         checkpoint_uri = checkpoint(0, None)  # an untrained model: the gate must reject it
-    while step < cfg.steps:
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(cfg.grad_accum):
-            # Captions travel packed and are padded to the model's length on the device.
-            batch = dataset.batch(sampler.next_batch(), pin_memory, pack_text=True)
-            batch = pad_text(_to_device(batch, device))
-            x0, model_kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
-            t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
-            with accelerator.accumulate(model):
-                loss = diffusion.training_losses(train_model, x0, t, model_kwargs)["loss"].mean()
-                accelerator.backward(loss)  # divided by grad_accum inside
-                if accelerator.sync_gradients and master_optimizer is None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()  # a no-op until the last micro-step (accelerate)
-                optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach() / cfg.grad_accum
-        decay = cfg.ema_decay
-        if cfg.ema_warmup:
-            decay = min(decay, (1 + step) / (10 + step))
-        # The EMA follows the fp32 weights: the optimizer's masters when the model holds bf16.
-        raw_model = accelerator.unwrap_model(model)
-        weights = master_optimizer.master_params if master_optimizer else raw_model.parameters()
-        update_ema(ema, weights, decay)
-        step += 1
-        log_steps += 1
-        bar.update(1)
+    # SIGTERM (a preempted node, a deleted job) ends the run after the current step, with a
+    # checkpoint (lumos.training.stopping).
+    with StopSignal(cfg.stop_check_every, device) as stop:
+        while step < cfg.steps:
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.grad_accum):
+                # Captions travel packed and are padded to the model's length on the device.
+                batch = dataset.batch(sampler.next_batch(), pin_memory, pack_text=True)
+                batch = pad_text(_to_device(batch, device))
+                x0, model_kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
+                t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
+                with accelerator.accumulate(model):
+                    loss = diffusion.training_losses(train_model, x0, t, model_kwargs)[
+                        "loss"
+                    ].mean()
+                    accelerator.backward(loss)  # divided by grad_accum inside
+                    if accelerator.sync_gradients and master_optimizer is None:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()  # a no-op until the last micro-step (accelerate)
+                    optimizer.zero_grad(set_to_none=True)
+                running_loss += loss.detach() / cfg.grad_accum
+            decay = cfg.ema_decay
+            if cfg.ema_warmup:
+                decay = min(decay, (1 + step) / (10 + step))
+            # The EMA follows the fp32 weights: the optimizer's masters when the model holds bf16.
+            raw_model = accelerator.unwrap_model(model)
+            weights = master_optimizer.master_params if master_optimizer else raw_model.parameters()
+            update_ema(ema, weights, decay)
+            step += 1
+            log_steps += 1
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            # One sync per log interval (as DiT): the mean loss over steps and processes.
-            mean_loss = accelerator.reduce(running_loss / log_steps, reduction="mean").item()
-            now = time.perf_counter()
-            images_per_second = images_per_step * log_steps / (now - log_time)
-            losses.append((step, mean_loss))
-            final_loss = mean_loss
-            bar.set_postfix(
-                loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.1f}", lr=f"{lr:.2e}"
-            )
-            metrics.update(step=step, loss=mean_loss, images_per_second=images_per_second)
-            metrics.push()
-            running_loss.zero_()
-            log_steps, log_time = 0, now
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint_uri = checkpoint(step, final_loss)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                # One sync per log interval (as DiT): the mean loss over steps and processes.
+                mean_loss = accelerator.reduce(running_loss / log_steps, reduction="mean").item()
+                now = time.perf_counter()
+                images_per_second = images_per_step * log_steps / (now - log_time)
+                losses.append((step, mean_loss))
+                final_loss = mean_loss
+                bar.set_postfix(
+                    loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.1f}", lr=f"{lr:.2e}"
+                )
+                metrics.update(step=step, loss=mean_loss, images_per_second=images_per_second)
+                metrics.push()
+                running_loss.zero_()
+                log_steps, log_time = 0, now
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint_uri = checkpoint(step, final_loss)
+            if step < cfg.steps and stop.should_stop(step):  # collective: same steps on all
+                if step % cfg.checkpoint_every:  # not written just above
+                    checkpoint_uri = checkpoint(step, final_loss)
+                bar.close()
+                raise TrainingStopped(
+                    f"{stop.received or 'SIGTERM on another process'}: stopped at step {step} "
+                    f"of {cfg.steps} after writing checkpoint {checkpoint_uri}; run the same "
+                    "training again (same out_uri) to resume from it"
+                )
     bar.close()
 
     elapsed = time.perf_counter() - start_time

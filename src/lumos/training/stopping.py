@@ -1,0 +1,79 @@
+"""Stopping a training run on SIGTERM with a checkpoint, instead of losing the steps since the last.
+
+Kubernetes sends SIGTERM before it kills a pod (a preempted or drained GPU node, a deleted job),
+then waits the pod's termination grace period; torchrun forwards it to its workers and waits
+`TORCH_ELASTIC_SHUTDOWN_TIMEOUT` (both set by `lumos.k8s.trainjob`). `StopSignal` records the
+signal; the loop asks `should_stop(step)` after each step, writes a checkpoint at that step and
+raises `TrainingStopped`. Running the same command again resumes from that checkpoint.
+
+With several processes a signal may reach only some of them (one node preempted), so they
+agree first: every `check_every` steps one all-reduce of a flag, the same steps on every
+process. A process's own flag alone decides only when it trains alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early on a termination signal, after writing a checkpoint."""
+
+
+class StopSignal:
+    """Records SIGTERM while active (a context manager) instead of letting it end the process.
+
+    Only the main thread can set signal handlers: from another thread it records nothing and
+    SIGTERM keeps its usual effect (logged once).
+    """
+
+    def __init__(self, check_every: int, device: torch.device) -> None:
+        self.check_every = check_every
+        self.device = device
+        self.received: str | None = None  # the signal's name, once one arrived
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._record)
+            self._installed = True
+        else:
+            logger.info("training outside the main thread: SIGTERM stops it without a checkpoint")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: checkpointing after this step, then stopping", self.received)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether every process stops after `step` (collective: call it after every step)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.received is not None
+        if step % self.check_every:
+            return False
+        flag = torch.tensor([float(self.received is not None)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+__all__ = ["StopSignal", "TrainingStopped"]
