@@ -81,7 +81,9 @@ def test_two_nodes_read_only_their_own_parts_and_resume_exactly(s3_bucket, tmp_p
     assert full["global_batch"] == 4 and full["train_items"] == 18  # 12 + 6: both nodes
     first = run("interrupted", 4)
     state = Storage.from_uri(first["checkpoint_uri"]).child("training_state")
-    assert state.read_json("state.json")["feature_nodes"] == 2
+    position = state.read_json("state.json")
+    assert position["feature_nodes"] == 2 and "data" not in position
+    assert position["data_by_node"] == ["data-node-00000.json", "data-node-00001.json"]
     positions = [state.read_json(f"data-node-0000{i}.json") for i in range(2)]
     assert [(p["num_items"], p["epoch"], p["position"]) for p in positions] == [
         (12, 0, 4),

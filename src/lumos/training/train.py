@@ -416,12 +416,11 @@ def train(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # The LR schedule is a function of the step: the step is its whole state.
-            position = {
-                "step": step,
-                "data": sampler.state_dict(),  # node 0's when the features are split by node
-                "world_size": world,
-                "feature_nodes": nodes,
-            }
+            position: dict[str, Any] = {"step": step, "world_size": world, "feature_nodes": nodes}
+            if nodes == 1:
+                position["data"] = sampler.state_dict()
+            else:  # each node's own position, written by the node above
+                position["data_by_node"] = [f"data-node-{i:05d}.json" for i in range(nodes)]
             state = {
                 "optimizer.pt": _to_bytes(optimizer_state),
                 "state.json": json.dumps(position, indent=2).encode(),
