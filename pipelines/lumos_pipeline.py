@@ -88,6 +88,11 @@ def build_pipeline(cfg: PipelineConfig):
         def gpu(task):
             return _on_cluster(task, cfg, gpu=True)
 
+        def resumable(task):  # a training step: rerun on failure, it resumes its checkpoint
+            if cfg.cluster.train_retries:
+                task.set_retry(num_retries=cfg.cluster.train_retries, backoff_duration="60s")
+            return task
+
         sources = cpu(
             default_dataset(
                 config_json=config_json, runs_root=runs_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -139,18 +144,24 @@ def build_pipeline(cfg: PipelineConfig):
                 featurize(config_json=config_json, dataset=datasets[kind].outputs["dataset"])
             ).set_display_name(f"featurize-{kind}")
 
-        i2i = gpu(
-            pretrain(config_json=config_json, run_root=run_root, features=features["images"].output)
+        i2i = resumable(
+            gpu(
+                pretrain(
+                    config_json=config_json, run_root=run_root, features=features["images"].output
+                )
+            )
         )
         for head in FINETUNE_HEADS:
             feats = features[HEAD_DATASET[head]].output
-            tuned = gpu(
-                finetune(
-                    config_json=config_json,
-                    head=head,
-                    run_root=run_root,
-                    features=feats,
-                    pretrained=i2i.outputs["checkpoint"],
+            tuned = resumable(
+                gpu(
+                    finetune(
+                        config_json=config_json,
+                        head=head,
+                        run_root=run_root,
+                        features=feats,
+                        pretrained=i2i.outputs["checkpoint"],
+                    )
                 )
             ).set_display_name(f"finetune-{head}")
             judged = gpu(

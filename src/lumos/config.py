@@ -62,6 +62,12 @@ class ClusterConfig(Strict):
     distributed: DistributedConfig | None = Field(
         None, description="Pretrain as a Kubeflow Trainer TrainJob over several nodes when set"
     )
+    train_retries: int = Field(
+        2,
+        ge=0,
+        description="times KFP reruns a failed pretrain / fine-tune step (a preempted GPU node, "
+        "which checkpoints on SIGTERM); the rerun resumes from the step's latest checkpoint",
+    )
 
 
 class DataConfig(Strict):

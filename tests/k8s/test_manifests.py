@@ -106,6 +106,8 @@ def test_trainjob_runtime_exists_in_base(base: list[dict], crds_dir: Path) -> No
     assert {j["name"] for j in patched["replicatedJobs"]} <= {j["name"] for j in replicated}
     containers = replicated[0]["template"]["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["node"]  # torchrun's PET_* envs go to `node`
+    # A preempted node (which checkpointed on SIGTERM) restarts the JobSet, which resumes.
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"] == {"maxRestarts": 3}
 
 
 def test_serving_runtime_and_account_match_promotion(base: list[dict]) -> None:

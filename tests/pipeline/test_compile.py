@@ -87,3 +87,16 @@ def test_pipeline_shape_fan_out_parallel_heads_and_gate() -> None:
     for t in finetunes:
         assert "pretrain" in t["dependentTasks"]
         assert not any(d.startswith("finetune") for d in t["dependentTasks"])
+
+
+def test_training_steps_are_retried_and_nothing_else() -> None:
+    """A failed pretrain / fine-tune step (a preempted GPU node) reruns and resumes its
+    checkpoint; a failed evaluation or export would only fail again."""
+    cfg = load_config(preset=COMPILED_PRESET)
+    pipeline_spec, _ = _docs(COMPILED_PATH)
+    root = pipeline_spec["root"]["dag"]["tasks"]
+    retried = {name: t["retryPolicy"] for name, t in root.items() if "retryPolicy" in t}
+    assert sorted(retried) == ["finetune", "finetune-2", "finetune-3", "pretrain"]
+    for policy in retried.values():
+        assert policy["maxRetryCount"] == cfg.cluster.train_retries == 2
+        assert policy["backoffDuration"] == "60s"

@@ -161,7 +161,9 @@ def run_local(
         pipeline_root=str(run_dir / "kfp"),
         raise_on_error=True,
     )
-    pipeline = build_pipeline(cfg)
+    # Cluster settings do not apply here; retries would only rerun a failed training as it was.
+    local_cluster = cfg.cluster.model_copy(update={"train_retries": 0})
+    pipeline = build_pipeline(cfg.model_copy(update={"cluster": local_cluster}))
     print(f"lumos run: {run_dir} (step logs: {log_file})", flush=True)
     start = time.monotonic()
     error = None
