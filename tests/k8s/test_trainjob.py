@@ -229,3 +229,53 @@ def test_retried_step_follows_the_existing_job(job: dict) -> None:
 
     with pytest.raises(Forbidden):
         launch_and_wait(job, ForbiddenAPI([{}]), FakeCoreAPI({}), sleep=clock.sleep, clock=clock)
+
+
+def test_retried_step_replaces_a_failed_job(job: dict) -> None:
+    """The first attempt's TrainJob failed (its JobSet restarts used up): the retried step
+    deletes it, waits until the name is free and creates it again, then follows the new job.
+    One that has not failed is followed, never replaced."""
+
+    class ApiError(Exception):
+        def __init__(self, status: int) -> None:
+            self.status = status
+
+    class ExistingJobAPI(FakeTrainerAPI):
+        """The API server holding a TrainJob of that name, in `state`: failed -> deleting
+        (for two more gets) -> gone -> created; or complete."""
+
+        def __init__(self, state: str) -> None:
+            super().__init__([])
+            self.state, self.deleted, self.deleting_gets = state, [], 0
+
+        def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kw):
+            if self.state != "gone":
+                raise ApiError(409)  # AlreadyExists
+            self.created.append(body)
+            self.state = "complete"
+            return body
+
+        def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+            self.gets += 1
+            if self.state == "deleting":  # the pods take two polls to go away
+                self.deleting_gets += 1
+                self.state = "deleting" if self.deleting_gets <= 2 else "gone"
+            if self.state == "gone":
+                raise ApiError(404)
+            kind = "Complete" if self.state == "complete" else "Failed"
+            return {**job, "status": {"conditions": [cond(kind, reason=f"JobSet{kind}")]}}
+
+        def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+            self.deleted.append((name, kw.get("propagation_policy")))
+            self.state = "deleting"
+
+    api = ExistingJobAPI("failed")
+    clock = FakeClock()
+    outcome = launch_and_wait(job, api, FakeCoreAPI({}), poll_s=5, sleep=clock.sleep, clock=clock)
+    assert api.deleted == [("pretrain-7", "Foreground")]
+    assert api.created == [job] and outcome.state == "Complete"
+    assert clock.now == 10.0  # two polls of the deletion, then the new job
+
+    complete = ExistingJobAPI("complete")
+    outcome = launch_and_wait(job, complete, FakeCoreAPI({}), sleep=clock.sleep, clock=clock)
+    assert outcome.state == "Complete" and complete.deleted == [] and complete.created == []

@@ -194,6 +194,7 @@ class CustomObjectsAPI(Protocol):
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kw): ...
     def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kw): ...
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kw): ...
 
 
 class CoreAPI(Protocol):
@@ -220,6 +221,40 @@ def _terminal_condition(job: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _follow_or_replace(
+    api: CustomObjectsAPI, trainjob: dict[str, Any], timeout_s: float, poll_s: float, sleep, clock
+) -> None:
+    """The TrainJob of this name exists: keep it unless it failed; a failed one is deleted and
+    created again (the new one resumes from the checkpoints the failed one wrote)."""
+    name, namespace = trainjob["metadata"]["name"], trainjob["metadata"]["namespace"]
+    where = (TRAINER_GROUP, TRAINER_VERSION, namespace, TRAINJOB_PLURAL)
+    cond = _terminal_condition(api.get_namespaced_custom_object(*where, name))
+    if cond is None or cond["type"] != "Failed":
+        log.warning("TrainJob %s/%s already exists: waiting for it", namespace, name)
+        return
+    log.warning(
+        "TrainJob %s/%s failed before (%s): replacing it; the new job resumes from its checkpoints",
+        namespace, name, ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x),
+    )  # fmt: skip
+    api.delete_namespaced_custom_object(*where, name, propagation_policy="Foreground")
+    start = clock()
+    while True:  # deletion is asynchronous: the name is free once its pods are gone
+        try:
+            api.get_namespaced_custom_object(*where, name)
+        except Exception as err:
+            if getattr(err, "status", None) != 404:
+                raise
+            break
+        if clock() - start >= timeout_s:
+            raise RuntimeError(
+                f"TrainJob {namespace}/{name} was still being deleted after {timeout_s:.0f}s; "
+                f"check it with: kubectl -n {namespace} describe trainjob {name}"
+            )
+        sleep(poll_s)
+    api.create_namespaced_custom_object(*where, trainjob)
+    log.info("created TrainJob %s/%s again", namespace, name)
+
+
 def pod_logs(core: CoreAPI, name: str, namespace: str, tail_lines: int = 50) -> dict[str, str]:
     """Log tails of the TrainJob's pods (the `node` container), keyed by pod name."""
     logs: dict[str, str] = {}
@@ -244,8 +279,8 @@ def launch_and_wait(
     sleep=time.sleep,
     clock=time.monotonic,
 ) -> TrainJobOutcome:
-    """Create the TrainJob (or, if it already exists, follow it) and wait for its Complete or
-    Failed condition.
+    """Create the TrainJob (if it already exists, as for a retried pipeline step: follow it, or
+    replace it if it failed) and wait for its Complete or Failed condition.
 
     On failure or timeout raises `TrainJobFailed` with the condition message and the log tail of
     every pod. `api`/`core_api` default to the kubernetes client (in-cluster config, else kubeconfig).
@@ -262,8 +297,9 @@ def launch_and_wait(
     except Exception as err:
         if getattr(err, "status", None) != 409:  # kubernetes.client.ApiException: AlreadyExists
             raise
-        # a retried pipeline step: follow the job the first attempt created, do not start another
-        log.warning("TrainJob %s/%s already exists: waiting for it", namespace, name)
+        # A retried pipeline step: follow the job the first attempt created, or replace it if it
+        # failed (its JobSet restarts used up), so that the retry trains again.
+        _follow_or_replace(api, trainjob, timeout_s, poll_s, sleep, clock)
     start = clock()
     while True:
         job = api.get_namespaced_custom_object(
