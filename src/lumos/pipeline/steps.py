@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Protocol
@@ -217,14 +216,27 @@ def _stage_command(head: str, cli_args: list[str]) -> list[str]:
 
 
 def _train_with_accelerate(config_json: str, head: str, cli_args: list[str], out_uri: str):
-    from lumos.training.checkpoint import read_checkpoint_meta
+    """One process per local GPU under `accelerate launch`. A SIGTERM to this step (its pod
+    preempted) reaches the training processes, which stop with a checkpoint."""
+    from lumos.training.checkpoint import latest_checkpoint, read_checkpoint_meta
+    from lumos.training.stopping import TrainingStopped, run_passing_sigterm_on
 
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
         "--num_processes", str(_local_gpu_count()), "-m", "lumos.cli",
         *_stage_command(head, cli_args), "--config-json", config_json,
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, env=os.environ.copy())
+    returncode, signalled = run_passing_sigterm_on(cmd, os.environ)
+    if signalled:
+        raise TrainingStopped(
+            f"SIGTERM: the {head} training stopped (exit code {returncode}); its latest "
+            f"checkpoint is {latest_checkpoint(out_uri)}, from which a rerun of this step resumes"
+        )
+    if returncode != 0:
+        raise RuntimeError(
+            f"the {head} training processes failed (accelerate launch exited with {returncode}): "
+            "their errors are in the output above"
+        )
     return read_checkpoint_meta(out_uri)
 
 

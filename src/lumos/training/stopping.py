@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import threading
+from collections.abc import Mapping
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -76,4 +78,25 @@ class StopSignal:
         return bool(flag.item())
 
 
-__all__ = ["StopSignal", "TrainingStopped"]
+def run_passing_sigterm_on(cmd: list[str], env: Mapping[str, str]) -> tuple[int, bool]:
+    """Run a training launcher (`accelerate launch`) to its end; a SIGTERM to this process
+    meanwhile is passed on to it (which passes it to its processes: they stop with a checkpoint)
+    instead of ending this process first. Returns (its exit code, whether SIGTERM came)."""
+    proc = subprocess.Popen(cmd, env=dict(env))
+    received: list[int] = []
+
+    def pass_on(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, pass_on) if in_main else None
+    try:
+        returncode = proc.wait()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    return returncode, bool(received)
+
+
+__all__ = ["StopSignal", "TrainingStopped", "run_passing_sigterm_on"]
