@@ -10,7 +10,8 @@ the figures are the step of `mixed_precision: bf16-weights` with the loop's clip
 - fused: `fused_master_update` compiled once and called per parameter.
 Each is the median of --steps steps after --warmup. Also printed: the fused step's first call
 (its compile, with inductor's caches off so that it is always a cold compile) and the memory
-traffic per step that each path's arithmetic implies, as GB/s at the measured time. Writes
+traffic per step that each path's arithmetic implies, as GB/s at the measured time, and how
+far the two paths' master weights are apart after the same steps (a correctness check). Writes
 bench/results/optimizer_step.json (or --out).
 """
 
@@ -78,6 +79,7 @@ def main() -> None:
         "steps": args.steps,
         "paths": {},
     }
+    masters: dict[str, list[torch.Tensor]] = {}
     for path in ("default", "fused"):
         model = copy.deepcopy(base)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -105,6 +107,7 @@ def main() -> None:
         print(f"{path:8s} {len(params)} tensors, {numel / 1e6:.1f}M parameters: first call "
               f"{first:.1f} s, {ms:.2f} ms/step (median of {args.steps}), "
               f"{gbytes:.2f} GB by arithmetic = {gbytes / (ms / 1e3):.0f} GB/s", flush=True)  # fmt: skip
+        masters[path] = [m.detach().clone() for m in optimizer.master_params]
         del model, optimizer, params
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -113,6 +116,16 @@ def main() -> None:
         paths["default"]["ms_per_step"] / paths["fused"]["ms_per_step"], 3
     )
     print(f"fused / default: {result['fused_speedup']:.2f}x")
+    # The same steps on the same gradients: the two paths must agree (the clipping norm is
+    # summed in another order, so not to the bit). Against the distance the steps moved them.
+    initial = [p.detach().float() for p in base.parameters() if p.requires_grad]
+    pairs = zip(masters["default"], masters["fused"], initial, strict=True)
+    diffs = [((a - b).abs().max().item(), (a - w).abs().max().item()) for a, b, w in pairs]
+    result["masters_max_abs_diff"] = max(d for d, _ in diffs)
+    result["masters_max_abs_moved"] = max(m for _, m in diffs)
+    print(f"masters after {1 + args.warmup + args.steps} steps: max |fused - default| = "
+          f"{result['masters_max_abs_diff']:.3g} (they moved up to "
+          f"{result['masters_max_abs_moved']:.3g})")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
