@@ -26,6 +26,14 @@ TEXT_TOKENS, TEXT_DIM = 6, 12
 # A model small enough that a training step takes milliseconds on a CPU.
 
 
+class Artifact:
+    """A KFP artifact as a step function sees it: a local path and metadata."""
+
+    def __init__(self, path: Path, metadata: dict | None = None) -> None:
+        self.path = str(path)
+        self.metadata = metadata or {}
+
+
 def write_features(root: Path, records: list[dict], parts: int, paired: bool) -> str:
     """Write `records` as `parts` feature parts under root/features; returns the dataset URI."""
     g = torch.Generator().manual_seed(len(records))

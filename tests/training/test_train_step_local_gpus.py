@@ -14,18 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Artifact
 
 from lumos.config import load_config
 from lumos.pipeline import steps
 from lumos.storage import Storage
 from lumos.training.checkpoint import list_checkpoints
 from lumos.training.stopping import TrainingStopped
-
-
-class Artifact:
-    def __init__(self, path: Path, metadata: dict | None = None) -> None:
-        self.path = str(path)
-        self.metadata = metadata or {}
 
 
 @pytest.fixture()

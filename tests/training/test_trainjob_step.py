@@ -12,16 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import Artifact
+
 from lumos.config import load_config
 from lumos.k8s.crd_validation import validate_resource
 from lumos.k8s.trainjob import TrainJobOutcome
 from lumos.pipeline import steps
-
-
-class Artifact:
-    def __init__(self, path: Path, metadata: dict | None = None) -> None:
-        self.path = str(path)
-        self.metadata = metadata or {}
 
 
 def test_pretrain_runs_as_a_trainjob_of_the_project_cli(images_features, tmp_path, monkeypatch):
