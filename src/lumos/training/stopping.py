@@ -13,12 +13,13 @@ process. A process's own flag alone decides only when it trains alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping
-from types import FrameType, TracebackType
+from collections.abc import Callable, Iterator, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
@@ -29,6 +30,20 @@ logger = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """The run stopped early on a termination signal, after writing a checkpoint."""
+
+
+@contextlib.contextmanager
+def handling_sigterm(handler: Callable[[int, FrameType | None], Any]) -> Iterator[bool]:
+    """`handler` takes SIGTERM meanwhile; the previous handler is back afterwards. Only the main
+    thread can set signal handlers: from another, nothing changes (yields False)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopSignal:
@@ -42,26 +57,15 @@ class StopSignal:
         self.check_every = check_every
         self.device = device
         self.received: str | None = None  # the signal's name, once one arrived
-        self._previous: Any = None
-        self._installed = False
+        self._handling = contextlib.ExitStack()
 
     def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._record)
-            self._installed = True
-        else:
+        if not self._handling.enter_context(handling_sigterm(self._record)):
             logger.info("training outside the main thread: SIGTERM stops it without a checkpoint")
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+    def __exit__(self, *exc: object) -> None:
+        self._handling.close()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
@@ -89,14 +93,9 @@ def run_passing_sigterm_on(cmd: list[str], env: Mapping[str, str]) -> tuple[int,
         received.append(signum)
         proc.send_signal(signum)
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, pass_on) if in_main else None
-    try:
+    with handling_sigterm(pass_on):
         returncode = proc.wait()
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
     return returncode, bool(received)
 
 
-__all__ = ["StopSignal", "TrainingStopped", "run_passing_sigterm_on"]
+__all__ = ["StopSignal", "TrainingStopped", "handling_sigterm", "run_passing_sigterm_on"]
