@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lumos.diffusion import GaussianDiffusion
 from lumos.models import LUMOS_SIZES, LumosDiT, lumos_dit, lumos_dit_config
-from lumos.models.lumos_dit import CrossAttention
+from lumos.models.lumos_dit import CrossAttention, get_2d_sincos_pos_embed
 
 LATENT = 8  # latent grid of the tiny tests
 COND_DIM = 16
@@ -169,6 +169,21 @@ def test_other_resolutions_and_aspect_ratios():
     x = torch.randn(2, 4, 8, 12)
     _, t, cond = inputs()
     assert model(x, t, cond).shape == (2, 8, 8, 12)
+
+
+@pytest.mark.parametrize(
+    "grid_h, grid_w, base, scale", [(16, 16, 16, 1.0), (64, 64, 64, 2.0), (12, 20, 16, 1.0)]
+)
+def test_position_embedding_is_pixarts(grid_h, grid_w, base, scale):
+    # diffusers' PixArt/DiT table (column coordinate in the first half): the same positions mean
+    # DiT/PixArt weights see the embedding they were trained with.
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed as reference
+
+    ours = get_2d_sincos_pos_embed(64, grid_h, grid_w, base, scale)[0]
+    theirs = reference(
+        64, (grid_h, grid_w), base_size=base, interpolation_scale=scale, output_type="pt"
+    )
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-6)
 
 
 def test_bad_configs_and_inputs_fail_loudly():

@@ -74,6 +74,33 @@ def test_transferred_multi_frame_head_starts_as_the_i2i_model(head):
         )
 
 
+def test_a_head_continued_from_its_own_checkpoint_keeps_its_conditioning():
+    """T2I's next resolution stage (twice the latent size) keeps the trained text projection,
+    null embedding and size embedder; only what changed shape starts afresh."""
+    torch.manual_seed(0)
+    stage1 = LumosDiT(**head_model_config(BASE, "t2i", **DIMS))
+    with torch.no_grad():
+        for p in stage1.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    stage2 = LumosDiT(**head_model_config({**BASE, "input_size": 16}, "t2i", **DIMS))
+    report = transfer_weights(
+        stage1.state_dict(), stage2, HEADS["t2i"].allowed_new, reinitialise=False
+    )
+    assert report.new == [] and report.dropped == []
+    assert set(report.loaded) == set(stage2.state_dict())
+    for name in ("cond_projector.null_embedding", "cond_projector.mlp.fc1.weight"):
+        assert torch.equal(stage2.state_dict()[name], stage1.state_dict()[name]), name
+
+    # Longer captions: the null embedding (one per token) no longer fits and is new; the text
+    # projection's weights still load.
+    longer = LumosDiT(**head_model_config(BASE, "t2i", **{**DIMS, "text_tokens": 8}))
+    report = transfer_weights(
+        stage1.state_dict(), longer, HEADS["t2i"].allowed_new, reinitialise=False
+    )
+    assert report.new == report.dropped == ["cond_projector.null_embedding"]
+    assert "cond_projector.mlp.fc1.weight" in report.loaded
+
+
 def test_backbone_mismatch_is_an_error_naming_the_parameters():
     source = i2i_model()
     deeper = LumosDiT(**{**BASE, "depth": 3})

@@ -23,7 +23,7 @@ from lumos.training.checkpoint import (
     read_checkpoint_meta,
 )
 from lumos.training.stopping import TrainingStopped
-from lumos.training.train import train, update_ema
+from lumos.training.train import build_model_config, train, update_ema
 
 
 def test_i2i_trains_and_writes_a_complete_checkpoint(images_features, tmp_path, tiny_config):
@@ -198,6 +198,31 @@ def test_finetune_from_i2i_reports_the_transfer(
         assert result.train_items == 10  # the captioned images (the 2 eval ones have none)
     else:
         assert result.train_items == 3 * (5 - 3 + 1)  # 3 training groups, windows of 3 frames
+
+
+def test_t2i_continued_from_a_t2i_checkpoint_keeps_its_text_conditioning(
+    images_features, i2i_checkpoint, tmp_path, tiny_config
+):
+    # T2I's resolution stages each start from the previous stage's checkpoint.
+    cfg = tiny_config(head="t2i", steps=1, batch_size=2)
+    stage1 = train(cfg, images_features, str(tmp_path / "t2i-1"), init_from=i2i_checkpoint)
+    stage2 = train(cfg, images_features, str(tmp_path / "t2i-2"), init_from=stage1.checkpoint_uri)
+    report = stage2.transfer_report
+    assert report is not None and report["source_head"] == "t2i"
+    assert report["new"] == [] and report["dropped"] == []
+    null = "cond_projector.null_embedding"
+    first, second = load_checkpoint(stage1.checkpoint_uri), load_checkpoint(stage2.checkpoint_uri)
+    assert first.model is not None and second.model is not None
+    assert torch.equal(second.model.state_dict()[null], first.model.state_dict()[null])
+
+
+@pytest.mark.parametrize("latent, scale", [(32, 1.0), (64, 1.0), (128, 2.0)])
+def test_position_scale_follows_the_resolution(latent, scale, tiny_config):
+    spec = {
+        "shapes": {"latents": [4, latent, latent], "image_embeds": [16]},
+        "latent_downsample": 8,
+    }
+    assert build_model_config(tiny_config(), spec)["pos_embed_scale"] == scale
 
 
 def test_checkpoint_to_s3_and_resume_from_it(images_features, s3_bucket, tiny_config):

@@ -153,8 +153,6 @@ class GaussianDiffusion:
         # The vb term learns only the variance: the mean comes from a stop-gradiented epsilon.
         frozen = torch.cat([eps.detach(), var_values], dim=-3)
         vb = self._vb_terms_bpd(frozen, x0.float(), x_t.float(), t)
-        # Scale so the vb term does not depend on the number of steps (improved DDPM, DiT).
-        vb = vb * (self.num_timesteps / 1000.0)
         mse = mean_flat((noise.float() - eps) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 

@@ -69,8 +69,9 @@ def get_2d_sincos_pos_embed(
         out = pos.reshape(-1, 1) * omega.reshape(1, -1)  # (gh * gw, D / 4)
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (gh * gw, D / 2)
 
-    # DiT/MAE order: the first half encodes the row (h) coordinate, the second the column (w).
-    emb = torch.cat([one_axis(grid_y), one_axis(grid_x)], dim=1)  # (gh * gw, D)
+    # DiT/MAE/PixArt order (their `np.meshgrid(grid_w, grid_h)` puts the column first): the first
+    # half encodes the column (w) coordinate, the second the row (h), so their weights load here.
+    emb = torch.cat([one_axis(grid_x), one_axis(grid_y)], dim=1)  # (gh * gw, D)
     return emb.float().unsqueeze(0)  # (1, gh * gw, D)
 
 

@@ -4,6 +4,8 @@ Rules:
 - a parameter (or persistent buffer) present in both with the same shape is loaded, unless it sits
   under one of the head's `allowed_new` prefixes (those are created or re-initialised by the head:
   the target keeps its fresh initialisation and the source weight is recorded as dropped);
+  with `reinitialise=False` (a head continued from its own checkpoint, e.g. T2I's next resolution
+  stage) those load too where the source has them in the same shape, and only the rest are new;
 - the patch embedding grown by a concatenated latent (more input channels) gets the source
   weights in its first channels and zeros for the new ones ("partially_loaded"), so at start the
   head's model ignores the extra channels and computes what the I2I model computed;
@@ -55,6 +57,7 @@ def transfer_weights(
     source_state_dict: Mapping[str, torch.Tensor],
     target_model: torch.nn.Module,
     allowed_new: Sequence[str] = (),
+    reinitialise: bool = True,
 ) -> TransferReport:
     """Load `source_state_dict` into `target_model` in place and return the report.
 
@@ -69,7 +72,8 @@ def transfer_weights(
 
     for name, target in target_state.items():
         source = source_state_dict.get(name)
-        if _is_allowed(name, allowed_new):
+        reused = not reinitialise and source is not None and source.shape == target.shape
+        if _is_allowed(name, allowed_new) and not reused:
             new.append(name)
             num_new += target.numel()
             continue
@@ -98,7 +102,10 @@ def transfer_weights(
             continue
         mismatched.append(f"{name}: source {tuple(source.shape)} vs target {tuple(target.shape)}")
 
+    taken = set(loaded) | set(partial)
     for name in source_state_dict:
+        if name in taken:
+            continue
         allowed = _is_allowed(name, allowed_new)
         if name in target_state and not allowed:
             continue  # loaded, grown or reported as a shape mismatch above

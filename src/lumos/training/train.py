@@ -533,7 +533,13 @@ def build_model_config(cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]
     shapes = spec["shapes"]
     channels, height, width = shapes["latents"]
     assert height == width, f"square latents expected, got {height}x{width}"
-    base = lumos_dit_config(cfg.model_size, input_size=height, in_channels=channels)
+    pixels = height * int(spec["latent_downsample"])
+    base = lumos_dit_config(
+        cfg.model_size,
+        input_size=height,
+        in_channels=channels,
+        pos_embed_scale=position_scale(pixels),
+    )
     data_dims: dict[str, Any] = {"image_embed_dim": shapes["image_embeds"][0]}
     if cfg.head == "t2i":
         if not shapes.get("text_embeds"):
@@ -548,12 +554,23 @@ def build_model_config(cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]
     return lumos_dit_config(cfg.model_size, **config)  # validates the override keys
 
 
+def position_scale(pixels: int) -> float:
+    """PixArt's position scale for a training resolution: 1.0 up to 512 px, 2.0 at 1024 px, so
+    positions at 1024 px span the range the 512 px stage saw."""
+    return max(1.0, pixels / 512)
+
+
 def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[str, Any]:
     """Load an (I2I) checkpoint's weights into `model` by weight transfer; returns the report."""
     source = load_checkpoint(init_from, raw=not cfg.init_from_ema)
     weights = source.ema_model if cfg.init_from_ema else source.model
     assert weights is not None, "load_checkpoint(raw=True) returns the raw weights"
-    report = transfer_weights(weights.state_dict(), model, HEADS[cfg.head].allowed_new)
+    # A head continued from its own checkpoint (T2I's next resolution stage) keeps what it learned
+    # (text projection, null embedding, size embedder); from another head those start afresh.
+    same_head = source.meta.get("head") == cfg.head
+    report = transfer_weights(
+        weights.state_dict(), model, HEADS[cfg.head].allowed_new, reinitialise=not same_head
+    )
     return {
         "source": source.uri,
         "source_head": source.meta.get("head"),
