@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -133,9 +135,14 @@ def test_steps_zero_writes_an_untrained_checkpoint(images_features, tmp_path, ti
 
 
 def test_old_checkpoints_are_pruned(images_features, tmp_path, tiny_config):
-    out = str(tmp_path / "run")
-    train(tiny_config(steps=4, checkpoint_every=1, keep_checkpoints=2), images_features, out)
-    assert [step for step, _ in list_checkpoints(out)] == [3, 4]
+    out = tmp_path / "run"
+    # What a save cut off leaves (say a SIGTERM checkpoint whose upload the grace period ended):
+    # a step directory without its metadata.
+    (out / "step-0000001" / "training_state").mkdir(parents=True)
+    (out / "step-0000001" / "training_state" / "rng-rank-00000.pt").write_bytes(b"partial")
+    train(tiny_config(steps=4, checkpoint_every=2, keep_checkpoints=1), images_features, str(out))
+    assert [step for step, _ in list_checkpoints(str(out))] == [4]
+    assert sorted(p.name for p in out.iterdir()) == ["step-0000004"]
 
 
 def test_resuming_with_another_config_is_an_error(images_features, tmp_path, tiny_config):
@@ -143,6 +150,49 @@ def test_resuming_with_another_config_is_an_error(images_features, tmp_path, tin
     train(tiny_config(steps=1), images_features, out)
     with pytest.raises(ValueError, match="another run.*batch_size"):
         train(tiny_config(steps=2, batch_size=2), images_features, out)
+
+
+def test_resuming_on_other_features_is_an_error(images_features, tmp_path, tiny_config):
+    out = str(tmp_path / "run")
+    train(tiny_config(steps=1), images_features, out)
+    other = tmp_path / "other-features"
+    shutil.copytree(images_features, other)
+    spec_file = other / "features" / "features.json"
+    spec = json.loads(spec_file.read_text())
+    spec_file.write_text(json.dumps({**spec, "manifest_sha256": "1" * 64}))
+    for steps in (2, 1):  # resuming, and rerunning the finished run
+        with pytest.raises(ValueError, match="trained on other features"):
+            train(tiny_config(steps=steps), str(other), out)
+
+
+def test_a_checkpoint_as_out_uri_is_an_error(images_features, tmp_path, tiny_config):
+    # Resuming "into" a checkpoint would nest new checkpoints inside it, and the next resume
+    # would start from the outer one again.
+    first = train(tiny_config(steps=1), images_features, str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="is a checkpoint, not a run directory"):
+        train(tiny_config(steps=2), images_features, first.checkpoint_uri)
+
+
+def test_model_overrides_may_not_set_what_the_features_decide(tiny_config):
+    with pytest.raises(ValidationError, match=r"may not set \['in_channels', 'input_size'\]"):
+        tiny_config(model_overrides={"input_size": 16, "in_channels": 3, "depth": 1})
+    with pytest.raises(ValidationError, match="seed"):
+        tiny_config(seed=2**32)
+
+
+def test_accelerates_environment_does_not_change_gradient_accumulation(
+    images_features, tmp_path, tiny_config, monkeypatch
+):
+    plain = train(tiny_config(steps=2), images_features, str(tmp_path / "plain"))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with_env = train(tiny_config(steps=2), images_features, str(tmp_path / "env"))
+    assert with_env.losses == plain.losses
+    a, b = (
+        load_checkpoint(plain.checkpoint_uri).ema_model,
+        load_checkpoint(with_env.checkpoint_uri).ema_model,
+    )
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -242,13 +292,14 @@ def test_resuming_a_finetune_from_another_parent_is_an_error(
     cfg = tiny_config(head="t2i", steps=1, batch_size=2)
     train(cfg, images_features, out, init_from=i2i_checkpoint)
     other = train(tiny_config(steps=0), images_features, str(tmp_path / "other-i2i"))
-    with pytest.raises(ValueError, match="was initialised from"):
-        train(
-            cfg.model_copy(update={"steps": 2}),
-            images_features,
-            out,
-            init_from=other.checkpoint_uri,
-        )
+    for steps in (2, 1):  # resuming, and rerunning the finished run
+        with pytest.raises(ValueError, match="was initialised from"):
+            train(
+                cfg.model_copy(update={"steps": steps}),
+                images_features,
+                out,
+                init_from=other.checkpoint_uri,
+            )
 
 
 def test_bf16_autocast_after_a_full_precision_run_in_the_same_process(

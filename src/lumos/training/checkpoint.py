@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +54,14 @@ def list_checkpoints(out_uri: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def is_checkpoint(uri: str) -> bool:
+    """Whether `uri` is one complete checkpoint (not a run directory holding several)."""
+    return Storage.from_uri(uri).exists(META_FILE)
+
+
 def latest_checkpoint(out_uri: str) -> str | None:
     """The URI of the checkpoint `out_uri` stands for: itself if it is one, else its latest step."""
-    if Storage.from_uri(out_uri).exists(META_FILE):
+    if is_checkpoint(out_uri):
         return Storage.from_uri(out_uri).uri
     found = list_checkpoints(out_uri)
     return found[-1][1] if found else None
@@ -118,16 +124,34 @@ def remove_stale_staging(out_uri: str) -> None:
 
 
 def prune_checkpoints(out_uri: str, keep: int) -> None:
-    """Delete all but the `keep` latest complete checkpoints of a run (metadata first), and
-    `remove_stale_staging`."""
+    """Delete all but the `keep` latest complete checkpoints of a run (metadata first), the
+    incomplete step directories older than its latest complete one (a save cut off, say by a
+    SIGTERM's grace period running out during an upload), and `remove_stale_staging`. Only the
+    run's main process calls this, after its save."""
     assert keep >= 1, "keep at least the latest checkpoint"
     remove_stale_staging(out_uri)
     store = Storage.from_uri(out_uri)
-    for step, _ in list_checkpoints(out_uri)[:-keep]:
+    complete = [step for step, _ in list_checkpoints(out_uri)]
+    if not complete:
+        return
+    step_dirs = {
+        int(m.group(1))
+        for obj in store.list()
+        if "/" in obj.key and (m := _STEP_DIR.match(obj.key.split("/")[0]))
+    }
+    incomplete = [step for step in step_dirs - set(complete) if step < complete[-1]]
+    if incomplete:
+        logger.warning(
+            "removing incomplete checkpoints under %s (a save that was cut off): steps %s",
+            out_uri, sorted(incomplete),
+        )  # fmt: skip
+    for step in complete[:-keep] + sorted(incomplete):
         old = store.child(checkpoint_dirname(step))
         old.delete(META_FILE)  # first, so a half-deleted checkpoint never looks complete
         for obj in list(old.list()):
             old.delete(obj.key)
+        if isinstance(old, LocalStorage):  # object stores have no empty directories
+            shutil.rmtree(old.root, ignore_errors=True)
 
 
 @dataclass

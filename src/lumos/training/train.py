@@ -25,7 +25,10 @@ block): for sizes whose replicas do not fit. Checkpoints are the same full, unsh
 either way (gathered on the main process when saving), so evaluation and export never see FSDP.
 A run whose `out_uri` already holds a checkpoint resumes from it: model, EMA, optimizer, LR
 schedule (a function of the step), RNG states of every process and the data position, so the
-resumed run continues the uninterrupted run's loss curve exactly.
+resumed run continues the uninterrupted run's loss curve exactly (the first logged mean after a
+resume between two log steps covers only the steps since the resume). It resumes only the same
+run: the same config (but for `RESUME_MAY_CHANGE`), features and parent checkpoint, else a clear
+error.
 
 DDP suffices up to XL/2 (822M parameters: 33.5 GiB peak at batch 64 in bf16, measured on an
 H200). FSDP is wired with torch's `fully_shard` directly, not accelerate's FSDP plugin: accelerate
@@ -49,8 +52,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -70,7 +77,9 @@ from lumos.models.transfer import transfer_weights
 from lumos.storage import Storage
 from lumos.training.checkpoint import (
     checkpoint_dirname,
+    is_checkpoint,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     local_copy,
     prune_checkpoints,
@@ -113,6 +122,20 @@ RESUME_MAY_CHANGE = (
     "stop_check_every",
 )
 
+# LumosDiT config keys set from the features (latent size and channels, embedding widths, caption
+# length, frames) and by the head: model_overrides may not set them.
+FROM_DATA_AND_HEAD = (
+    "input_size",
+    "in_channels",
+    "cond_kind",
+    "cond_dim",
+    "cond_tokens",
+    "micro_conditions",
+    "num_frames",
+    "frame_embed",
+    "concat_latent_channels",
+)
+
 
 class TrainConfig(BaseModel):
     """One training run. The defaults are the pretraining recipe (PixArt-alpha's, see the method)."""
@@ -122,7 +145,7 @@ class TrainConfig(BaseModel):
     head: Head = "i2i"
     model_size: str = "XL/2"  # a key of lumos.models.lumos_dit.LUMOS_SIZES
     # LumosDiT config overrides (e.g. {"depth": 1}); data dims (latent size, embedding widths)
-    # come from the features and must not be repeated here.
+    # come from the features, conditioning from the head: `FROM_DATA_AND_HEAD` is an error here.
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     steps: int = Field(400_000, ge=0, description="optimizer steps (ours: not published)")
     batch_size: int = Field(64, ge=1, description="per process and micro-step (PixArt: 64/GPU)")
@@ -160,7 +183,7 @@ class TrainConfig(BaseModel):
     # the run stops, with a checkpoint, at the first such step after the signal. One process
     # checks after every step.
     stop_check_every: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     pushgateway_url: str | None = None  # e.g. http://prometheus-pushgateway:9091
     progress_bar: bool = True
     # "ddp": every process holds the whole model (replicas); "fsdp": the processes shard model,
@@ -172,6 +195,19 @@ class TrainConfig(BaseModel):
     # covers its own parts. One node: no effect. For i2i and t2i: a multi-frame group's frames
     # may span parts.
     shard_features_by_node: bool = False
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _overrides_are_not_data(cls, value: dict[str, Any]) -> dict[str, Any]:
+        derived = sorted(set(value) & set(FROM_DATA_AND_HEAD))
+        if derived:
+            raise ValueError(
+                f"model_overrides may not set {derived}: they come from the features (latent "
+                "size and channels, embedding widths, caption length, frames: see "
+                "features.json) and from the head; set num_frames for the frames of a "
+                "multi-frame head"
+            )
+        return value
 
     @model_validator(mode="after")
     def _frames_match_head(self) -> TrainConfig:
@@ -253,12 +289,19 @@ def train(
             "distributed='fsdp' shards the model across processes, but this run has one: "
             "launch several (accelerate launch --multi_gpu) or use distributed='ddp'"
         )
-    resume_uri = latest_checkpoint(out_uri)
-    resume_meta = read_checkpoint_meta(resume_uri) if resume_uri else None
+    if is_checkpoint(out_uri):
+        raise ValueError(
+            f"out_uri {out_uri} is a checkpoint, not a run directory: a run writes its "
+            "checkpoints under out_uri as step-XXXXXXX/ and resumes from the latest; pass the "
+            "directory above it to resume that run"
+        )
+    checkpoints = list_checkpoints(out_uri)
+    resume_meta = read_checkpoint_meta(checkpoints[-1][1]) if checkpoints else None
     if accelerator.is_main_process:
         remove_stale_staging(out_uri)  # before this run needs the disk space for its own
+    spec = read_features_spec(dataset_uri)
     if resume_meta is not None:
-        _check_resumable(cfg, resume_meta)
+        _check_resumable(cfg, resume_meta, spec, init_from)
         if resume_meta["step"] >= cfg.steps:
             logger.info(
                 "%s already holds step %d >= %d steps", out_uri, resume_meta["step"], cfg.steps
@@ -267,7 +310,6 @@ def train(
     _seed_everything(cfg.seed)  # the same initial model on every process
 
     # --- data: cached features -> items of this head ------------------------------------------
-    spec = read_features_spec(dataset_uri)
     # Which processes share one copy of the features: all of them, or each node's (split by node).
     nodes, node = _feature_nodes(cfg, rank, world)
     data_world, data_rank = world // nodes, rank % (world // nodes)
@@ -310,11 +352,6 @@ def train(
     transfer_report, parent = None, None
     if resume_meta is not None:  # the transfer happened in the run being resumed
         transfer_report, parent = resume_meta.get("transfer_report"), resume_meta.get("parent")
-        if init_from is not None and latest_checkpoint(init_from) != parent:
-            raise ValueError(
-                f"{resume_meta['uri']} was initialised from {parent}, not from {init_from}: "
-                "use a fresh out_uri to fine-tune from another checkpoint"
-            )
     elif init_from is not None:
         transfer_report = initialise_from(init_from, model, cfg)
         parent = transfer_report["source"]
@@ -392,6 +429,7 @@ def train(
         "train_config": cfg.model_dump(mode="json"),
         "transfer_report": transfer_report,
         "num_parameters": num_parameters,
+        "global_batch": cfg.batch_size * world * cfg.grad_accum,
         "train_items": train_items,
         "skipped_groups": dataset.skipped_groups,
         "starved_items": starved_items,
@@ -459,6 +497,8 @@ def train(
                 batch = pad_text(_to_device(batch, device))
                 x0, model_kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
                 t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
+                # Under FSDP every micro-step reduce-scatters its gradients (accelerate's no_sync
+                # does not apply to fully_shard): skipping it would keep unsharded gradients.
                 with accelerator.accumulate(model):
                     loss = diffusion.training_losses(train_model, x0, t, model_kwargs)[
                         "loss"
@@ -642,7 +682,10 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     kwargs = dict(
         # Autocast for "bf16" only: with bf16 weights the model computes in bf16 by itself.
         mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no",
-        gradient_accumulation_steps=cfg.grad_accum,
+        # A plugin, not gradient_accumulation_steps: accelerate lets the environment's
+        # ACCELERATE_GRADIENT_ACCUMULATION_STEPS override that one, and the loop counts
+        # cfg.grad_accum micro-steps itself.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum),
         # DDP must be told that some parameters get no gradient in a step: with one image token
         # the cross-attention takes its exact shortcut, which never uses its query projection.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -660,7 +703,7 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy's limit (a process's seed is seed * world + rank)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
@@ -700,7 +743,25 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _check_resumable(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+def _check_resumable(
+    cfg: TrainConfig, meta: dict[str, Any], spec: dict[str, Any], init_from: str | None
+) -> None:
+    """Raise unless the checkpoint `meta` belongs to this run: the same config (but for
+    `RESUME_MAY_CHANGE`), the same features, the same parent checkpoint."""
+    parent = meta.get("parent")
+    if init_from is not None and latest_checkpoint(init_from) != parent:
+        raise ValueError(
+            f"{meta['uri']} was initialised from {parent}, not from {init_from}: "
+            "use a fresh out_uri to fine-tune from another checkpoint"
+        )
+    saved_data = meta.get("data") or {}
+    saved_sha, sha = saved_data.get("manifest_sha256"), spec.get("manifest_sha256")
+    if saved_sha and sha and saved_sha != sha:
+        raise ValueError(
+            f"{meta['uri']} was trained on other features ({saved_data.get('dataset_uri')}, "
+            f"manifest {saved_sha[:12]}) than these (manifest {sha[:12]}): its data position "
+            "belongs to those; use a fresh out_uri for this dataset"
+        )
     saved = meta.get("train_config") or {}
     now = cfg.model_dump(mode="json")
     # A field added after the checkpoint was written counts as its default (the old behaviour).
@@ -781,7 +842,7 @@ def _result_from_meta(meta: dict[str, Any]) -> TrainResult:
         train_items=meta.get("train_items", 0),
         skipped_groups=meta.get("skipped_groups", 0),
         starved_items=meta.get("starved_items", 0),
-        global_batch=cfg["batch_size"] * cfg["grad_accum"],
+        global_batch=meta.get("global_batch", cfg["batch_size"] * cfg["grad_accum"]),
         resumed_from=meta["uri"],
         transfer_report=meta.get("transfer_report"),
     )
