@@ -2,7 +2,8 @@
 -> promote (behind the gate).
 
 `build_pipeline(cfg)` bakes the cluster settings (image, GPUs, node selector, tolerations, the S3
-secret) into the tasks; the whole config also travels as the `config_json` parameter so a run from
+secret) into the tasks (the pretrain task gets no GPU when `cluster.distributed` makes it launch a
+TrainJob); the whole config also travels as the `config_json` parameter so a run from
 the Kubeflow UI can change the recipe. `python -m pipelines.lumos_pipeline` compiles the `xl`
 preset to `pipelines/lumos_pipeline.yaml` (a test fails when that file is stale).
 """
@@ -144,8 +145,11 @@ def build_pipeline(cfg: PipelineConfig):
                 featurize(config_json=config_json, dataset=datasets[kind].outputs["dataset"])
             ).set_display_name(f"featurize-{kind}")
 
+        # As a TrainJob, pretraining runs in the TrainJob's pods: this step only launches it
+        # and waits (days), on a CPU pod, so it holds no GPU a TrainJob pod may need.
+        pretrain_resources = cpu if cfg.cluster.pretrain_as_trainjob() else gpu
         i2i = resumable(
-            gpu(
+            pretrain_resources(
                 pretrain(
                     config_json=config_json, run_root=run_root, features=features["images"].output
                 )

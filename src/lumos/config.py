@@ -9,12 +9,13 @@ with one line per bad field.
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lumos.data.ingest import IngestConfig
 from lumos.data.synthetic import SynthConfig
@@ -28,6 +29,11 @@ from lumos.training.train import TrainConfig
 
 PRESETS = ("tiny", "xl")
 FINETUNE_HEADS = ("t2i", "novel_view", "video")
+# The pretrain TrainJob is named `<name>-i2i-<8 characters of the run id>` (lumos.pipeline.steps)
+# and its last pod `<TrainJob>-node-0-<N-1>-xxxxx`, which must fit a 63-character DNS label
+# (lumos.k8s.trainjob.render_trainjob): with up to 100 nodes, 63 - 16 - 13 = 34 characters.
+NAME_MAX_LENGTH = 34
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 class ConfigError(ValueError):
@@ -69,6 +75,12 @@ class ClusterConfig(Strict):
         "which checkpoints on SIGTERM); the rerun resumes from the step's latest checkpoint",
     )
 
+    def pretrain_as_trainjob(self) -> bool:
+        """Whether the pretrain step runs as a TrainJob (`distributed` set, more than one GPU in
+        all): the step itself then only launches it and waits."""
+        dist = self.distributed
+        return dist is not None and dist.num_nodes * dist.gpus_per_node > 1
+
 
 class DataConfig(Strict):
     """The raw sources. Empty means: generate the embedded default dataset."""
@@ -109,7 +121,12 @@ class FinetuneConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = Field("lumos", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(
+        "lumos",
+        description="the pipeline's name, and the start of its TrainJob's name: lower-case "
+        "letters, digits and '-', starting with a letter, ending with a letter or digit, at most "
+        f"{NAME_MAX_LENGTH} characters (its pods' names must fit 63 with up to 100 nodes)",
+    )
     preset: str | None = None
     runs_root: str = Field(
         "s3://lumos/runs",
@@ -125,6 +142,18 @@ class PipelineConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_fits_a_trainjob(cls, value: str) -> str:
+        if not _NAME.match(value) or len(value) > NAME_MAX_LENGTH:
+            raise ValueError(
+                f"name {value!r} must be lower-case letters, digits and '-', start with a letter, "
+                f"end with a letter or digit and be at most {NAME_MAX_LENGTH} characters: the "
+                "pretrain TrainJob is named '<name>-i2i-<8 characters of the run id>' and its "
+                "pods' names must fit 63 characters with up to 100 nodes"
+            )
+        return value
 
     @model_validator(mode="after")
     def _pretrain_is_i2i(self) -> PipelineConfig:

@@ -168,3 +168,54 @@ def test_structural_schema_translation() -> None:
     assert props["note"] == {"type": ["string", "null"]}
     assert "additionalProperties" not in props["free"]
     assert schema["additionalProperties"] is False
+
+
+WIDGET_CRD = """\
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  names:
+    kind: Widget
+    plural: widgets
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              ports:
+                type: array
+                x-kubernetes-list-type: map
+                x-kubernetes-list-map-keys: [containerPort, protocol]
+                items:
+                  type: object
+                  required: [containerPort]
+                  properties:
+                    containerPort: {type: integer}
+                    protocol: {type: string, default: TCP}
+"""
+
+
+def test_list_map_keys_are_unique(tmp_path: Path) -> None:
+    """A list-map (x-kubernetes-list-type: map) holds one entry per key, as the API server
+    enforces; a key left out counts as its default."""
+    (tmp_path / "widgets.yaml").write_text(WIDGET_CRD)
+    widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"},
+              "spec": {"ports": [{"containerPort": 80}, {"containerPort": 80, "protocol": "UDP"}]}}  # fmt: skip
+    validate_resource(widget, tmp_path)
+    widget["spec"]["ports"].append({"containerPort": 80, "protocol": "TCP"})  # = the first one
+    with pytest.raises(ResourceValidationError) as info:
+        validate_resource(widget, tmp_path)
+    assert info.value.violations == [
+        "spec.ports[2]: duplicate entry containerPort=80, protocol='TCP': a list-map keyed by "
+        "containerPort, protocol holds one entry per key"
+    ]

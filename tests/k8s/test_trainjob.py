@@ -5,12 +5,15 @@ status conditions the Trainer controller sets; the polling, failure and log logi
 from __future__ import annotations
 
 import copy
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
+from lumos.config import NAME_MAX_LENGTH, ConfigError, validate_config
 from lumos.k8s.crd_validation import ResourceValidationError, validate_resource
 from lumos.k8s.resources import Toleration
 from lumos.k8s.trainjob import (
@@ -20,6 +23,8 @@ from lumos.k8s.trainjob import (
     launch_and_wait,
     render_trainjob,
 )
+from lumos.pipeline import steps
+from lumos.training.stopping import TrainingStopped
 
 COMMAND = ["lumos", "pretrain", "--config", "/etc/lumos/config.yaml"]
 
@@ -106,12 +111,78 @@ def test_tampered_trainjob_fails_crd_validation(crds_dir: Path) -> None:
         validate_resource(bad, crds_dir)
 
 
+def test_env_has_one_entry_per_name(crds_dir: Path) -> None:
+    """trainer.env is a list-map keyed by name: a plain variable replaces the secret's of the same
+    name, and a TrainJob with two entries of one name fails validation (the API server would
+    refuse it)."""
+    cfg = DistributedConfig(env={"AWS_ACCESS_KEY_ID": "minio", "NCCL_DEBUG": "INFO"})
+    job = render_trainjob(cfg, COMMAND, "pretrain")
+    validate_resource(job, crds_dir)
+    env = job["spec"]["trainer"]["env"]
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names)), names
+    by_name = {e["name"]: e for e in env}
+    assert by_name["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID", "value": "minio"}
+    assert "secretKeyRef" in by_name["AWS_SECRET_ACCESS_KEY"]["valueFrom"]  # the others stay
+
+    duplicated = copy.deepcopy(job)
+    duplicated["spec"]["trainer"]["env"].append({"name": "NCCL_DEBUG", "value": "WARN"})
+    index = len(env)
+    with pytest.raises(
+        ResourceValidationError,
+        match=rf"spec\.trainer\.env\[{index}\]: duplicate entry name='NCCL_DEBUG'",
+    ):
+        validate_resource(duplicated, crds_dir)
+
+
+def test_feature_cache_env_cannot_be_overridden() -> None:
+    """The cache volume is mounted at a fixed path: a LUMOS_FEATURE_CACHE elsewhere would cache
+    the features outside it."""
+    with pytest.raises(ValidationError, match="LUMOS_FEATURE_CACHE.*feature_cache_gib"):
+        DistributedConfig(env={"LUMOS_FEATURE_CACHE": "/tmp/features"})
+
+
+def test_trainjob_name_leaves_room_for_the_pod_names(crds_dir: Path) -> None:
+    """The JobSet webhook refuses a pod name `<job>-node-0-<node>-xxxxx` over 63 characters:
+    the name is checked for the last node's pod when the TrainJob is rendered."""
+    cfg = DistributedConfig(num_nodes=100)
+    render_trainjob(cfg, COMMAND, "a" * 47)  # a...a-node-0-99-xxxxx: 63 characters
+    with pytest.raises(ValueError, match=r"'a{48}' is too long for 100 nodes.*at most 63"):
+        render_trainjob(cfg, COMMAND, "a" * 48)
+    render_trainjob(cfg.model_copy(update={"num_nodes": 10}), COMMAND, "a" * 48)
+
+
+def test_pipeline_name_fits_the_pretrain_trainjob(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config name that would make the pretrain TrainJob's name invalid fails when the config
+    is validated, not hours later at the pretrain step; the longest valid one renders for 100
+    nodes through the real step."""
+    for bad in ("1lumos", "a" * (NAME_MAX_LENGTH + 1)):
+        with pytest.raises(ConfigError, match=f"name .*at most {NAME_MAX_LENGTH} characters"):
+            validate_config({"name": bad})
+    longest = "a" * NAME_MAX_LENGTH
+    cfg = validate_config({"name": longest, "cluster": {"distributed": {"num_nodes": 100}}})
+
+    class Launched(Exception):
+        pass
+
+    def launch(job: dict, **kw) -> None:
+        raise Launched(job["metadata"]["name"])
+
+    monkeypatch.setattr("lumos.k8s.trainjob.launch_and_wait", launch)
+    features = SimpleNamespace(path="unused", metadata={"uri": "s3://lumos/datasets/images"})
+    with pytest.raises(Launched) as info:
+        steps.train_step(cfg.model_dump_json(), "i2i", "s3://lumos/runs/run-0123456789abcdef",
+                         features, SimpleNamespace(path="unused", metadata={}))  # fmt: skip
+    assert str(info.value) == f"{longest}-i2i-89abcdef"
+
+
 class FakeTrainerAPI:
     """Stands in for the API server: returns the TrainJob with the next status on every get."""
 
     def __init__(self, statuses: list[dict]) -> None:
         self.statuses = statuses
         self.created: list[dict] = []
+        self.deleted: list[tuple[str, str]] = []
         self.gets = 0
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kw):
@@ -125,16 +196,36 @@ class FakeTrainerAPI:
         self.gets += 1
         return {**self.created[-1], "status": status}
 
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+        self.deleted.append((name, kw.get("propagation_policy")))
+
+
+def pod_status(phase: str = "Running", unschedulable: str = "", image_pull: str = ""):
+    """A pod's status as the kubernetes client returns it (attributes, not dicts)."""
+    conditions = []
+    if unschedulable:
+        conditions.append(SimpleNamespace(type="PodScheduled", status="False",
+                                          reason="Unschedulable", message=unschedulable))  # fmt: skip
+    waiting = SimpleNamespace(reason="ImagePullBackOff", message=image_pull) if image_pull else None
+    containers = [SimpleNamespace(name="node", state=SimpleNamespace(waiting=waiting))]
+    return SimpleNamespace(phase=phase, conditions=conditions, container_statuses=containers)
+
 
 class FakeCoreAPI:
-    def __init__(self, logs: dict[str, str]) -> None:
+    def __init__(self, logs: dict[str, str], statuses: dict | None = None) -> None:
         self.logs = logs
+        self.statuses = statuses or {}
         self.selectors: list[str] = []
 
     def list_namespaced_pod(self, namespace, label_selector=None, **kw):
         self.selectors.append(label_selector)
         return SimpleNamespace(
-            items=[SimpleNamespace(metadata=SimpleNamespace(name=n)) for n in self.logs]
+            items=[
+                SimpleNamespace(
+                    metadata=SimpleNamespace(name=n), status=self.statuses.get(n, pod_status())
+                )
+                for n in self.logs
+            ]
         )
 
     def read_namespaced_pod_log(self, name, namespace, container=None, tail_lines=None, **kw):
@@ -262,6 +353,9 @@ def test_retried_step_replaces_a_failed_job(job: dict) -> None:
                 self.state = "deleting" if self.deleting_gets <= 2 else "gone"
             if self.state == "gone":
                 raise ApiError(404)
+            if self.state == "deleting":
+                metadata = {**job["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}
+                return {**job, "metadata": metadata, "status": {}}
             kind = "Complete" if self.state == "complete" else "Failed"
             return {**job, "status": {"conditions": [cond(kind, reason=f"JobSet{kind}")]}}
 
@@ -279,3 +373,104 @@ def test_retried_step_replaces_a_failed_job(job: dict) -> None:
     complete = ExistingJobAPI("complete")
     outcome = launch_and_wait(job, complete, FakeCoreAPI({}), sleep=clock.sleep, clock=clock)
     assert outcome.state == "Complete" and complete.deleted == [] and complete.created == []
+
+    # The previous attempt's job is being deleted (it did not start, or the step was stopped):
+    # it is created again once the name is free, not followed until it vanishes.
+    deleting = ExistingJobAPI("deleting")
+    outcome = launch_and_wait(job, deleting, FakeCoreAPI({}), poll_s=5, sleep=clock.sleep,
+                              clock=clock)  # fmt: skip
+    assert outcome.state == "Complete" and deleting.deleted == [] and deleting.created == [job]
+
+
+def jobs_status(ready: int = 0) -> list[dict]:
+    return [{"name": "node", "active": 2, "ready": ready, "succeeded": 0, "failed": 0,
+             "suspended": 0}]  # fmt: skip
+
+
+def test_job_that_never_starts_is_deleted_with_the_reason(job: dict) -> None:
+    """No pod of the job gets ready within start_timeout_s: the job (which never trained) is
+    deleted and the error says why: its conditions that are not True and why each pod waits."""
+    created_false = cond("Created", status="False", reason="JobsCreationFailed",
+                         message="admission webhook denied the JobSet")  # fmt: skip
+    api = FakeTrainerAPI([{"conditions": [created_false], "jobsStatus": jobs_status()}])
+    core = FakeCoreAPI(
+        {"pretrain-7-node-0-0": None, "pretrain-7-node-0-1": None},
+        {"pretrain-7-node-0-0": pod_status("Pending", unschedulable="0/4 nodes are available: "
+                                           "4 Insufficient nvidia.com/gpu."),
+         "pretrain-7-node-0-1": pod_status("Pending", image_pull="Back-off pulling image "
+                                           "ghcr.io/lumos-mlops/lumos-train:0.1.0")},
+    )  # fmt: skip
+    clock = FakeClock()
+    with pytest.raises(TrainJobFailed) as info:
+        launch_and_wait(job, api, core, timeout_s=7 * 24 * 3600, poll_s=60, start_timeout_s=600,
+                        sleep=clock.sleep, clock=clock)  # fmt: skip
+    assert info.value.outcome.state == "NotStarted"
+    assert api.deleted == [("pretrain-7", "Background")]
+    assert clock.now == 600.0
+    text = str(info.value)
+    assert "lumos/pretrain-7 did not start: no pod ready or finished after 600s" in text
+    assert "Created=False (JobsCreationFailed: admission webhook denied the JobSet)" in text
+    assert ("pretrain-7-node-0-0: Pending; not scheduled: Unschedulable: 0/4 nodes are "
+            "available: 4 Insufficient nvidia.com/gpu.") in text  # fmt: skip
+    assert ("pretrain-7-node-0-1: Pending; container node waiting: ImagePullBackOff: Back-off "
+            "pulling image ghcr.io/lumos-mlops/lumos-train:0.1.0") in text  # fmt: skip
+    assert "start_timeout_s" in text
+
+    # None: no start deadline, the job is waited for up to timeout_s and left alone.
+    api = FakeTrainerAPI([{"jobsStatus": jobs_status()}])
+    with pytest.raises(TrainJobFailed, match="timed out"):
+        launch_and_wait(job, api, core, timeout_s=3000, poll_s=60, start_timeout_s=None,
+                        sleep=clock.sleep, clock=clock)  # fmt: skip
+    assert api.deleted == []
+
+
+def test_start_clock_waits_while_the_job_is_suspended(job: dict) -> None:
+    """Queued by Kueue (spec.suspend) for longer than start_timeout_s, then started: not
+    deleted. Once started, a long run is no concern of the start deadline."""
+
+    class QueuedAPI(FakeTrainerAPI):
+        def get_namespaced_custom_object(self, *args, **kw):
+            got = super().get_namespaced_custom_object(*args, **kw)
+            suspended = self.gets <= 4  # gets at 0, 50, 100 and 150 s
+            return {**got, "spec": {**got["spec"], "suspend": suspended}}
+
+    not_started = {"jobsStatus": jobs_status()}
+    api = QueuedAPI([not_started] * 6 + [{"jobsStatus": jobs_status(ready=2)}] * 8
+                    + [{"conditions": [cond("Complete")]}])  # fmt: skip
+    clock = FakeClock()
+    outcome = launch_and_wait(job, api, FakeCoreAPI({}), poll_s=50, start_timeout_s=100,
+                              sleep=clock.sleep, clock=clock)  # fmt: skip
+    # unsuspended at 200 s, still not started at 250 s (50 s < 100 s), ready at 300 s
+    assert outcome.state == "Complete" and outcome.seconds == 700.0
+    assert api.deleted == []
+
+
+def test_sigterm_deletes_the_trainjob(job: dict) -> None:
+    """A real SIGTERM while the step waits (the KFP run terminated, the step's pod deleted): the
+    TrainJob is deleted within a poll (its pods then checkpoint in their grace period), the step
+    fails with TrainingStopped and the previous SIGTERM handler is back."""
+    received_by_previous: list[int] = []
+
+    def previous(signum, frame) -> None:
+        received_by_previous.append(signum)
+
+    class SignallingClock(FakeClock):
+        def sleep(self, seconds: float) -> None:
+            super().sleep(seconds)
+            if self.now == 61.0:  # one second into the third poll's sleep
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    running = {"conditions": [cond("Created")], "jobsStatus": jobs_status(ready=2)}
+    api = FakeTrainerAPI([running])
+    clock = SignallingClock()
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(TrainingStopped, match="TrainJob lumos/pretrain-7 was deleted.*retry"):
+            launch_and_wait(job, api, FakeCoreAPI({}), timeout_s=600, poll_s=30,
+                            sleep=clock.sleep, clock=clock)  # fmt: skip
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert api.deleted == [("pretrain-7", "Background")]
+    assert received_by_previous == []  # launch_and_wait handled it
+    assert clock.now == 61.0 and api.gets == 3  # acted on at once, not after the 30 s sleep

@@ -43,12 +43,12 @@ def test_gpu_steps_request_gpus_nodes_and_tolerations() -> None:
     cfg = load_config(preset=COMPILED_PRESET)
     pipeline_spec, platform = _docs(COMPILED_PATH)
     executors = pipeline_spec["deploymentSpec"]["executors"]
-    train = executors["exec-pretrain"]["container"]
+    train = executors["exec-finetune"]["container"]
     assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert int(train["resources"]["accelerator"]["resourceCount"]) == cfg.cluster.gpus_per_step
     assert train["image"] == cfg.cluster.image
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    pre = k8s["exec-pretrain"]
+    pre = k8s["exec-finetune"]
     assert pre["nodeSelector"]["labels"] == cfg.cluster.gpu_node_selector
     assert pre["tolerations"][0]["key"] == cfg.cluster.gpu_tolerations[0].key
     assert pre["secretAsEnv"][0]["secretName"] == cfg.cluster.s3_secret
@@ -63,6 +63,34 @@ def test_gpu_steps_request_gpus_nodes_and_tolerations() -> None:
     # CPU steps get the secret but no GPU
     assert "accelerator" not in executors["exec-ingest-plan"]["container"].get("resources", {})
     assert "nodeSelector" not in k8s["exec-ingest-plan"]
+
+
+def _pretrain_executor(path) -> tuple[dict, dict]:
+    pipeline_spec, platform = _docs(path)
+    container = pipeline_spec["deploymentSpec"]["executors"]["exec-pretrain"]["container"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pretrain"]
+    return container, k8s
+
+
+def test_pretrain_launching_a_trainjob_holds_no_gpu(tmp_path) -> None:
+    """With `cluster.distributed` (the xl preset) the pretrain step only launches the TrainJob and
+    waits for it: a CPU pod with the S3 secret, no GPU, GPU nodes, /dev/shm or feature cache.
+    Without it the step trains itself, on a GPU."""
+    cfg = load_config(preset=COMPILED_PRESET)
+    assert cfg.cluster.distributed is not None
+    container, k8s = _pretrain_executor(COMPILED_PATH)
+    assert "accelerator" not in container.get("resources", {})
+    assert "env" not in container  # no LUMOS_FEATURE_CACHE: there is no cache volume
+    assert sorted(k8s) == ["secretAsEnv"]
+    assert k8s["secretAsEnv"][0]["secretName"] == cfg.cluster.s3_secret
+
+    single_node = cfg.model_copy(
+        update={"cluster": cfg.cluster.model_copy(update={"distributed": None})}
+    )
+    container, k8s = _pretrain_executor(compile_pipeline(single_node, tmp_path / "p.yaml"))
+    assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert k8s["nodeSelector"]["labels"] == cfg.cluster.gpu_node_selector
+    assert {m["volumeName"] for m in k8s["emptyDirMounts"]} == {"dshm", "feature-cache"}
 
 
 def test_pipeline_shape_fan_out_parallel_heads_and_gate() -> None:

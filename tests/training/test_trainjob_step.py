@@ -32,7 +32,9 @@ def test_pretrain_runs_as_a_trainjob_of_the_project_cli(images_features, tmp_pat
     )
     launched: list[dict] = []
 
-    def local_cluster(job: dict, timeout_s: float, poll_s: float) -> TrainJobOutcome:
+    def local_cluster(
+        job: dict, timeout_s: float, poll_s: float, start_timeout_s: float | None
+    ) -> TrainJobOutcome:
         validate_resource(job)
         launched.append(job)
         trainer = job["spec"]["trainer"]

@@ -10,7 +10,9 @@ Schema that is as strict as the API server with `--validate=strict`:
 - an object with declared `properties` rejects unknown fields (the server would prune or refuse
   them), unless it carries `x-kubernetes-preserve-unknown-fields`;
 - `x-kubernetes-int-or-string` accepts an integer or a string;
-- `nullable: true` also accepts null.
+- `nullable: true` also accepts null;
+- a list-map (`x-kubernetes-list-type: map`) holds one entry per key (`x-kubernetes-list-map-keys`,
+  e.g. one `env` entry per name).
 CEL rules (`x-kubernetes-validations`) need the API server and are not evaluated here, except the
 object-name rules every resource must follow, which are checked directly.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -165,6 +168,9 @@ def structural_to_json_schema(schema: dict[str, Any], top_level: bool = False) -
 
 
 _ANNOTATION_KEYWORDS = ("description", "default", "example")
+# Our keyword for a list-map's keys (JSON Schema cannot say "unique by these fields"): {"keys":
+# [...], "defaults": {...}}, checked by `_unique_list_map_keys`.
+_LIST_MAP_KEYWORD = "lumosListMapKeys"
 
 
 def _translate(node: Any) -> Any:
@@ -185,10 +191,17 @@ def _translate(node: Any) -> Any:
         out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
     if out.pop("nullable", False) and "type" in out:
         out["type"] = [out["type"], "null"]
+    if node.get("x-kubernetes-list-type") == "map" and node.get("x-kubernetes-list-map-keys"):
+        keys = list(node["x-kubernetes-list-map-keys"])
+        item_fields = (node.get("items") or {}).get("properties") or {}
+        defaults = {
+            k: item_fields[k]["default"] for k in keys if "default" in item_fields.get(k, {})
+        }
+        out[_LIST_MAP_KEYWORD] = {"keys": keys, "defaults": defaults}
     preserve = out.pop("x-kubernetes-preserve-unknown-fields", False)
     embedded = out.pop("x-kubernetes-embedded-resource", False)
     for key in [k for k in out if k.startswith("x-kubernetes-")]:
-        out.pop(key)  # list/map types and CEL rules: enforced by the API server only
+        out.pop(key)  # CEL rules and the rest: enforced by the API server only
     if "properties" in out and not preserve and not embedded and "additionalProperties" not in out:
         out["additionalProperties"] = False
     # int32/int64/double etc. are OpenAPI formats unknown to JSON Schema: harmless, dropped for clarity
@@ -204,8 +217,33 @@ def _format_path(parts: Any) -> str:
     return path or "<root>"
 
 
+def _unique_list_map_keys(
+    validator: Any, spec: dict[str, Any], instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    """A list-map's entries have distinct keys (a missing key counts as its default)."""
+    if not validator.is_type(instance, "array"):
+        return
+    seen: set[str] = set()
+    for index, item in enumerate(instance):
+        if not isinstance(item, dict):
+            continue
+        key = ", ".join(f"{k}={item.get(k, spec['defaults'].get(k))!r}" for k in spec["keys"])
+        if key in seen:
+            yield jsonschema.ValidationError(
+                f"duplicate entry {key}: a list-map keyed by {', '.join(spec['keys'])} holds one "
+                "entry per key",
+                path=[index],
+            )
+        seen.add(key)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {_LIST_MAP_KEYWORD: _unique_list_map_keys}
+)
+
+
 def _schema_violations(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _Validator(schema)
     violations = []
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
         message = err.message

@@ -9,12 +9,18 @@ that Kubeflow Trainer ships. The runtime runs `torchrun` with the PET_* rendezvo
 Trainer injects; `trainer.numNodes` and `numProcPerNode` override its defaults, `resourcesPerNode`
 requests the GPUs. Node selector and tolerations are not fields of `trainer`: the CRD takes them as
 a `runtimePatches` entry on the runtime's `node` job, which is what is written here.
+
+`launch_and_wait` owns the job while it waits: one that has not started within
+`start_timeout_s` (pods unschedulable, an image that cannot be pulled) is deleted with the reason,
+and so is the job when the waiting process gets SIGTERM (the pipeline run terminated); the pods
+then checkpoint within their grace period and a retry resumes from there.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from types import FrameType
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, field_validator
@@ -28,6 +34,7 @@ from lumos.k8s.resources import (
     check_quantity,
     secret_env,
 )
+from lumos.training.stopping import TrainingStopped, handling_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,12 @@ class DistributedConfig(Strict):
     env_secret: str | None = Field(
         "lumos-s3", description="Secret holding LUMOS_S3_ENDPOINT and AWS_* (None: no secret env)"
     )
-    env: dict[str, str] = Field(default_factory=dict, description="extra plain env variables")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra plain env variables of the training container, one entry per name: "
+        f"one named like a variable from env_secret replaces it; {FEATURE_CACHE_ENV} is not "
+        "allowed (the cache volume's mount path is fixed: size it with feature_cache_gib)",
+    )
     feature_cache_gib: int = Field(
         500, ge=1, description="node-local disk (emptyDir) for the memory-mapped features"
     )
@@ -79,6 +91,14 @@ class DistributedConfig(Strict):
         "killed; also torchrun's wait for its workers (an XL/2 checkpoint is about 13 GB)",
     )
     timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="how long launch_and_wait waits")
+    start_timeout_s: float | None = Field(
+        3600.0,
+        gt=0,
+        description="how long the TrainJob may take to start (a pod ready, or one finished): "
+        "after that launch_and_wait deletes it (it never trained) and fails, saying why its pods "
+        "are pending (Unschedulable, ImagePullBackOff, ...). The clock stops while the job is "
+        "suspended (queued by Kueue). None: no start deadline, only timeout_s",
+    )
     poll_s: float = Field(30.0, gt=0)
 
     @field_validator("namespace", "runtime_ref")
@@ -91,6 +111,16 @@ class DistributedConfig(Strict):
     def _quantity(cls, value: str) -> str:
         return check_quantity(value)
 
+    @field_validator("env")
+    @classmethod
+    def _no_feature_cache_env(cls, value: dict[str, str]) -> dict[str, str]:
+        if FEATURE_CACHE_ENV in value:
+            raise ValueError(
+                f"env must not set {FEATURE_CACHE_ENV}: it points at the feature cache volume, "
+                f"mounted at {FEATURE_CACHE_PATH}; size that volume with feature_cache_gib instead"
+            )
+        return value
+
     def resources(self) -> ComputeResources:
         return ComputeResources(cpu=self.cpu, memory=self.memory, gpu=self.gpus_per_node)
 
@@ -102,10 +132,24 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     check_dns_label(name, "TrainJob name")
     if not name[0].isalpha():
         raise ValueError(f"TrainJob name {name!r} must start with a letter (RFC 1035 label)")
-    env = secret_env(cfg.env_secret) if cfg.env_secret else []
+    # The JobSet webhook requires every pod name, `<name>-node-0-<node index>-<5 random chars>`,
+    # to be a DNS-1035 label: the last node's is the longest.
+    longest_pod_suffix = f"-{RUNTIME_JOB_NAME}-0-{cfg.num_nodes - 1}-xxxxx"
+    if len(name) + len(longest_pod_suffix) > 63:
+        raise ValueError(
+            f"TrainJob name {name!r} is too long for {cfg.num_nodes} nodes: its last pod's name "
+            f"{name + longest_pod_suffix!r} must be at most 63 characters (a DNS-1035 label); "
+            f"use a name of at most {63 - len(longest_pod_suffix)} characters"
+        )
+    # trainer.env is a list-map keyed by name (one entry per name): cfg.env replaces a variable
+    # of the same name from the secret.
+    env = (
+        [e for e in secret_env(cfg.env_secret) if e["name"] not in cfg.env]
+        if cfg.env_secret
+        else []
+    )
     env += [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
-    if FEATURE_CACHE_ENV not in cfg.env:
-        env.append({"name": FEATURE_CACHE_ENV, "value": FEATURE_CACHE_PATH})
+    env.append({"name": FEATURE_CACHE_ENV, "value": FEATURE_CACHE_PATH})  # cfg.env may not set it
     if SHUTDOWN_TIMEOUT_ENV not in cfg.env:  # torchrun's wait before it kills its workers
         env.append({"name": SHUTDOWN_TIMEOUT_ENV, "value": str(cfg.termination_grace_s - 10)})
     trainer: dict[str, Any] = {
@@ -173,7 +217,8 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
 
 
 class TrainJobFailed(RuntimeError):
-    """The TrainJob failed or timed out; the message has the condition and the pods' log tail."""
+    """The TrainJob failed, did not start or timed out; the message says why (the condition, or
+    why its pods are pending) and has the pods' log tail."""
 
     def __init__(self, message: str, outcome: TrainJobOutcome) -> None:
         super().__init__(message)
@@ -183,7 +228,7 @@ class TrainJobFailed(RuntimeError):
 class TrainJobOutcome(BaseModel):
     name: str
     namespace: str
-    state: Literal["Complete", "Failed", "TimedOut"]
+    state: Literal["Complete", "Failed", "TimedOut", "NotStarted"]
     message: str = ""
     seconds: float
     logs: dict[str, str] = Field(default_factory=dict, description="pod name -> log tail")
@@ -221,22 +266,57 @@ def _terminal_condition(job: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _has_started(job: dict[str, Any]) -> bool:
+    """A pod of the job is ready or has finished (or the job ended): it got nodes and its image."""
+    for jobs in (job.get("status") or {}).get("jobsStatus") or []:
+        if any(jobs.get(count, 0) >= 1 for count in ("ready", "succeeded", "failed")):
+            return True
+    return _terminal_condition(job) is not None
+
+
+def _reason_text(reason: str | None, message: str | None) -> str:
+    return ": ".join(x for x in (reason, message) if x)
+
+
+def _where(namespace: str) -> tuple[str, str, str, str]:
+    return TRAINER_GROUP, TRAINER_VERSION, namespace, TRAINJOB_PLURAL
+
+
+def _delete_trainjob(api: CustomObjectsAPI, name: str, namespace: str) -> None:
+    """Delete the TrainJob; its JobSet and pods go in the background (each pod gets SIGTERM and
+    its termination grace period to write a checkpoint)."""
+    try:
+        api.delete_namespaced_custom_object(
+            *_where(namespace), name, propagation_policy="Background"
+        )
+    except Exception as err:
+        if getattr(err, "status", None) != 404:  # already gone: nothing to do
+            raise
+
+
 def _follow_or_replace(
     api: CustomObjectsAPI, trainjob: dict[str, Any], timeout_s: float, poll_s: float, sleep, clock
 ) -> None:
     """The TrainJob of this name exists: keep it unless it failed; a failed one is deleted and
-    created again (the new one resumes from the checkpoints the failed one wrote)."""
+    created again (the new one resumes from the checkpoints the failed one wrote), one being
+    deleted (a previous attempt's, stopped or not started) is created again once it is gone. One
+    that has not started yet is followed: its start deadline runs from now."""
     name, namespace = trainjob["metadata"]["name"], trainjob["metadata"]["namespace"]
-    where = (TRAINER_GROUP, TRAINER_VERSION, namespace, TRAINJOB_PLURAL)
-    cond = _terminal_condition(api.get_namespaced_custom_object(*where, name))
-    if cond is None or cond["type"] != "Failed":
+    where = _where(namespace)
+    existing = api.get_namespaced_custom_object(*where, name)
+    cond = _terminal_condition(existing)
+    if (existing.get("metadata") or {}).get("deletionTimestamp"):
+        log.warning("TrainJob %s/%s is being deleted: creating it again once it is gone",
+                    namespace, name)  # fmt: skip
+    elif cond is None or cond["type"] != "Failed":
         log.warning("TrainJob %s/%s already exists: waiting for it", namespace, name)
         return
-    log.warning(
-        "TrainJob %s/%s failed before (%s): replacing it; the new job resumes from its checkpoints",
-        namespace, name, ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x),
-    )  # fmt: skip
-    api.delete_namespaced_custom_object(*where, name, propagation_policy="Foreground")
+    else:
+        log.warning(
+            "TrainJob %s/%s failed before (%s): replacing it; the new job resumes from its "
+            "checkpoints", namespace, name, _reason_text(cond.get("reason"), cond.get("message")),
+        )  # fmt: skip
+        api.delete_namespaced_custom_object(*where, name, propagation_policy="Foreground")
     start = clock()
     while True:  # deletion is asynchronous: the name is free once its pods are gone
         try:
@@ -255,11 +335,16 @@ def _follow_or_replace(
     log.info("created TrainJob %s/%s again", namespace, name)
 
 
+def _pods(core: CoreAPI, name: str, namespace: str) -> list[Any]:
+    """The TrainJob's pods (kubernetes.client V1Pod objects), by name."""
+    pods = core.list_namespaced_pod(namespace, label_selector=f"{POD_LABEL}={name}")
+    return sorted(pods.items, key=lambda p: p.metadata.name)
+
+
 def pod_logs(core: CoreAPI, name: str, namespace: str, tail_lines: int = 50) -> dict[str, str]:
     """Log tails of the TrainJob's pods (the `node` container), keyed by pod name."""
     logs: dict[str, str] = {}
-    pods = core.list_namespaced_pod(namespace, label_selector=f"{POD_LABEL}={name}")
-    for pod in sorted(pods.items, key=lambda p: p.metadata.name):
+    for pod in _pods(core, name, namespace):
         try:
             logs[pod.metadata.name] = core.read_namespaced_pod_log(
                 pod.metadata.name, namespace, container=RUNTIME_JOB_NAME, tail_lines=tail_lines
@@ -269,12 +354,54 @@ def pod_logs(core: CoreAPI, name: str, namespace: str, tail_lines: int = 50) -> 
     return logs
 
 
+def _why_pending(pod: Any) -> str:
+    """Why a pod has not started: its phase, why it is not scheduled (PodScheduled=False, e.g.
+    Unschedulable) and what its containers wait for (e.g. ImagePullBackOff)."""
+    status = pod.status
+    if status is None:
+        return "no status yet"
+    parts = [status.phase or "no phase"]
+    for cond in status.conditions or []:
+        if cond.type == "PodScheduled" and cond.status == "False":
+            parts.append(f"not scheduled: {_reason_text(cond.reason, cond.message)}")
+    for container in status.container_statuses or []:
+        waiting = container.state.waiting if container.state else None
+        if waiting is not None:
+            parts.append(
+                f"container {container.name} waiting: "
+                f"{_reason_text(waiting.reason, waiting.message)}"
+            )
+    return "; ".join(parts)
+
+
+def _why_not_started(job: dict[str, Any], pods: list[Any]) -> str:
+    conditions = [
+        f"{c.get('type')}={c.get('status')} ({_reason_text(c.get('reason'), c.get('message'))})"
+        for c in (job.get("status") or {}).get("conditions") or []
+        if c.get("status") != "True"
+    ]
+    pending = [f"{pod.metadata.name}: {_why_pending(pod)}" for pod in pods]
+    return (
+        f"conditions not True: {'; '.join(conditions) or 'none'}\n"
+        f"pods: {'; '.join(pending) or 'none created'}"
+    )
+
+
+def _sleep_unless_stopped(seconds: float, stopped: list[int], sleep, clock) -> None:
+    """Sleep `seconds`, in steps of at most 1 s so that a SIGTERM is acted on within a second:
+    a pod being deleted has its grace period (30 s by default) to clean up."""
+    end = clock() + seconds
+    while not stopped and (left := end - clock()) > 0:
+        sleep(min(left, 1.0))
+
+
 def launch_and_wait(
     trainjob: dict[str, Any],
     api: CustomObjectsAPI | None = None,
     core_api: CoreAPI | None = None,
     timeout_s: float = 7 * 24 * 3600.0,
     poll_s: float = 30.0,
+    start_timeout_s: float | None = 3600.0,
     *,
     sleep=time.sleep,
     clock=time.monotonic,
@@ -283,56 +410,96 @@ def launch_and_wait(
     replace it if it failed) and wait for its Complete or Failed condition.
 
     On failure or timeout raises `TrainJobFailed` with the condition message and the log tail of
-    every pod. `api`/`core_api` default to the kubernetes client (in-cluster config, else kubeconfig).
+    every pod. A job that has not started within `start_timeout_s` (not counting the time it is
+    suspended) is deleted, and `TrainJobFailed` says why its pods are pending. On SIGTERM (the
+    pipeline run terminated, this pod deleted) the TrainJob is deleted and `TrainingStopped`
+    raised. `api`/`core_api` default to the kubernetes client (in-cluster config, else kubeconfig).
     """
     if api is None or core_api is None:
         default_api, default_core = _default_apis()
         api, core_api = api or default_api, core_api or default_core
     name, namespace = trainjob["metadata"]["name"], trainjob["metadata"]["namespace"]
-    try:
-        api.create_namespaced_custom_object(
-            TRAINER_GROUP, TRAINER_VERSION, namespace, TRAINJOB_PLURAL, trainjob
-        )
-        log.info("created TrainJob %s/%s", namespace, name)
-    except Exception as err:
-        if getattr(err, "status", None) != 409:  # kubernetes.client.ApiException: AlreadyExists
-            raise
-        # A retried pipeline step: follow the job the first attempt created, or replace it if it
-        # failed (its JobSet restarts used up), so that the retry trains again.
-        _follow_or_replace(api, trainjob, timeout_s, poll_s, sleep, clock)
-    start = clock()
-    while True:
-        job = api.get_namespaced_custom_object(
-            TRAINER_GROUP, TRAINER_VERSION, namespace, TRAINJOB_PLURAL, name
-        )
-        cond = _terminal_condition(job)
-        elapsed = clock() - start
-        if cond is not None or elapsed >= timeout_s:
-            break
-        sleep(poll_s)
+    stopped: list[int] = []  # the SIGTERM handler only records it: the loop below acts on it
+
+    def record_sigterm(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signum)
+
+    with handling_sigterm(record_sigterm) as handled:
+        if not handled:
+            log.warning("not on the main thread: a SIGTERM would leave TrainJob %s/%s running",
+                        namespace, name)  # fmt: skip
+        try:
+            api.create_namespaced_custom_object(*_where(namespace), trainjob)
+            log.info("created TrainJob %s/%s", namespace, name)
+        except Exception as err:
+            if getattr(err, "status", None) != 409:  # kubernetes.client.ApiException: AlreadyExists
+                raise
+            # A retried pipeline step: follow the job the first attempt created, or replace it if
+            # it failed (its JobSet restarts used up), so that the retry trains again.
+            _follow_or_replace(api, trainjob, timeout_s, poll_s, sleep, clock)
+        start = clock()
+        started = False
+        pending_since: float | None = start  # the start deadline's clock; None while suspended
+        state: Literal["Complete", "Failed", "TimedOut", "NotStarted"]
+        while True:
+            if stopped:
+                _delete_trainjob(api, name, namespace)
+                log.warning("SIGTERM: deleted TrainJob %s/%s", namespace, name)
+                raise TrainingStopped(
+                    f"SIGTERM: this step was stopped (the run terminated or its pod deleted) and "
+                    f"TrainJob {namespace}/{name} was deleted; its pods write a checkpoint within "
+                    "their termination grace period, and a retry of this step resumes from its "
+                    "checkpoints"
+                )
+            job = api.get_namespaced_custom_object(*_where(namespace), name)
+            cond = _terminal_condition(job)
+            now = clock()
+            elapsed = now - start
+            if cond is not None:
+                state = "Complete" if cond["type"] == "Complete" else "Failed"
+                message = _reason_text(cond.get("reason"), cond.get("message"))
+                break
+            if elapsed >= timeout_s:
+                state, message = (
+                    "TimedOut",
+                    f"no Complete/Failed condition after {timeout_s:.0f}s; the job is still there "
+                    f"(kubectl -n {namespace} delete trainjob {name} to stop it)",
+                )
+                break
+            started = started or _has_started(job)
+            if not started and start_timeout_s is not None:
+                if (job.get("spec") or {}).get("suspend"):
+                    pending_since = None  # queued (by Kueue): the start clock waits too
+                elif pending_since is None:
+                    pending_since = now
+                elif now - pending_since >= start_timeout_s:
+                    state = "NotStarted"
+                    message = (
+                        f"no pod ready or finished after {start_timeout_s:.0f}s; the TrainJob "
+                        f"was deleted (it never trained)\n"
+                        f"{_why_not_started(job, _pods(core_api, name, namespace))}"
+                    )
+                    break
+            _sleep_unless_stopped(poll_s, stopped, sleep, clock)
     logs = pod_logs(core_api, name, namespace)
-    state: Literal["Complete", "Failed", "TimedOut"]
-    if cond is None:
-        state, message = (
-            "TimedOut",
-            (
-                f"no Complete/Failed condition after {timeout_s:.0f}s; the job is still there "
-                f"(kubectl -n {namespace} delete trainjob {name} to stop it)"
-            ),
-        )
-    else:
-        state = "Complete" if cond["type"] == "Complete" else "Failed"
-        message = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
+    if state == "NotStarted":
+        _delete_trainjob(api, name, namespace)
+        log.warning("TrainJob %s/%s did not start: deleted it", namespace, name)
     outcome = TrainJobOutcome(
         name=name, namespace=namespace, state=state, message=message, seconds=elapsed, logs=logs
     )
     if state != "Complete":
+        what = {"Failed": "failed", "TimedOut": "timed out", "NotStarted": "did not start"}[state]
+        hint = (
+            "fix the cause and run the step again, or raise cluster.distributed.start_timeout_s "
+            "if the cluster needs longer to provide the nodes"
+            if state == "NotStarted"
+            else f"inspect with: kubectl -n {namespace} describe trainjob {name}"
+        )
         tails = "\n".join(f"--- {pod} ---\n{text}" for pod, text in logs.items()) or "<no pods>"
         raise TrainJobFailed(
-            f"TrainJob {namespace}/{name} {'timed out' if state == 'TimedOut' else 'failed'}: "
-            f"{message or 'no message'}\n"
-            f"pod logs (tail):\n{tails}\n"
-            f"inspect with: kubectl -n {namespace} describe trainjob {name}",
+            f"TrainJob {namespace}/{name} {what}: {message or 'no message'}\n"
+            f"pod logs (tail):\n{tails}\n{hint}",
             outcome,
         )
     log.info("TrainJob %s/%s complete after %.0fs", namespace, name, elapsed)

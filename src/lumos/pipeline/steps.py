@@ -192,9 +192,8 @@ def train_step(
     cli_args = ["--dataset", dataset_uri, "--out", out_uri]
     if init_uri:
         cli_args += ["--init", init_uri]
-    dist = cfg.cluster.distributed
     result: BaseModel | dict[str, Any]
-    if head == "i2i" and dist is not None and dist.num_nodes * dist.gpus_per_node > 1:
+    if head == "i2i" and cfg.cluster.pretrain_as_trainjob():
         result = _train_as_trainjob(cfg, config_json, head, cli_args, out_uri)
     elif _local_gpu_count() > 1:
         result = _train_with_accelerate(config_json, head, cli_args, out_uri)
@@ -251,12 +250,15 @@ def _train_as_trainjob(
     dist = cfg.cluster.distributed
     assert dist is not None, "a TrainJob needs cluster.distributed"
     command = ["lumos", *_stage_command(head, cli_args), "--config-json", config_json]
-    # The run root ends with the KFP run id: one TrainJob per run and head.
+    # The run root ends with the KFP run id: one TrainJob per run and head. PipelineConfig.name
+    # is short enough for this name (NAME_MAX_LENGTH) with up to 100 nodes.
     run_id = out_uri.rstrip("/").split("/")[-3][-8:]
     name = f"{cfg.name}-{head.replace('_', '-')}-{run_id}".lower()
     job = render_trainjob(dist, command, name)
     print(f"launching TrainJob {name}: {dist.num_nodes} x {dist.gpus_per_node} GPUs", flush=True)
-    outcome = launch_and_wait(job, timeout_s=dist.timeout_s, poll_s=dist.poll_s)
+    outcome = launch_and_wait(
+        job, timeout_s=dist.timeout_s, poll_s=dist.poll_s, start_timeout_s=dist.start_timeout_s
+    )
     return {
         "trainjob": outcome.model_dump(mode="json"),
         "checkpoint": read_checkpoint_meta(out_uri),
