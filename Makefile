@@ -32,9 +32,15 @@ lint: setup
 	$(BIN)/ruff check src components pipelines tests bench
 	$(BIN)/mypy
 
+# The KFP UI's pipeline (xl preset), then each kustomization's pipeline resources from its
+# ConfigMap: the base's, and the overlay's as a patch of the base's. Rerun after editing either.
+OVERLAY := manifests/overlays/gpu-cluster
 compile: setup
 	$(BIN)/python -m pipelines.lumos_pipeline
-	$(BIN)/python -m lumos.k8s.pipeline_resources
+	$(BIN)/python -m lumos.k8s.pipeline_resources --config-map manifests/base/pipeline-config.yaml \
+	  --out manifests/base/pipeline.yaml
+	$(BIN)/python -m lumos.k8s.pipeline_resources --config-map $(OVERLAY)/pipeline-config.yaml \
+	  --as-patch-of manifests/base/pipeline.yaml --out $(OVERLAY)/pipeline-patch/kustomization.yaml
 
 clean:
 	rm -rf runs .pytest_cache

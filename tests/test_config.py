@@ -97,3 +97,26 @@ def test_cli_prints_schema_and_fails_before_work_on_bad_config() -> None:
     )
     assert bad.returncode == 2
     assert "pretrain.steps" in bad.stderr
+
+
+def test_partial_finetune_override_keeps_the_fine_tune_recipe() -> None:
+    """A head's section naming only some keys (a ConfigMap's overrides.yaml) keeps that head's
+    steps and name, not TrainConfig's pretraining defaults."""
+    cfg = load_config(
+        preset="xl",
+        overrides=["finetune.t2i.lr=0.0002", "finetune.video.pushgateway_url=http://pg"],
+    )
+    assert cfg.finetune.t2i.steps == PipelineConfig().finetune.t2i.steps == 65_000
+    assert cfg.finetune.t2i.head == "t2i" and cfg.finetune.t2i.lr == pytest.approx(2e-4)
+    assert cfg.finetune.video.steps == 20_000 and cfg.finetune.video.head == "video"
+
+
+def test_config_text_is_read_like_a_config_file(tmp_path) -> None:
+    text = "pretrain:\n  steps: 7\n"
+    path = tmp_path / "overrides.yaml"
+    path.write_text(text)
+    from_text = load_config(preset="tiny", config_text=("ConfigMap x", text))
+    assert from_text == load_config(preset="tiny", config_file=path)
+    assert from_text.pretrain.steps == 7
+    with pytest.raises(ConfigError, match="ConfigMap x must hold a mapping"):
+        load_config(preset="tiny", config_text=("ConfigMap x", "- a\n"))

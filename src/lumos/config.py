@@ -101,15 +101,37 @@ class DataConfig(Strict):
     )
 
 
+# What each fine-tune changes in TrainConfig's defaults (the pretraining recipe).
+FINETUNE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "t2i": {"head": "t2i", "steps": 65_000},
+    "novel_view": {"head": "novel_view", "steps": 20_000},
+    "video": {"head": "video", "steps": 20_000},
+}
+
+
 class FinetuneConfig(Strict):
     """Brief fine-tunes from the I2I checkpoint. T2I: the paper's 65K steps (PixArt-alpha used
     240K); the 3D and video step counts are ours (not published)."""
 
-    t2i: TrainConfig = Field(default_factory=lambda: TrainConfig(head="t2i", steps=65_000))
+    t2i: TrainConfig = Field(default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["t2i"]))
     novel_view: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(head="novel_view", steps=20_000)
+        default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["novel_view"])
     )
-    video: TrainConfig = Field(default_factory=lambda: TrainConfig(head="video", steps=20_000))
+    video: TrainConfig = Field(default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["video"]))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_heads_keep_their_defaults(cls, data: Any) -> Any:
+        """`finetune: {t2i: {lr: ...}}` changes the T2I fine-tune's lr; its head and steps stay
+        the fine-tune's, not TrainConfig's (pretraining's 400K steps)."""
+        if isinstance(data, dict):
+            data = {
+                name: {**FINETUNE_DEFAULTS[name], **value}
+                if name in FINETUNE_DEFAULTS and isinstance(value, dict)
+                else value
+                for name, value in data.items()
+            }
+        return data
 
     @model_validator(mode="after")
     def _heads_match(self) -> FinetuneConfig:
@@ -215,24 +237,30 @@ def load_config(
     preset: str | None = "tiny",
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
+    *,
+    config_text: tuple[str, str] | None = None,
 ) -> PipelineConfig:
-    """Defaults <- preset <- config file <- --set overrides, validated once."""
+    """Defaults <- preset <- config file <- --set overrides, validated once. `config_text` is
+    (where it comes from, text) of a config file not on disk (a ConfigMap's overrides.yaml)."""
     data: dict[str, Any] = {}
     if preset:
         data = deep_merge(data, preset_overrides(preset))
         data["preset"] = preset
+    if config_file and config_text:
+        raise ConfigError("give a config file or its text, not both")
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        config_text = (f"config file {path}", path.read_text())
+    if config_text:
+        source, text = config_text
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+            raise ConfigError(f"{source} is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {path} must hold a mapping, got {type(loaded).__name__}"
-            )
+            raise ConfigError(f"{source} must hold a mapping, got {type(loaded).__name__}")
         data = deep_merge(data, loaded)
     if overrides:
         data = deep_merge(data, parse_set(overrides))

@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lumos.config import PipelineConfig, load_config, validate_config
 from lumos.k8s.crd_validation import validate_resource, validate_resources
 from lumos.k8s.pipeline_resources import (
-    render_pipeline_resources,
-    retraining_parameters,
+    RETRAINING_OVERRIDES,
+    load_config_map,
+    main,
+    render_from_config_map,
+    render_overlay_patch,
+    write_overlay_patch,
     write_resources,
 )
 from lumos.k8s.resources import S3_SECRET_KEYS, S3_SECRET_OPTIONAL_KEYS
@@ -24,23 +29,25 @@ from lumos.serving.promote import PromoteConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO_ROOT / "manifests"
-COMPILED_PIPELINE = REPO_ROOT / "pipelines" / "lumos_pipeline.yaml"
+BASE_CONFIG_MAP = Path("base") / "pipeline-config.yaml"
+BASE_PIPELINE = Path("base") / "pipeline.yaml"
+OVERLAY = Path("overlays") / "gpu-cluster"
+OVERLAY_CONFIG_MAP = OVERLAY / "pipeline-config.yaml"
+OVERLAY_PATCH = OVERLAY / "pipeline-patch" / "kustomization.yaml"
 
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The manifests as checked in; when `base/pipeline.yaml` has not been generated yet, a copy
-    with one generated from a pipeline compiled here (the real one when it exists)."""
-    if (MANIFESTS / "base" / "pipeline.yaml").exists():
+    """The manifests as checked in; when the pipeline resources have not been generated yet, a
+    copy with them generated from the ConfigMaps (what `make compile` does)."""
+    if (MANIFESTS / BASE_PIPELINE).exists() and (MANIFESTS / OVERLAY_PATCH).exists():
         return MANIFESTS
     copy = tmp_path_factory.mktemp("manifests") / "manifests"
     shutil.copytree(MANIFESTS, copy)
-    compiled = COMPILED_PIPELINE
-    if not compiled.exists():
-        from test_pipeline_resources import compile_tiny
-
-        compiled = compile_tiny(copy.parent / "tiny.yaml")
-    write_resources(render_pipeline_resources(compiled), copy / "base" / "pipeline.yaml")
+    base_config_map, overlay_config_map = copy / BASE_CONFIG_MAP, copy / OVERLAY_CONFIG_MAP
+    write_resources(render_from_config_map(base_config_map), copy / BASE_PIPELINE, base_config_map)
+    component = render_overlay_patch(overlay_config_map, copy / BASE_PIPELINE)
+    write_overlay_patch(component, copy / OVERLAY_PATCH, overlay_config_map, copy / BASE_PIPELINE)
     return copy
 
 
@@ -159,20 +166,76 @@ def test_pipeline_config_overrides_are_a_valid_config(manifests: Path, where: st
     validate_config(deep_merge(preset, overrides))
 
 
+def _config_json(value: str) -> PipelineConfig:
+    return validate_config(json.loads(value))
+
+
 def test_generated_pipeline_manifest_is_current() -> None:
-    checked_in = MANIFESTS / "base" / "pipeline.yaml"
-    if not COMPILED_PIPELINE.exists() or not checked_in.exists():
-        pytest.skip(
-            "pipelines/lumos_pipeline.yaml or manifests/base/pipeline.yaml not generated yet"
-        )
+    """base/pipeline.yaml is what `make compile` renders from the base's ConfigMap."""
+    checked_in = MANIFESTS / BASE_PIPELINE
+    assert checked_in.exists(), "run `make compile` to generate manifests/base/pipeline.yaml"
     docs = [d for d in yaml.safe_load_all(checked_in.read_text()) if d]
     version = docs[0]["metadata"]["labels"]["app.kubernetes.io/version"]
-    expected = render_pipeline_resources(
-        COMPILED_PIPELINE,
-        docs[0]["metadata"]["name"],
-        version,
-        schedule_parameters=retraining_parameters(COMPILED_PIPELINE),
+    expected = render_from_config_map(
+        MANIFESTS / BASE_CONFIG_MAP, docs[0]["metadata"]["name"], version
     )
-    scheduled = json.loads(docs[2]["spec"]["workflow"]["parameters"][0]["value"])
-    assert json.loads(scheduled)["ingest"]["incremental"] is True
-    assert docs == expected, "stale: run `python -m lumos.k8s.pipeline_resources`"
+    assert docs == expected, "stale: edit the ConfigMap, then run `make compile`"
+    scheduled = _config_json(docs[2]["spec"]["workflow"]["parameters"][0]["value"])
+    assert scheduled == load_config_map(MANIFESTS / BASE_CONFIG_MAP, RETRAINING_OVERRIDES)
+    assert scheduled.ingest.incremental is True
+
+
+def test_generated_overlay_patch_is_current(tmp_path: Path) -> None:
+    """The overlay's pipeline-patch/ is what `make compile` renders from its ConfigMap."""
+    checked_in = MANIFESTS / OVERLAY_PATCH
+    assert checked_in.exists(), f"run `make compile` to generate manifests/{OVERLAY_PATCH}"
+    fresh = tmp_path / "kustomization.yaml"
+    main(["--config-map", str(MANIFESTS / OVERLAY_CONFIG_MAP),
+          "--as-patch-of", str(MANIFESTS / BASE_PIPELINE), "--out", str(fresh)])  # fmt: skip
+    assert fresh.read_text() == checked_in.read_text(), (
+        f"manifests/{OVERLAY_PATCH} is stale: run `make compile`"
+    )
+    kustomization = yaml.safe_load((MANIFESTS / OVERLAY / "kustomization.yaml").read_text())
+    assert OVERLAY_PATCH.parent.name in kustomization.get("components", [])
+
+
+def test_overlay_pipeline_runs_the_overlays_config(manifests: Path, crds_dir: Path) -> None:
+    """What `kubectl apply -k` creates for the overlay: the scheduled runs' config, the pipeline's
+    images and GPU settings and its default config are the overlay ConfigMap's (as rendered)."""
+    overlay = kustomize(manifests / OVERLAY)
+    validate_resources(overlay, crds_dir)
+    [config_map] = by_kind(overlay, "ConfigMap").values()
+    data = config_map["data"]
+    cfg = load_config(preset=data["preset"], config_text=("overlay", data["overrides.yaml"]))
+    assert cfg.cluster.image != load_config_map(manifests / BASE_CONFIG_MAP).cluster.image
+
+    [schedule] = by_kind(overlay, "ScheduledWorkflow").values()
+    [parameter] = schedule["spec"]["workflow"]["parameters"]
+    scheduled = _config_json(parameter["value"])
+    assert cfg.cluster.distributed is not None and scheduled.cluster.distributed is not None
+    assert scheduled.cluster.image == cfg.cluster.image
+    assert scheduled.cluster.distributed.num_nodes == cfg.cluster.distributed.num_nodes
+    assert scheduled.promote.registry_uri == cfg.promote.registry_uri
+    assert scheduled.ingest.incremental is True
+    assert scheduled.model_copy(update={"ingest": cfg.ingest}) == cfg  # nothing else differs
+
+    [version] = by_kind(overlay, "PipelineVersion").values()
+    pipeline_spec = version["spec"]["pipelineSpec"]
+    executors = pipeline_spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {cfg.cluster.image}
+    finetune = executors["exec-finetune"]["container"]["resources"]["accelerator"]
+    assert int(finetune["resourceCount"]) == cfg.cluster.gpus_per_step
+    platform = version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]
+    node_selector = platform["executors"]["exec-finetune"]["nodeSelector"]["labels"]
+    assert node_selector == cfg.cluster.gpu_node_selector
+    inputs = pipeline_spec["root"]["inputDefinitions"]["parameters"]
+    assert _config_json(inputs["config_json"]["defaultValue"]) == cfg
+    # the schedule runs this same pipeline, with the overlay's cron
+    assert next(yaml.safe_load_all(schedule["spec"]["workflow"]["spec"])) == pipeline_spec
+    assert schedule["spec"]["pipelineName"] == version["metadata"]["name"]
+    assert schedule["spec"]["trigger"]["cronSchedule"]["cron"] == "0 0 2 * * *"
+
+    # TrainJobs set their image from the config; the runtime's is the default for others
+    runtime = by_kind(overlay, "TrainingRuntime")["torch-distributed"]
+    pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert pod["spec"]["containers"][0]["image"] == cfg.cluster.distributed.image
