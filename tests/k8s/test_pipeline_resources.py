@@ -49,7 +49,19 @@ def test_resources_are_valid_and_carry_the_pipeline(compiled: Path, crds_dir: Pa
     for resource in (pipeline, version, schedule):
         validate_resource(resource, crds_dir)
     assert pipeline["spec"]["description"] == "A two-parameter test pipeline."
-    assert version["metadata"]["name"] == "lumos-v0-2-0"
+    # KFP keeps a PipelineVersion's spec immutable: its name ends with the spec's hash, so another
+    # pipeline (or config) is a new version; the same one keeps its name.
+    assert version["metadata"]["name"].startswith("lumos-v0-2-0-")
+    _, again, _ = render_pipeline_resources(compiled, "lumos", "0.2.0")
+    assert again["metadata"]["name"] == version["metadata"]["name"]
+    _, other, _ = render_pipeline_resources(compiled, "lumos", "0.2.0", cron="0 0 4 * * 0")
+    assert other["metadata"]["name"] == version["metadata"]["name"]  # the schedule is not in it
+    compiler.Compiler().compile(
+        tiny_pipeline, package_path=str(compiled.parent / "renamed.yaml"), pipeline_name="renamed"
+    )
+    _, renamed, _ = render_pipeline_resources(compiled.parent / "renamed.yaml", "lumos", "0.2.0")
+    assert renamed["metadata"]["name"] != version["metadata"]["name"]
+    assert schedule["spec"]["pipelineName"] == version["metadata"]["name"]
     assert version["spec"]["pipelineName"] == "lumos"
     assert version["spec"]["pipelineSpec"]["pipelineInfo"]["name"] == "tiny-lumos"
     # the kfp.kubernetes settings travel in the platform spec

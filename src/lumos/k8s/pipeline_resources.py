@@ -25,6 +25,7 @@ KFP cron schedules have six fields, seconds first: "0 0 3 * * 0" is Sundays at 0
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata as metadata
 import json
 import re
@@ -95,9 +96,6 @@ def render_pipeline_resources(
     """[Pipeline, PipelineVersion, ScheduledWorkflow] for the compiled pipeline, each validated."""
     spec, platform, text = load_compiled_pipeline(Path(compiled_pipeline_yaml))
     check_dns_label(name, "pipeline name")
-    version_name = check_dns_label(
-        re.sub(r"[^a-z0-9-]", "-", f"{name}-v{version}".lower()), "version"
-    )
     check_cron(cron)
     info = spec["pipelineInfo"]
     description = info.get("description") or f"{name} pipeline"
@@ -120,6 +118,12 @@ def render_pipeline_resources(
     }
     if platform is not None:
         version_spec["platformSpec"] = platform
+    # KFP's webhook keeps a PipelineVersion's spec immutable: the name ends with a hash of it, so
+    # a changed pipeline or config is applied as a new version instead of being refused.
+    digest = hashlib.sha256(json.dumps(version_spec, sort_keys=True).encode()).hexdigest()[:8]
+    version_name = check_dns_label(
+        re.sub(r"[^a-z0-9-]", "-", f"{name}-v{version}-{digest}".lower()), "version"
+    )
     pipeline_version = {
         "apiVersion": "pipelines.kubeflow.org/v2beta1",
         "kind": "PipelineVersion",
@@ -251,7 +255,10 @@ def render_overlay_patch(config_map: Path, base_resources: Path) -> dict[str, An
     )
     patches = []
     for old, new in zip(base, rendered, strict=True):
-        if old["metadata"] != new["metadata"]:
+        # Only a PipelineVersion's name differs: it ends with the hash of its spec.
+        renamed = old["metadata"]["name"] != new["metadata"]["name"]
+        unnamed = [{**meta, "name": None} for meta in (old["metadata"], new["metadata"])]
+        if unnamed[0] != unnamed[1] or (renamed and new["kind"] != "PipelineVersion"):
             raise PipelineResourceError(
                 f"{base_resources}: the {old['kind']}'s metadata is not what this module renders "
                 "for its name and version: regenerate the base first"
@@ -259,8 +266,12 @@ def render_overlay_patch(config_map: Path, base_resources: Path) -> dict[str, An
         if old["spec"] != new["spec"]:
             group, version = new["apiVersion"].split("/")
             target = {"group": group, "version": version, "kind": new["kind"]}
-            target["name"] = new["metadata"]["name"]
+            target["name"] = old["metadata"]["name"]
             ops = [{"op": "replace", "path": "/spec", "value": new["spec"]}]
+            if renamed:
+                ops.append(
+                    {"op": "replace", "path": "/metadata/name", "value": new["metadata"]["name"]}
+                )
             patches.append({"target": target, "patch": yaml.safe_dump(ops, sort_keys=False)})
     return {
         "apiVersion": "kustomize.config.k8s.io/v1alpha1",
