@@ -20,7 +20,9 @@ def pushgateway_url():
         pytest.skip(
             "prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway)"
         )
-    command = [PUSHGATEWAY, "--web.listen-address=127.0.0.1:{port}"]
+    # Debian's build persists metrics to /var/lib/prometheus by default: each test's gateway
+    # must start empty, not with what earlier runs pushed.
+    command = [PUSHGATEWAY, "--web.listen-address=127.0.0.1:{port}", "--persistence.file="]
     with local_server(lambda port: [c.format(port=port) for c in command], "/-/ready") as url:
         yield url
 
