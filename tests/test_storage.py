@@ -183,6 +183,29 @@ def test_conditional_writes_are_a_compare_and_swap(store: Storage):
         store.write_bytes("head/x.json", b"x", if_version=latest, if_absent=True)
 
 
+def test_download_of_a_listed_version(store: Storage, tmp_path):
+    """`if_version`: the version listed and no other (the feature cache names files after it)."""
+    store.write_bytes("part.bin", b"old")
+    [listed] = store.list()
+    store.download_file("part.bin", tmp_path / "a", if_version=listed.version)
+    assert (tmp_path / "a").read_bytes() == b"old"
+    store.write_bytes("part.bin", b"new content")  # rewritten since it was listed
+    with pytest.raises(PreconditionFailed, match="changed since it was listed"):
+        store.download_file("part.bin", tmp_path / "b", if_version=listed.version)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "root") == ["a"]  # nothing else
+
+
+def test_a_file_in_the_way_is_a_storage_error(tmp_path):
+    store = Storage.from_uri(str(tmp_path / "root"))
+    store.write_bytes("a/b", b"a file where a directory would go")
+    with pytest.raises(StorageError, match="cannot write"):
+        store.write_bytes("a/b/c", b"x")
+    with pytest.raises(StorageError, match="cannot upload"):
+        store.upload_file(tmp_path / "root" / "a" / "b", "a/b/d")
+    with pytest.raises(StorageError, match="cannot download"):
+        store.download_file("a/b", tmp_path / "root" / "a" / "b" / "e")
+
+
 def test_invalid_keys_are_rejected(store: Storage):
     for bad in ["", "/abs", "a/../b", "a//b"]:
         with pytest.raises(StorageError, match="invalid storage key"):

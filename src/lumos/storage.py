@@ -14,6 +14,7 @@ Every failure is a `StorageError` (or its subclass `ObjectNotFound`) whose messa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -147,7 +148,12 @@ class Storage:
         local store on the same filesystem then renames it into place instead of copying it."""
         raise NotImplementedError
 
-    def download_file(self, key: str, local_path: str | Path) -> None:
+    def download_file(
+        self, key: str, local_path: str | Path, if_version: str | None = None
+    ) -> None:
+        """Copy `key` to a local file (written under a temporary name, then renamed). With
+        `if_version` (an `ObjectInfo.version`) only that version: `PreconditionFailed` if the
+        object changed since it was listed, and nothing is written."""
         raise NotImplementedError
 
     def staging_dir(self) -> tempfile.TemporaryDirectory:
@@ -327,7 +333,8 @@ class LocalStorage(Storage):
             tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. path's parent is a file: report that
+                tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {path}: {err}") from err
 
     def read_versioned(self, key: str) -> tuple[bytes, str]:
@@ -386,10 +393,16 @@ class LocalStorage(Storage):
                 raise StorageError(msg) from err
         return tuple(path.name for path in stale)
 
-    def download_file(self, key: str, local_path: str | Path) -> None:
+    def download_file(
+        self, key: str, local_path: str | Path, if_version: str | None = None
+    ) -> None:
         path = self._path(key)
         if not path.is_file():
             raise ObjectNotFound(f"no object at {path}")
+        st = path.stat()
+        listed = ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime)
+        if if_version is not None and listed.version != if_version:
+            raise PreconditionFailed(f"cannot download {path}: it changed since it was listed")
         self._copy_atomically(path, Path(local_path), "download")
 
     def _copy_atomically(self, src: Path, dst: Path, what: str) -> None:
@@ -400,7 +413,8 @@ class LocalStorage(Storage):
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. dst's parent is a file: report that
+                tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot {what} {src} to {dst}: {err}") from err
 
 
@@ -462,12 +476,16 @@ class S3Storage(Storage):
 
     def _error(self, err: Exception, key: str, action: str) -> StorageError:
         """Translate a minio / urllib3 error into a StorageError naming the URI."""
-        from minio.error import S3Error
+        from minio.error import S3Error, ServerError
 
         uri = self.key_uri(key)
+        if isinstance(err, ServerError) and err.status_code == 412:  # a HEAD's: no error body
+            return PreconditionFailed(f"cannot {action} {uri}: it changed since it was listed")
         if isinstance(err, S3Error):
             if err.code in ("NoSuchKey", "NoSuchObject"):
                 return ObjectNotFound(f"no object at {uri}")
+            if err.code == "PreconditionFailed":
+                return PreconditionFailed(f"cannot {action} {uri}: it changed since it was listed")
             if err.code == "NoSuchBucket":
                 return StorageError(
                     f"cannot {action} {uri}: bucket {self.bucket!r} does not exist; create it first"
@@ -591,16 +609,25 @@ class S3Storage(Storage):
         except Exception as err:
             raise self._error(err, key, "upload to") from err
 
-    def download_file(self, key: str, local_path: str | Path) -> None:
+    def download_file(
+        self, key: str, local_path: str | Path, if_version: str | None = None
+    ) -> None:
         local_path = Path(local_path)
         tmp = local_path.with_name(f".{local_path.name}{_TMP_MARKER}{uuid.uuid4().hex[:8]}")
+        # The GET itself carries the condition: no window between a check and the download.
+        headers = {"If-Match": f'"{if_version}"'} if if_version is not None else None
         try:
             local_path.parent.mkdir(parents=True, exist_ok=True)
             self.client.fget_object(
-                self.bucket, self._name(key), str(local_path), tmp_file_path=str(tmp)
+                self.bucket,
+                self._name(key),
+                str(local_path),
+                request_headers=headers,
+                tmp_file_path=str(tmp),
             )
         except StorageError:
             raise
         except Exception as err:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise self._error(err, key, "download") from err

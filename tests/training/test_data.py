@@ -20,6 +20,7 @@ from safetensors.torch import save
 from lumos.storage import S3Storage, Storage
 from lumos.training.data import (
     FeatureDataset,
+    FeaturesChanged,
     FeaturesNotFound,
     FeatureTable,
     ResumableSampler,
@@ -171,10 +172,10 @@ def test_processes_of_a_node_download_each_object_once(
     downloads: list[str] = []
     real = S3Storage.download_file
 
-    def slow_download(self, key, local_path):
+    def slow_download(self, key, local_path, if_version=None):
         downloads.append(key)
         time.sleep(0.05)  # widen the window in which another loader could start the same one
-        real(self, key, local_path)
+        real(self, key, local_path, if_version)
 
     monkeypatch.setattr(S3Storage, "download_file", slow_download)
     with ThreadPoolExecutor(3) as pool:
@@ -186,16 +187,45 @@ def test_processes_of_a_node_download_each_object_once(
     assert not leftovers
 
 
-def list_eval_rows_and_drop_records(dataset: str | Path) -> None:
-    """List each part's eval rows in features.json, as featurize does, then delete the parts'
-    json records: any later read of a record fails."""
+def test_features_rewritten_while_a_run_loads_them_are_an_error(
+    images_features, s3_bucket, tmp_path, monkeypatch
+):
+    """A part's records are fetched when first asked for: if the dataset was re-featurized
+    since the table was loaded, the new file must not be cached under the old version's name
+    (and mixed with the old tensors)."""
+    monkeypatch.setenv("LUMOS_FEATURE_CACHE", str(tmp_path / "cache"))
+    local = tmp_path / "ds"
+    shutil.copytree(images_features, local)
+    list_eval_rows(local)  # the records are then read lazily
+    store = Storage.from_uri(f"s3://{s3_bucket}/ds")
+    store.upload_dir(local)
+    table = load_feature_table(store.uri)
+    features = store.child("features")
+    part = features.read_json("part-00000.json")
+    part["meta"] = [{**record, "key": f"new-{record['key']}"} for record in part["meta"]]
+    features.write_json("part-00000.json", part)
+    with pytest.raises(FeaturesChanged, match="changed while this run was loading"):
+        table.records[0]
+    assert load_feature_table(store.uri).records[0]["key"] == part["meta"][0]["key"]
+
+
+def list_eval_rows(dataset: str | Path) -> None:
+    """List each part's eval rows in features.json, as featurize does."""
     features = Storage.from_uri(str(dataset)).child("features")
     spec = features.read_json("features.json")
     for entry in spec["parts"]:
         records = features.read_json(f"{entry['name']}.json")["meta"]
         entry["eval_rows"] = [i for i, r in enumerate(records) if r["meta"].get("split") == "eval"]
-        features.delete(f"{entry['name']}.json")
     features.write_json("features.json", spec)
+
+
+def list_eval_rows_and_drop_records(dataset: str | Path) -> None:
+    """List each part's eval rows in features.json, as featurize does, then delete the parts'
+    json records: any later read of a record fails."""
+    list_eval_rows(dataset)
+    features = Storage.from_uri(str(dataset)).child("features")
+    for entry in features.read_json("features.json")["parts"]:
+        features.delete(f"{entry['name']}.json")
 
 
 def test_listed_eval_rows_split_without_reading_the_records(images_features, tmp_path):

@@ -13,7 +13,7 @@ from safetensors.torch import load as load_safetensors
 
 from lumos.data.shards import ShardWriter
 from lumos.encoders import EncodersConfig, FrozenEncoders
-from lumos.storage import Storage
+from lumos.storage import LocalStorage, Storage
 from lumos.training.data import FeatureDataset, load_feature_table
 from lumos.training.featurize import (
     FeaturizeConfig,
@@ -129,6 +129,31 @@ def test_featurize_skips_parts_done_with_the_same_encoders(dataset):
     assert (
         json.loads(features.read_bytes("features.json"))["encoders"]["image_encoder"]["seed"] == 1
     )
+
+
+def test_a_part_cut_off_while_rewritten_is_not_skipped(dataset, monkeypatch):
+    """Featurizing again with other encoders, killed after a part's tensors but before its
+    json: a rerun with the first encoders must redo that part, not keep the other tensors."""
+    cfg = tiny_featurize_config()
+    featurize(cfg, dataset)
+    features = Storage.from_uri(dataset).child("features")
+    first = features.read_bytes("part-00000.safetensors")
+    other = cfg.model_copy(update={"encoders": EncodersConfig.tiny(seed=1, max_tokens=8)})
+    real = LocalStorage.write_json
+
+    def killed_at_part_0_json(self, key, *args, **kwargs):
+        if key == "part-00000.json":
+            raise KeyboardInterrupt("killed")
+        return real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStorage, "write_json", killed_at_part_0_json)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(other, dataset)
+    monkeypatch.undo()
+    assert features.read_bytes("part-00000.safetensors") != first  # the other encoders' tensors
+    again = featurize(cfg, dataset)
+    assert again.parts_skipped == again.parts - 1  # part 0 is done again
+    assert features.read_bytes("part-00000.safetensors") == first
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

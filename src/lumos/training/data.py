@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 
 from lumos.heads import get_head
-from lumos.storage import Storage
+from lumos.storage import PreconditionFailed, Storage
 
 FEATURES_DIR = "features"
 MULTI_FRAME_HEADS = ("novel_view", "video")
@@ -53,6 +53,10 @@ ROW_DTYPE = np.int32
 
 class FeaturesNotFound(FileNotFoundError):
     """The dataset has no (complete) features: featurize it first."""
+
+
+class FeaturesChanged(RuntimeError):
+    """The features in the object store changed while a run was loading them."""
 
 
 @dataclass
@@ -350,7 +354,13 @@ class _LocalFiles:
         with open(path.with_name(f".{path.name}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not path.is_file():  # another process may have fetched it meanwhile
-                self.store.download_file(key, path)
+                try:  # the version listed, which names the file, and no other
+                    self.store.download_file(key, path, if_version=self.versions[key])
+                except PreconditionFailed as err:
+                    raise FeaturesChanged(
+                        f"{self.store.key_uri(key)} changed while this run was loading the "
+                        "features (re-featurized?): start the run again to read the new ones"
+                    ) from err
         return path
 
     def fetch_all(self, keys: list[str], threads: int = 16) -> list[Path]:

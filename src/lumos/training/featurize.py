@@ -409,6 +409,9 @@ def write_feature_part(
             sizes.append({"image": [first["height"], first["width"]], "latents": list(shape),
                           "count": len(rows)})  # fmt: skip
     tensors.update(frame_tensors(records))  # views / clips: their groups, frames and cameras
+    # A part rewritten in place (other encoders) is incomplete until its new json lands: an old
+    # json beside new tensors would let a rerun with the old encoders skip the part.
+    features.delete(f"{name}.json")
     features.write_bytes(f"{name}.safetensors", save_safetensors(tensors))
     paired = 0 if text_rows is None else len(text_rows)
     if paired:
