@@ -92,13 +92,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from lumos.training.checkpoint import read_checkpoint_meta
 
     cfg = _config(args)
-    baseline = None
+    promoted = None
     if args.compare_promoted:
         head = read_checkpoint_meta(args.checkpoint)["head"]
         promoted = current_promoted(cfg.promote.registry_uri, head)
-        baseline = promoted["metrics"] if promoted else None
     _print_result(
-        evaluate(cfg.evaluate, args.checkpoint, args.dataset, args.out, baseline=baseline)
+        evaluate(
+            cfg.evaluate,
+            args.checkpoint,
+            args.dataset,
+            args.out,
+            baseline=promoted["metrics"] if promoted else None,
+            baseline_version=promoted["version"] if promoted else None,
+        )
     )
 
 

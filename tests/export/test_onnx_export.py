@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import onnxruntime as ort
 import pydantic
 import pytest
 import torch
+from tiny_checkpoints import make_checkpoint
 
 from lumos.export.onnx_export import (
     ExportCheckError,
@@ -189,6 +192,47 @@ def test_export_requiring_tensorrt_fails_before_exporting(tmp_path):
             ExportConfig(tensorrt="require"), str(tmp_path / "no-checkpoint"), str(tmp_path / "out")
         )
     assert not (tmp_path / "out").exists()
+
+
+def _tensorrt_without_a_cuda_device() -> types.ModuleType:
+    """A stand-in `tensorrt` module: it imports, but creating a Builder fails as the real
+    bindings do on a node without a usable CUDA device. A stand-in, because TensorRT cannot be
+    installed on the CPU test machines (its libraries come from NVIDIA, not a package index)."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity: int) -> None:
+            pass
+
+    class Builder:
+        def __init__(self, logger: Logger) -> None:
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    module = types.ModuleType("tensorrt")
+    module.__version__ = "10.0.0"  # type: ignore[attr-defined]
+    module.Logger = Logger  # type: ignore[attr-defined]
+    module.Builder = Builder  # type: ignore[attr-defined]
+    return module
+
+
+def test_tensorrt_build_failure_skips_in_auto_and_raises_in_require(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", _tensorrt_without_a_cuda_device())
+    uri, _ = make_checkpoint(tmp_path, "i2i", vae=False)
+    # "auto": the ONNX export stands; export.json says why there is no engine.
+    result = export(ExportConfig(check_batch_sizes=[1]), uri, str(tmp_path / "auto"))
+    trt = read_export(str(tmp_path / "auto"))["tensorrt"]
+    assert result.tensorrt.status == trt["status"] == "skipped"
+    assert trt["reason"] == (
+        "skipped: building the denoiser engine failed: "
+        "TypeError: pybind11::init(): factory function returned nullptr"
+    )
+    assert trt["tensorrt_version"] == "10.0.0" and trt["engines"] == {}
+    assert not list((tmp_path / "auto").glob("*.plan"))
+    # "require": the failure is the export's failure.
+    with pytest.raises(TypeError, match="factory function returned nullptr"):
+        export(ExportConfig(check_batch_sizes=[1], tensorrt="require"), uri, str(tmp_path / "req"))
+    assert not (tmp_path / "req").exists()
 
 
 def test_export_json_round_trips_through_json(i2i_pixel_export):

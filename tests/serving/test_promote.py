@@ -97,12 +97,49 @@ def test_passed_model_is_registered_and_served(tmp_path: Path) -> None:
 def test_second_promotion_becomes_current(tmp_path: Path) -> None:
     cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
     first = promote(cfg, str(make_export(tmp_path / "e1")), eval_result(), str(tmp_path / "p1"))
-    better = eval_result(metrics={"clip_attribute_accuracy": 0.9, "fid_proxy": 10.0})
+    better = eval_result(
+        metrics={"clip_attribute_accuracy": 0.9, "fid_proxy": 10.0},
+        baseline=current_promoted(cfg.registry_uri, "t2i")["metrics"],
+        baseline_version="v0001",
+    )
     second = promote(cfg, str(make_export(tmp_path / "e2")), better, str(tmp_path / "p2"))
     assert (first.version, second.version, second.previous_version) == ("v0001", "v0002", "v0001")
     current = current_promoted(cfg.registry_uri, "t2i")
     assert current["version"] == "v0002" and current["metrics"]["fid_proxy"] == 10.0
     assert current_promoted(cfg.registry_uri, "video") is None
+
+
+def test_model_evaluated_against_a_superseded_model_is_refused(tmp_path: Path) -> None:
+    """Two runs evaluated while nothing was promoted both pass their gate; once the stronger is
+    promoted, the weaker one's regression check no longer holds: promoting it fails."""
+    cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
+    strong = eval_result(metrics={"clip_attribute_accuracy": 0.9, "fid_proxy": 10.0})
+    weak = eval_result(metrics={"clip_attribute_accuracy": 0.5, "fid_proxy": 30.0})
+    promote(cfg, str(make_export(tmp_path / "e1")), strong, str(tmp_path / "p1"))
+    with pytest.raises(PromotionError, match="another model was promoted since this evaluation"):
+        promote(cfg, str(make_export(tmp_path / "e2")), weak, str(tmp_path / "p2"))
+    current = current_promoted(cfg.registry_uri, "t2i")
+    assert current["version"] == "v0001" and current["metrics"]["fid_proxy"] == 10.0
+    assert not (tmp_path / "registry" / "t2i" / "v0002.json").exists()
+
+    # Both evaluated against v0001: the first promoted becomes v0002, the second is refused.
+    v1 = {"baseline": current["metrics"], "baseline_version": "v0001"}
+    a = eval_result(metrics={"clip_attribute_accuracy": 0.95, "fid_proxy": 9.0}, **v1)
+    b = eval_result(metrics={"clip_attribute_accuracy": 0.91, "fid_proxy": 9.9}, **v1)
+    assert (
+        promote(cfg, str(make_export(tmp_path / "e3")), a, str(tmp_path / "p3")).version == "v0002"
+    )
+    with pytest.raises(PromotionError, match="compared it with version v0001, but another model"):
+        promote(cfg, str(make_export(tmp_path / "e4")), b, str(tmp_path / "p4"))
+    # An evaluation that recorded the baseline's metrics only (no version) is checked by them.
+    metrics_only = {"head": "t2i", "passed": True, "metrics": {}, "baseline": current["metrics"]}
+    with pytest.raises(PromotionError, match="v0002 is current"):
+        promote(cfg, str(make_export(tmp_path / "e5")), metrics_only, str(tmp_path / "p5"))
+    assert current_promoted(cfg.registry_uri, "t2i")["version"] == "v0002"
+    # Compared with a model this registry never served: refused as well.
+    other = eval_result(head="video", baseline={"psnr": 20.0}, baseline_version="v0007")
+    with pytest.raises(PromotionError, match="no model of head 'video' is promoted"):
+        promote(cfg, str(make_export(tmp_path / "e6", head="video")), other, str(tmp_path / "p6"))
 
 
 def test_mismatched_checkpoint_is_recorded_and_warned(tmp_path: Path) -> None:
@@ -152,6 +189,9 @@ def test_config_is_strict() -> None:
         PromoteConfig(model_name_prefix="Lumos")
     with pytest.raises(ValidationError, match="Kubernetes quantity"):
         PromoteConfig(resources={"memory": "16 GB"})
+    with pytest.raises(ValidationError, match=r"min_replicas \(3\) is above max_replicas \(2\)"):
+        PromoteConfig(min_replicas=3, max_replicas=2)
+    assert PromoteConfig(min_replicas=2, max_replicas=2).min_replicas == 2
 
 
 def test_promotion_to_s3_copies_the_model(tmp_path: Path, s3_bucket: str) -> None:
@@ -204,9 +244,11 @@ def test_concurrent_promotions_of_one_head_fail_loudly(
         "t2i/current.json", "t2i/v0001.json", "t2i/v0002.json",
     ]  # fmt: skip
 
+    # Later promotions evaluated against the model now current (v0002).
+    against_v2 = eval_result(baseline=eval_result().metrics, baseline_version="v0002")
     monkeypatch.setattr(promote_module, "_next_version", lambda registry, head: "v0002")
     with pytest.raises(PromotionError, match="version v0002 of head 't2i' was registered by"):
-        promote(cfg, str(make_export(tmp_path / "e3")), eval_result(), root + "/p3")
+        promote(cfg, str(make_export(tmp_path / "e3")), against_v2, root + "/p3")
     assert registry.read_json("t2i/v0002.json")["lineage"]["export_uri"].endswith("e2")
 
     def failing_copy(export: Storage, target: Storage) -> None:
@@ -215,6 +257,6 @@ def test_concurrent_promotions_of_one_head_fail_loudly(
     monkeypatch.setattr(promote_module, "_next_version", lambda registry, head: "v0003")
     monkeypatch.setattr(promote_module, "_copy_export", failing_copy)
     with pytest.raises(OSError, match="disk full"):
-        promote(cfg, str(make_export(tmp_path / "e4")), eval_result(), root + "/p4")
+        promote(cfg, str(make_export(tmp_path / "e4")), against_v2, root + "/p4")
     assert not registry.exists("t2i/v0003.json")  # not promoted: the version is free again
     assert current_promoted(cfg.registry_uri, "t2i")["version"] == "v0002"

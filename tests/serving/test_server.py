@@ -7,23 +7,32 @@ import base64
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from kserve.errors import InvalidInput
 from local_servers import free_port
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lumos.encoders import FrozenEncoders
 from lumos.export.onnx_export import ExportConfig, export
 from lumos.serving.onnx_pipeline import OnnxPipeline
-from lumos.serving.server import LumosModel, build_parser, parse_instances
+from lumos.serving.server import (
+    MAX_IMAGE_PIXELS,
+    LumosModel,
+    build_parser,
+    decode_image,
+    parse_instances,
+)
 
 # The tiny-checkpoint builder lives with the export tests.
 sys.path.insert(0, str(Path(__file__).parents[1] / "export"))
@@ -50,8 +59,21 @@ def t2i_export(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def server(t2i_export):
+    """The T2I model behind a real HTTP server; yields its base URL."""
+    yield from _serve(t2i_export[0])
+
+
+@pytest.fixture(scope="module")
+def i2i_server(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny pixel-space I2I model (image requests) behind a real HTTP server."""
+    root = tmp_path_factory.mktemp("serve-i2i")
+    uri, _ = make_checkpoint(root, "i2i", vae=False)
+    export(ExportConfig(check_batch_sizes=[1]), uri, str(root / "export"))
+    yield from _serve(str(root / "export"))
+
+
+def _serve(export_dir: str) -> Iterator[str]:
     """`python -m lumos.serving.server` on a free 127.0.0.1 port; yields its base URL."""
-    export_dir, _ = t2i_export
     port = free_port()
     # A file, not a pipe nobody reads: a full pipe would block the server's logging.
     log_path = Path(export_dir).parent / "server.log"
@@ -150,6 +172,66 @@ def test_bad_requests_get_400_with_the_reason(server):
     assert status == 400 and "1 to 16 instances" in out["error"]
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, with one row of pixel data: a few hundred
+    bytes that PIL opens as a huge image (a decompression bomb, as far as the header goes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    row = zlib.compress(b"\0" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+
+
+def test_images_above_the_pixel_limit_get_400_over_http(i2i_server):
+    url = f"{i2i_server}/v1/models/{MODEL}:predict"
+    # Just above the limit and fully decodable (a 4097 x 4097 black PNG of ~16 kB).
+    buf = io.BytesIO()
+    Image.new("L", (4097, 4097)).save(buf, format="PNG")
+    over = base64.b64encode(buf.getvalue()).decode()
+    status, out = _post(url, {"instances": [{"image_b64": over}]})
+    assert status == 400, out
+    assert f"4097 x 4097 = 16785409 pixels; the limit is {MAX_IMAGE_PIXELS}" in out["error"]
+    # Beyond PIL's own bomb limit (20000 x 20000): PIL raises DecompressionBombError.
+    bomb = base64.b64encode(_png_header_only(20000, 20000)).decode()
+    status, out = _post(url, {"instances": [{"image_b64": bomb}]})
+    assert status == 400, out
+    assert "image is too large" in out["error"] and str(MAX_IMAGE_PIXELS) in out["error"]
+    # A small image still works on the same server.
+    small = base64.b64encode(_png_bytes()).decode()
+    status, out = _post(url, {"instances": [{"image_b64": small, "steps": 2}]})
+    assert status == 200 and _png(out["predictions"][0]["image_b64"]).shape == (8, 8, 3)
+
+
+def test_request_images_are_converted_as_ingest_converts_them():
+    """Transparency composited on ingest's white background, EXIF orientation applied, 16-bit
+    grayscale mapped to 8 bits (PIL's convert("RGB") would give black, sideways, white)."""
+    rgba = np.zeros((8, 8, 4), np.uint8)  # transparent, stored RGB black
+    rgba[2:6, 2:6] = (255, 0, 0, 255)  # an opaque red square
+    decoded = decode_image(_b64(Image.fromarray(rgba, "RGBA"), "PNG"), "x")
+    assert decoded[0, 0].tolist() == [255, 255, 255] and decoded[3, 3].tolist() == [255, 0, 0]
+
+    stored = Image.new("RGB", (8, 4), (0, 0, 255))  # stored 8 wide, 4 high
+    exif = stored.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    decoded = decode_image(_b64(stored, "JPEG", exif=exif.tobytes()), "x")
+    raw = base64.b64decode(_b64(stored, "JPEG", exif=exif.tobytes()))
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))))
+    assert decoded.shape == upright.shape == (8, 4, 3)
+
+    gray16 = Image.fromarray(np.full((4, 4), 32768, np.uint16))
+    assert decode_image(_b64(gray16, "PNG"), "x")[0, 0].tolist() == [128, 128, 128]
+
+
+def _b64(img: Image.Image, fmt: str, **save_args) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_args)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def test_model_class_loads_and_predicts(t2i_export):
     export_dir, _ = t2i_export
     model = LumosModel(MODEL, export_dir)
@@ -196,3 +278,11 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_server_does_not_import_opencv():
+    """The serving image has no OpenCV (docker/requirements-serve.txt): the server must convert
+    images with ingest's conversion (lumos.data.rgb) without importing ingest's cv2 code."""
+    code = "import sys, lumos.serving.server; print('cv2' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

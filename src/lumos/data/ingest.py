@@ -49,6 +49,7 @@ from lumos.data.manifest import (
     next_shard_index,
     read_manifest,
 )
+from lumos.data.rgb import DEFAULT_BACKGROUND
 from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter, iter_shard_records
 from lumos.data.sources import Source, group_boundaries, group_items
@@ -90,7 +91,7 @@ class IngestConfig(BaseModel):
         8192 * 8192, ge=1, description="Width x height limit: the decompression-bomb guard"
     )
     background: tuple[int, int, int] = Field(
-        (255, 255, 255), description="RGB under transparent pixels (alpha is composited on it)"
+        DEFAULT_BACKGROUND, description="RGB under transparent pixels (alpha is composited on it)"
     )
     near_duplicate_distance: int | None = Field(
         4,

@@ -108,6 +108,9 @@ class EvalResult(BaseModel):
     dataset_uri: str
     thresholds: dict[str, float]
     baseline: dict[str, float] | None
+    # the registry version `baseline` was read from: promotion refuses the model if another
+    # version has become current since (its regression check would be against a stale model)
+    baseline_version: str | None = None
 
 
 @dataclass
@@ -126,11 +129,13 @@ def evaluate(
     dataset_uri: str,
     out_uri: str,
     baseline: dict[str, float] | None = None,
+    baseline_version: str | None = None,
 ) -> EvalResult:
     """Evaluate the checkpoint (or a run's latest checkpoint) on the eval split of `dataset_uri`.
 
     `baseline`: the promoted model's metrics for the same head; the gate fails a model that
-    regresses more than `cfg.max_regression` below it.
+    regresses more than `cfg.max_regression` below it. `baseline_version`: its registry version,
+    recorded so that promotion can check it is still the current model.
     """
     from lumos.encoders import EncodersConfig, FrozenEncoders
     from lumos.storage import Storage
@@ -210,6 +215,7 @@ def evaluate(
         dataset_uri=dataset_uri,
         thresholds=cfg.thresholds[head],
         baseline=baseline,
+        baseline_version=baseline_version,
     )
     store.write_json("eval.json", result.model_dump(mode="json"))
     return result

@@ -4,7 +4,9 @@ TensorRT is optional: it cannot be installed from the package registries (its li
 NVIDIA's site), so the GPU image brings it. `build_engine` detects it (`import tensorrt`):
 
     mode "off"      do nothing (status "off")
-    mode "auto"     build when TensorRT is importable, else record "skipped: tensorrt not installed"
+    mode "auto"     build when TensorRT is importable, else record "skipped: tensorrt not installed";
+                    a build that fails (no usable CUDA device, a graph TensorRT cannot parse) is
+                    recorded as "skipped: <error>" and the ONNX export stands
     mode "require"  build, or raise `TensorRTUnavailable` saying how to get TensorRT
 
 Serving never needs a TensorRT engine file: onnxruntime's TensorrtExecutionProvider (in the
@@ -169,6 +171,20 @@ def build_engines(
     engines: dict[str, str] = {}
     for name, onnx_path in onnx_files.items():
         engine_path = onnx_path.with_suffix(".plan")
-        build_engine(onnx_path, engine_path, max_batch=max_batch)
+        try:
+            build_engine(onnx_path, engine_path, max_batch=max_batch)
+        except Exception as err:
+            if mode == "require":
+                raise
+            # e.g. the GPU image on a node without a usable CUDA device: trt.Builder fails with
+            # "TypeError: pybind11::init(): factory function returned nullptr". The engines are
+            # optional (onnxruntime's TensorRT provider compiles the ONNX graph itself).
+            for built in engines.values():
+                onnx_path.with_name(built).unlink(missing_ok=True)
+            return result(
+                status="skipped",
+                reason=f"skipped: building the {name} engine failed: {type(err).__name__}: {err}",
+                tensorrt_version=version,
+            )
         engines[name] = engine_path.name
     return result(status="built", reason="", tensorrt_version=version, engines=engines)

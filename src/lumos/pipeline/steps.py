@@ -282,9 +282,13 @@ def evaluate_step(
     cfg = validate_config(config_json)
     out_uri = RunLayout(run_root).evaluation(head)
     promoted = current_promoted(cfg.promote.registry_uri, head)
-    baseline = promoted.get("metrics") if promoted else None
     result = evaluate(
-        cfg.evaluate, described_uri(checkpoint), described_uri(features), out_uri, baseline=baseline
+        cfg.evaluate,
+        described_uri(checkpoint),
+        described_uri(features),
+        out_uri,
+        baseline=promoted.get("metrics") if promoted else None,
+        baseline_version=promoted.get("version") if promoted else None,
     )
     for name, value in result.metrics.items():
         metrics.log_metric(name, float(value))

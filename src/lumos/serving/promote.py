@@ -12,6 +12,10 @@ For a model whose `eval_result.passed` is true this writes
   `lumos-onnx` ServingRuntime, validated against the CRD, to `<out_uri>/inferenceservice.yaml`.
   `kubectl apply -f` it (or let the pipeline's deploy step do it) to roll the new model out.
 For a model that did not pass nothing is registered: `promote.json` in `out_uri` says why.
+The gate's regression check compared the model with the one current when it was evaluated
+(`eval_result.baseline`, `baseline_version`): if another model has been promoted since, promotion
+fails with a `PromotionError` asking to evaluate again against it, so a weaker model evaluated
+earlier never replaces a stronger one promoted meanwhile.
 
 With `storage_uri_base` set, the export is first copied to `<storage_uri_base>/<head>/<version>/`
 so the served model is immutable and outlives the pipeline run that produced it.
@@ -29,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lumos.k8s.crd_validation import validate_custom_resource
 from lumos.k8s.resources import ComputeResources, Strict, Toleration, check_dns_label
@@ -83,6 +87,15 @@ class PromoteConfig(Strict):
             raise ValueError("registry_uri must name a directory or s3:// prefix")
         return value
 
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> PromoteConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}): "
+                "KServe's autoscaler needs min_replicas <= max_replicas"
+            )
+        return self
+
     def isvc_name(self, head: str) -> str:
         return check_dns_label(f"{self.model_name_prefix}-{head.replace('_', '-')}", "model name")
 
@@ -128,8 +141,12 @@ def _eval_dict(eval_result: Mapping[str, Any] | EvalResultLike | BaseModel) -> d
             "metrics",
             "reasons",
             "checkpoint_uri",
+            "checkpoint_step",
             "dataset_uri",
             "report_uri",
+            "thresholds",
+            "baseline",
+            "baseline_version",
         )
         data = {n: getattr(eval_result, n) for n in names if hasattr(eval_result, n)}
     missing = [k for k in ("head", "passed", "metrics") if k not in data]
@@ -151,6 +168,43 @@ def current_promoted(registry_uri: str, head: str) -> dict[str, Any] | None:
     registry = Storage.from_uri(registry_uri)
     key = f"{head}/{CURRENT_KEY}"
     return registry.read_json(key) if registry.exists(key) else None
+
+
+def _check_baseline_is_current(
+    ev: Mapping[str, Any], current: Mapping[str, Any] | None, registry_uri: str
+) -> None:
+    """Refuse a model whose regression check was against a model that is no longer current.
+
+    The gate compared the candidate with the model current when it was evaluated. Two runs
+    evaluated against the same model (or against none) can both pass; without this check the
+    one promoted last replaces the other, even when it is the weaker.
+    """
+    head = ev["head"]
+    baseline, baseline_version = ev.get("baseline"), ev.get("baseline_version")
+    if baseline_version is not None:
+        evaluated_against = f"version {baseline_version}"
+        same = current is not None and current.get("version") == baseline_version
+    elif baseline is not None:  # an evaluation that recorded the metrics but not the version
+        evaluated_against = f"a promoted model with metrics {baseline}"
+        same = current is not None and current.get("metrics") == baseline
+    else:
+        evaluated_against = "no promoted model"
+        same = current is None
+    if same:
+        return
+    if current is None:
+        now = f"no model of head {head!r} is promoted in {registry_uri}"
+    else:
+        now = (
+            f"another model was promoted since this evaluation: {current.get('version')} is "
+            f"current in {registry_uri} (metrics {current.get('metrics')})"
+        )
+    raise PromotionError(
+        f"the evaluation of this {head} model compared it with {evaluated_against}, but {now}: "
+        "its regression check does not hold against the current model. Evaluate it again "
+        "against the current model (`lumos evaluate --compare-promoted`, or a new pipeline "
+        "run), then promote"
+    )
 
 
 def _next_version(registry: Storage, head: str) -> str:
@@ -252,6 +306,8 @@ def promote(
         previous, seen = registry.read_json_versioned(current_key)
     except ObjectNotFound:
         previous, seen = None, None
+    # Race-free with the swap below: a promotion landing after this read fails that swap.
+    _check_baseline_is_current(ev, previous, cfg.registry_uri)
     version = _next_version(registry, head)
 
     model_uri = export.uri
@@ -291,6 +347,7 @@ def promote(
             "reasons": ev["reasons"],
             "thresholds": ev.get("thresholds"),
             "baseline": ev.get("baseline"),
+            "baseline_version": ev.get("baseline_version"),
             "report_uri": ev.get("report_uri"),
         },
         "lineage": {

@@ -17,7 +17,9 @@ Requests, `POST /v1/models/<name>:predict`:
     video:       {"instances": [{"image_b64": "<first frame>"}]}
 
 Response: {"predictions": [{"image_b64": "<PNG>", "seed": 0}]} (multi-frame heads: "images_b64",
-one PNG per frame). A bad request gets HTTP 400 with {"error": "<what was wrong>"}.
+one PNG per frame). A bad request gets HTTP 400 with {"error": "<what was wrong>"}, an image above
+MAX_IMAGE_PIXELS among them. Request images are converted as ingest converted the training
+images (EXIF orientation, 16-bit to 8-bit, transparency on the ingest background).
 An instance's image depends only on its own fields (its seed draws its noise), not on the batch.
 """
 
@@ -28,6 +30,7 @@ import asyncio
 import base64
 import binascii
 import io
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import kserve
@@ -35,6 +38,7 @@ import numpy as np
 from kserve.errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from lumos.data.rgb import DEFAULT_BACKGROUND, to_rgb
 from lumos.serving.onnx_pipeline import OnnxPipeline
 
 if TYPE_CHECKING:
@@ -42,6 +46,15 @@ if TYPE_CHECKING:
 
 MAX_INSTANCES = 16  # per request: bounds the work one request can ask for
 MAX_IMAGE_BYTES = 16 << 20
+# Width x height limit, checked from the header before decoding. The model sees the image
+# center-cropped to its pixel grid (at most 1024 px a side), so larger images only cost decode
+# time and memory (48 MB as RGB at the limit, x16 instances per request): 4096 x 4096 admits
+# 12 MP camera photos and rejects a tiny PNG that decodes to gigabytes.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# Transparent pixels are composited on the background ingest used for the training images. The
+# export does not record it (a checkpoint names its dataset, not its ingest settings), so this is
+# IngestConfig.background's default: a dataset ingested with another background needs it here too.
+INGEST_BACKGROUND = DEFAULT_BACKGROUND
 
 
 class Instance(BaseModel):
@@ -109,8 +122,9 @@ def parse_instances(payload: Any, head: str, frames: int = 1) -> list[Instance]:
 
 
 def decode_image(data: str, where: str) -> np.ndarray:
-    """base64 PNG/JPEG -> uint8 (H, W, 3)."""
-    from PIL import Image, UnidentifiedImageError
+    """base64 PNG/JPEG -> uint8 (H, W, 3), converted as ingest converts training images: EXIF
+    orientation applied, 16-bit mapped to 8-bit, transparency composited on INGEST_BACKGROUND."""
+    from PIL import Image, ImageOps
 
     try:
         raw = base64.b64decode(data, validate=True)
@@ -118,11 +132,30 @@ def decode_image(data: str, where: str) -> np.ndarray:
         raise _bad(f"{where}: 'image_b64' is not valid base64") from None
     if len(raw) > MAX_IMAGE_BYTES:
         raise _bad(f"{where}: image is {len(raw)} bytes, the limit is {MAX_IMAGE_BYTES}")
+    too_large = f"the limit is {MAX_IMAGE_PIXELS} pixels (4096 x 4096): send a smaller image"
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
+        with warnings.catch_warnings():
+            # PIL warns from 89 Mpx and refuses from 179 Mpx; our own limit is far lower.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))  # reads the header only
+    except Image.DecompressionBombError as err:
+        raise _bad(f"{where}: image is too large ({err}); {too_large}") from None
+    except (OSError, SyntaxError) as err:  # UnidentifiedImageError is an OSError
         raise _bad(f"{where}: 'image_b64' is not a readable image ({err})") from None
+    with img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _bad(
+                f"{where}: image is {width} x {height} = {width * height} pixels; {too_large}"
+            )
+        try:
+            img.load()
+            rgb = to_rgb(ImageOps.exif_transpose(img), INGEST_BACKGROUND)
+        except ValueError as err:  # a mode without a faithful 8-bit conversion (to_rgb)
+            raise _bad(f"{where}: image mode {img.mode} is not supported ({err})") from None
+        except (OSError, SyntaxError) as err:  # truncated or corrupt data
+            raise _bad(f"{where}: 'image_b64' is not a readable image ({err})") from None
+        return np.asarray(rgb)
 
 
 def _image_of(inst: Instance) -> np.ndarray:
@@ -206,11 +239,13 @@ class LumosModel(kserve.Model):
     ) -> dict:
         if not self.ready:
             raise RuntimeError(f"model {self.name} is not loaded")
-        instances = parse_instances(payload, self.head, self.pipeline.num_frames)
-        # Sampling is seconds of CPU/GPU work: run it off the event loop so health checks answer.
-        predictions = await asyncio.get_running_loop().run_in_executor(
-            None, self.generate, instances
+        # Decoding images and sampling are seconds of CPU/GPU work: both run off the event loop
+        # so health checks answer. InvalidInput raised in the executor still becomes HTTP 400.
+        loop = asyncio.get_running_loop()
+        instances = await loop.run_in_executor(
+            None, parse_instances, payload, self.head, self.pipeline.num_frames
         )
+        predictions = await loop.run_in_executor(None, self.generate, instances)
         return {"predictions": predictions}
 
     # ------------------------------------------------------------------ the work
