@@ -126,6 +126,13 @@ def test_aspect_buckets_and_size_limits():
     assert (wide.width, wide.height) == (64, 32) and (tall.width, tall.height) == (32, 64)
     # min_size defaults to the output size: never upscale.
     assert prepare_image(encode(scene(43, (31, 40)), "PNG"), RECIPE).reason == "too_small"
+    # With buckets too: a 40x40 source passes the smallest bucket side (32) but its bucket is
+    # 32x32; a 60x40 one goes to 64x32, which it does not cover.
+    assert prepare_image(encode(scene(44, (40, 40)), "PNG"), cfg.recipe()).width == 32
+    too_small = prepare_image(encode(scene(45, (60, 40)), "PNG"), cfg.recipe())
+    assert too_small.reason == "too_small" and "output size 64x32" in too_small.detail
+    explicit = cfg.model_copy(update={"min_size": 32}).recipe()  # an explicit minimum may upscale
+    assert prepare_image(encode(scene(45, (60, 40)), "PNG"), explicit).width == 64
     # PIL's own decompression-bomb error is reported the same way as ours.
     assert prepare_image(png_bomb(40_000), RECIPE).reason == "too_many_pixels"
     with pytest.raises(ValueError, match="multiples of 8"):

@@ -21,7 +21,7 @@ from lumos.data.ingest import (
 )
 from lumos.data.ingest_run import is_paired
 from lumos.data.reader import load_all_samples
-from lumos.data.sources import read_with_retries
+from lumos.data.sources import Source, read_with_retries
 from lumos.storage import ObjectNotFound, Storage, StorageError
 
 CFG = IngestConfig(resolution=32, image_format="png", workers=1, retry_backoff_s=0.001)
@@ -216,6 +216,40 @@ def test_tar_archive_source_local_and_s3(tmp_path, s3_bucket):
     assert (remote.ingested, remote.sidecars, remote.listed) == (7, 2, 9)
     samples = {s.key: s.meta for s in load_all_samples(str(tmp_path / "s3tar"))}
     assert samples["good__jpeg"]["caption"] == "a photo with shapes"
+
+
+def test_tar_links_are_listed_and_read_as_their_files(tmp_path):
+    """tar stores a file's second name as a hard link (and may hold symlinks): both are objects
+    of the source, read as the file they name; a link out of the archive fails when read."""
+    image = encode(scene(7, (64, 48)), "PNG")
+    with tarfile.open(tmp_path / "raw.tar", mode="w") as tar:
+
+        def add(info: tarfile.TarInfo, data: bytes = b"") -> None:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add(tarfile.TarInfo("./a.png"), image)
+        add(tarfile.TarInfo("./a.txt"), b"a caption")
+        add(tarfile.TarInfo("./b.png"), encode(scene(8, (64, 48)), "PNG"))
+        for name, kind, target in [
+            ("./b.txt", tarfile.LNKTYPE, "./a.txt"),  # hard link: an archive path
+            ("./sub/c.png", tarfile.SYMTYPE, "../a.png"),  # symlink: relative to its directory
+            ("./d.png", tarfile.SYMTYPE, "/etc/passwd"),  # outside the archive
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            add(info)
+    with Source(str(tmp_path / "raw.tar")) as source:
+        listed = {obj.key: obj.size for obj in source.list()}
+        assert listed == {"a.png": len(image), "a.txt": 9, "b.png": listed["b.png"], "b.txt": 9,
+                          "d.png": 0, "sub/c.png": len(image)}  # fmt: skip
+        assert source.read("b.txt") == b"a caption" and source.read("sub/c.png") == image
+        with pytest.raises(StorageError, match="a link to '/etc/passwd'"):
+            source.read("d.png")
+    result = ingest(CFG, str(tmp_path / "raw.tar"), str(tmp_path / "ds"), progress=False)
+    samples = {s.key: s.meta for s in load_all_samples(str(tmp_path / "ds"))}
+    assert samples["b"]["caption"] == "a caption"  # b's caption is a link to a's
+    assert result.listed == 6 and result.rejected_by_reason == {"unreadable": 1}  # d.png
 
 
 def test_read_retries_transient_errors_then_reports_unreadable(tmp_path):

@@ -59,6 +59,9 @@ class ImageRecipe:
     background: tuple[int, int, int]  # RGB under transparent pixels
     image_format: str  # "jpg" or "png"
     jpeg_quality: int
+    # The source must cover its output size (IngestConfig.min_size unset): with aspect buckets a
+    # source above min_size may still be smaller than the bucket of its aspect ratio.
+    never_upscale: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,10 @@ def prepare_image(raw: bytes, recipe: ImageRecipe) -> PreparedImage | Rejection:
             "extreme_aspect_ratio", f"{width}x{height} beyond {recipe.max_aspect_ratio}:1"
         )
     target = choose_size(width, height, recipe.sizes)
+    if recipe.never_upscale and (width < target[0] or height < target[1]):
+        return Rejection(
+            "too_small", f"{width}x{height}, smaller than its output size {target[0]}x{target[1]}"
+        )
     source_mode, source_format = img.mode, img.format
 
     try:

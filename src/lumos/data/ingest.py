@@ -154,6 +154,7 @@ class IngestConfig(BaseModel):
         return ImageRecipe(
             sizes=sizes,
             min_size=self.min_size or min(min(s) for s in sizes),
+            never_upscale=self.min_size is None,
             max_aspect_ratio=self.max_aspect_ratio,
             max_pixels=self.max_pixels,
             background=self.background,

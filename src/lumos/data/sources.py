@@ -9,6 +9,7 @@ exactly one item, which is what makes the ingest report complete.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shutil
 import tarfile
@@ -163,7 +164,8 @@ class Source:
                 raise StorageError(f"no tar archive at {self.uri}")
         try:
             self._tar = tarfile.open(path, "r:")  # noqa: SIM115 - closed by close()
-            members = [m for m in self._tar.getmembers() if m.isfile()]
+            # Files, and links to files (tar stores a second name of a file as a hard link).
+            members = [m for m in self._tar.getmembers() if m.isfile() or m.islnk() or m.issym()]
         except (tarfile.TarError, OSError) as err:
             raise StorageError(f"cannot read tar archive {self.uri}: {err}") from err
         for (
@@ -171,13 +173,28 @@ class Source:
         ) in members:  # a later member of the same name replaces an earlier one, as tar does
             self._tar_members[member.name.removeprefix("./")] = member
 
+    def _tar_file(self, member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        """The file member a (chain of) link member(s) names, itself for a file; None when a
+        link leads outside the archive or in a circle."""
+        for _ in range(16):
+            if member.isfile():
+                return member
+            target = member.linkname  # a hard link names an archive path; a symlink a relative one
+            if member.issym():
+                target = posixpath.normpath(posixpath.join(posixpath.dirname(member.name), target))
+            found = self._tar_members.get(target.removeprefix("./"))
+            if found is None:
+                return None
+            member = found
+        return None
+
     def list(
         self, start_after: str | None = None, last_key: str | None = None
     ) -> Iterator[ObjectInfo]:
         """Objects in sorted key order with start_after < key <= last_key (None: unbounded)."""
         if self.is_tar:
             listing: Iterable[ObjectInfo] = (
-                ObjectInfo(name, m.size, None, float(m.mtime))
+                ObjectInfo(name, (self._tar_file(m) or m).size, None, float(m.mtime))
                 for name, m in sorted(self._tar_members.items())
             )
         else:
@@ -198,9 +215,15 @@ class Source:
         if member is None:
             raise ObjectNotFound(f"no member {key!r} in {self.uri}")
         assert self._tar is not None, f"{self.uri} is closed"
+        target = self._tar_file(member)
+        if target is None:
+            raise StorageError(
+                f"member {key!r} of {self.uri} is a link to {member.linkname!r}, which is not a "
+                "file in the archive"
+            )
         with self._tar_lock:  # one file position: members are read one at a time
             try:
-                stream = self._tar.extractfile(member)
+                stream = self._tar.extractfile(target)
                 if stream is None:
                     raise StorageError(f"member {key!r} of {self.uri} is not a regular file")
                 return stream.read()
