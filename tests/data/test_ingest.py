@@ -9,8 +9,10 @@ import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 from ingest_corpus import CORPUS_REJECTIONS, build_corpus, encode, scene, write_local
+from PIL import Image
 
 from lumos.data.ingest import (
     IngestConfig,
@@ -195,6 +197,54 @@ def test_fan_out_partitions_then_merge_matches_single_node(tmp_path):
         assert runs[0]["counts"][name] == runs[1]["counts"][name], name
     for name in ("resolution_histogram", "source_short_side_histogram", "source_formats"):
         assert runs[0]["stats"][name] == runs[1]["stats"][name] != {}, name
+
+
+def test_fan_out_matches_single_node_when_near_duplicates_chain_across_partitions(
+    tmp_path, monkeypatch
+):
+    """a | b c d in two partitions: b is a near duplicate of a and c of b, but c is not near a,
+    and d is b's exact copy. A single node keeps a and c (c is compared with kept images only); a
+    partition cannot know b will not be kept, so the merge must decide c, and d's duplicate_of."""
+    # The chain needs exact Hamming distances (a-b 4, b-c 4, a-c 8): the real pHash of generated
+    # images cannot be placed that precisely, so flat grey images get a hash by their grey level
+    # (workers=1 decodes in this process, where the patch applies).
+    hashes = {10: 0x00, 100: 0x0F, 200: 0xFF}
+    monkeypatch.setattr(
+        "lumos.data.decode.perceptual_hash",
+        lambda img: hashes[int(np.asarray(img.convert("L"))[0, 0])],
+    )
+
+    def grey(level: int, mark: int) -> bytes:  # `mark`: other bytes, the same hash
+        pixels = np.full((32, 32, 3), level, np.uint8)
+        pixels[31, 31, 0] = mark
+        return encode(Image.fromarray(pixels), "PNG")
+
+    files = {"a.png": grey(10, 0), "a1.md": b"x", "a2.md": b"y"}  # .md: a 3 | 3 plan
+    files |= {"b.png": grey(100, 1), "c.png": grey(200, 2), "d.png": grey(100, 1)}
+    source = write_local(files, tmp_path / "raw")
+    cfg = CFG.model_copy(update={"near_duplicate_distance": 4})
+    single = ingest(cfg, str(source), str(tmp_path / "single"), progress=False)
+    partitions = plan_partitions(str(source), 2)
+    assert [json.loads(p)["last_key"] for p in partitions] == ["a2.md", None]  # a | b c d
+    staging = []
+    for partition in partitions:
+        uri = str(tmp_path / "staging" / str(json.loads(partition)["index"]))
+        ingest_partition(cfg, str(source), uri, partition)
+        staging.append(uri)
+    merged = merge_partitions(cfg, staging, str(tmp_path / "merged"))
+
+    outcome = ("outcome", "reason", "duplicate_of", "key")
+    rows = [
+        {r["source_key"]: tuple(r.get(f) for f in outcome) for r in report_rows(result.dataset_uri)}
+        for result in (single, merged)
+    ]
+    assert rows[0]["c.png"] == ("ingested", None, None, "c")
+    assert rows[0]["d.png"] == ("duplicate", "exact", "a", None)  # b's copy shares b's fate
+    assert rows[1] == rows[0]
+    keys = [sorted(s.key for s in load_all_samples(r.dataset_uri)) for r in (single, merged)]
+    assert keys[1] == keys[0] == ["a", "c"]
+    assert (merged.num_samples, merged.ingested, merged.duplicate) == (2, 2, 2)
+    assert {row[2] for row in rows[1].values() if row[0] == "duplicate"} <= set(keys[1])
 
 
 def test_tar_archive_source_local_and_s3(tmp_path, s3_bucket):

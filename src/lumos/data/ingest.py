@@ -9,7 +9,8 @@ webdataset shards (shards.py). Every listed object ends in the report exactly on
 The manifest, written last, makes the dataset visible: a reader never sees a partial dataset.
 
 Fan-out across pods: `plan_partitions` -> `ingest_partition` per partition (a KFP ParallelFor) ->
-`merge_partitions`, which deduplicates across partitions and writes the final dataset.
+`merge_partitions`, which deduplicates across partitions and writes the final dataset. A partition
+stages every decoded image that is not an exact duplicate; the merge decides near duplicates.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lumos.data.decode import ImageRecipe
-from lumos.data.dedup import DedupIndex
+from lumos.data.dedup import DedupIndex, DuplicateMatch
 from lumos.data.ingest_run import (
     IngestRun,
     ListingTally,
@@ -38,6 +39,7 @@ from lumos.data.ingest_run import (
     source_fingerprint,
     unique_key,
     unseen_items,
+    untagged_key,
 )
 from lumos.data.manifest import (
     MANIFEST,
@@ -387,6 +389,9 @@ def ingest_partition(
 
     With cfg.incremental and `dataset_uri`, objects the dataset has seen are skipped and dedup
     starts from its index. Re-running a partition (a retried pod) overwrites its staging area.
+    Near-dedup is left to the merge: every decoded image that is not an exact duplicate is staged
+    (reported `ingested` here), since whether it is a near duplicate depends on what earlier
+    partitions keep.
     """
     desc = json.loads(partition)
     if desc.get("format") != PARTITION_FORMAT:
@@ -419,6 +424,7 @@ def ingest_partition(
                 first_shard=0,
                 progress_total=desc["objects"],
                 progress=progress,
+                defer_near_dedup=True,
             )
             run.run(items)
             record = save_run(
@@ -504,11 +510,16 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
         started = time.monotonic()
         # source key -> fields replacing its staged report row (on disk: bounded memory)
         changed = DiskMap(history.db, "merge_changes")
+        # "partition index\tstaged key" -> the dataset key the staged image ended as: its own
+        # final key, or the key it duplicates (maps the partition's exact duplicates' duplicate_of)
+        final_keys = DiskMap(history.db, "merge_final_keys")
         writer = ShardWriter(
             store, first_index=next_shard_index(manifest), max_bytes=cfg.shard_max_bytes
         )
         try:
-            written, histograms = _repack(cfg, staged, source_uri, history, writer, changed)
+            written, histograms = _repack(
+                cfg, staged, source_uri, history, writer, changed, final_keys
+            )
         except BaseException:
             writer.abort()
             raise
@@ -516,7 +527,9 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
         report_key = f"reports/ingest-{run_id}.jsonl"
         with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
             report_path = Path(tmp) / "report.jsonl"
-            run_counts = _write_merged_report(staged, source_uri, history, changed, report_path)
+            run_counts = _write_merged_report(
+                staged, source_uri, history, changed, final_keys, report_path
+            )
             store.upload_file(report_path, report_key)
         run_counts.update(written)
         assert run_counts["ingested"] == sum(s.count for s in shards), (
@@ -557,35 +570,52 @@ def _repack(
     history: DatasetHistory,
     writer: ShardWriter,
     changed: DiskMap,
+    final_keys: DiskMap,
 ) -> tuple[Counter[str], dict[str, Counter[str]]]:
-    """Write the staged samples that are new (across partitions, and with incremental ingest
-    across earlier runs) into the final shards. `changed` gets the merge's decision for each
-    sample: its final key and shard, or the image it duplicates. Returns the captioned and
+    """Dedup the staged samples in source order, as a single-node run does, and write the new
+    ones into the final shards. Partitions stage every decoded image that is not an exact
+    duplicate, so near-dedup here sees each image against exactly the images kept before it.
+    `changed` gets the merge's decision for each sample: its final key and shard, or the image it
+    duplicates; `final_keys` the dataset key each staged key ended as. Returns the captioned and
     paired counts of what was written, and its histograms."""
     written: Counter[str] = Counter({"captioned": 0, "paired": 0})
     histograms = new_histograms()
+    # digest (hex) -> the key an earlier staged copy of these bytes ended as: a copy in a later
+    # partition shares its fate as an exact duplicate, as in a single-node run.
+    first_by_digest = DiskMap(history.db, "merge_first_by_digest")
     for staging, done in staged:
+        partition = done["partition"]["index"]
         for shard in done["shards"]:
             for _, files in iter_shard_records(staging, shard["name"]):
                 sample = json.loads(files["json"])
                 if history.was_seen(source_uri, sample["source_key"]):
                     continue
+                staged_key = sample["key"]
                 digest, phash = bytes.fromhex(sample["sha256"]), int(sample["phash"], 16)
-                match = history.index.find_exact(digest) or history.index.find_near(phash)
-                if match is not None:  # a duplicate of an image in another partition / run
+                first = first_by_digest.get(digest.hex())
+                match = (
+                    DuplicateMatch(first, "exact", 0)
+                    if first is not None
+                    else history.index.find_exact(digest) or history.index.find_near(phash)
+                )
+                if match is not None:  # a duplicate of an image kept before it
                     changed[sample["source_key"]] = {
                         "outcome": "duplicate",
                         "reason": match.kind,
                         "duplicate_of": match.key,
                         "distance": match.distance,
                     }
-                    continue
-                key = unique_key(sample["key"], history.index, source_uri, sample["source_key"])
-                sample["key"] = key
-                name = writer.add(key, cfg.image_format, files[cfg.image_format], sample)
-                history.index.add(key, digest, phash)
-                changed[sample["source_key"]] = {"key": key, "shard": name}
-                count_sample(histograms, written, sample)
+                    final = match.key
+                else:
+                    name_key = untagged_key(staged_key, source_uri, sample["source_key"])
+                    final = unique_key(name_key, history.index, source_uri, sample["source_key"])
+                    sample["key"] = final
+                    name = writer.add(final, cfg.image_format, files[cfg.image_format], sample)
+                    history.index.add(final, digest, phash)
+                    changed[sample["source_key"]] = {"key": final, "shard": name}
+                    count_sample(histograms, written, sample)
+                first_by_digest[digest.hex()] = final
+                final_keys[f"{partition}\t{staged_key}"] = final
     return written, histograms
 
 
@@ -594,20 +624,26 @@ def _write_merged_report(
     source_uri: str,
     history: DatasetHistory,
     changed: DiskMap,
+    final_keys: DiskMap,
     path: Path,
 ) -> dict[str, Any]:
     """One report for the run at `path`: the staged rows in partition order, with the merge's
-    decisions applied. Returns the run's counts, those of the rows written."""
+    decisions applied (an exact duplicate of a staged image points at what that image ended
+    as). Returns the run's counts, those of the rows written."""
     counts: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
     with open(path, "w", encoding="utf-8") as out:
         for staging, done in staged:
+            partition = done["partition"]["index"]
             with staging.open_read(done["run"]["report"]) as stream:
                 for line in stream:
                     row = json.loads(line)
                     if history.was_seen(source_uri, row["source_key"]):
                         continue
+                    if row["outcome"] == "duplicate":
+                        staged_of = f"{partition}\t{row['duplicate_of']}"
+                        row["duplicate_of"] = final_keys.get(staged_of, row["duplicate_of"])
                     update = (
                         changed.get(row["source_key"]) if row["outcome"] == "ingested" else None
                     )

@@ -193,8 +193,13 @@ class IngestRun:
         first_shard: int,
         progress_total: int | None,
         progress: bool,
+        defer_near_dedup: bool = False,
     ) -> None:
         self.cfg = cfg
+        # A partition of a fan-out stages every decoded image that is not an exact duplicate:
+        # whether it is a near duplicate depends on what earlier partitions keep, so
+        # merge_partitions decides it, in source order, over all the staged images.
+        self.defer_near_dedup = defer_near_dedup
         self.recipe = cfg.recipe()
         self.source = source
         self.out = out
@@ -317,7 +322,7 @@ class IngestRun:
             self._reject(item, result)
         else:
             assert isinstance(result, PreparedImage), f"no decode result for {item.source_key}"
-            near = self.index.find_near(result.phash)
+            near = None if self.defer_near_dedup else self.index.find_near(result.phash)
             if near is not None:
                 self._duplicate(item, near)
             else:
@@ -472,8 +477,17 @@ def unique_key(key: str, index: DedupIndex, source_uri: str, source_key: str) ->
     tagged with a hash of its source object. In use once the sample is added to the index."""
     if key not in index:
         return key
-    tag = hashlib.sha256(f"{source_uri}\t{source_key}".encode()).hexdigest()[:8]
-    return f"{key}-{tag}"
+    return f"{key}-{_key_tag(source_uri, source_key)}"
+
+
+def untagged_key(key: str, source_uri: str, source_key: str) -> str:
+    """The key `unique_key` was given for this source object: a staged key without the tag its
+    partition added, so the merge picks the final key as a single-node run would."""
+    return key.removesuffix(f"-{_key_tag(source_uri, source_key)}")
+
+
+def _key_tag(source_uri: str, source_key: str) -> str:
+    return hashlib.sha256(f"{source_uri}\t{source_key}".encode()).hexdigest()[:8]
 
 
 def unseen_items(
