@@ -88,24 +88,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from lumos.evaluation.evaluate import evaluate
-    from lumos.serving.promote import current_promoted
+    from lumos.serving.promote import promoted_baseline
     from lumos.training.checkpoint import read_checkpoint_meta
 
     cfg = _config(args)
-    promoted = None
+    baseline: dict[str, Any] = {}
     if args.compare_promoted:
         head = read_checkpoint_meta(args.checkpoint)["head"]
-        promoted = current_promoted(cfg.promote.registry_uri, head)
-    _print_result(
-        evaluate(
-            cfg.evaluate,
-            args.checkpoint,
-            args.dataset,
-            args.out,
-            baseline=promoted["metrics"] if promoted else None,
-            baseline_version=promoted["version"] if promoted else None,
-        )
-    )
+        baseline = promoted_baseline(cfg.promote.registry_uri, head)
+    _print_result(evaluate(cfg.evaluate, args.checkpoint, args.dataset, args.out, **baseline))
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -277,18 +277,16 @@ def evaluate_step(
 ) -> bool:
     """Evaluate a head against the eval split, compare with the promoted model, gate it."""
     from lumos.evaluation.evaluate import evaluate
-    from lumos.serving.promote import current_promoted
+    from lumos.serving.promote import promoted_baseline
 
     cfg = validate_config(config_json)
     out_uri = RunLayout(run_root).evaluation(head)
-    promoted = current_promoted(cfg.promote.registry_uri, head)
     result = evaluate(
         cfg.evaluate,
         described_uri(checkpoint),
         described_uri(features),
         out_uri,
-        baseline=promoted.get("metrics") if promoted else None,
-        baseline_version=promoted.get("version") if promoted else None,
+        **promoted_baseline(cfg.promote.registry_uri, head),
     )
     for name, value in result.metrics.items():
         metrics.log_metric(name, float(value))

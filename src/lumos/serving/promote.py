@@ -170,6 +170,16 @@ def current_promoted(registry_uri: str, head: str) -> dict[str, Any] | None:
     return registry.read_json(key) if registry.exists(key) else None
 
 
+def promoted_baseline(registry_uri: str, head: str) -> dict[str, Any]:
+    """`evaluate`'s baseline arguments: the current model's metrics and registry version (None
+    for both when nothing is promoted yet)."""
+    promoted = current_promoted(registry_uri, head)
+    return {
+        "baseline": promoted.get("metrics") if promoted else None,
+        "baseline_version": promoted.get("version") if promoted else None,
+    }
+
+
 def _check_baseline_is_current(
     ev: Mapping[str, Any], current: Mapping[str, Any] | None, registry_uri: str
 ) -> None:

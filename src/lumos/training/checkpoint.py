@@ -43,15 +43,29 @@ def checkpoint_dirname(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def _step_dirs(store: Storage) -> dict[str, bool]:
+    """The step directories under a run's store (one listing): name -> complete (its metadata
+    written)."""
+    dirs: dict[str, bool] = {}
+    for obj in store.list():
+        name, _, rest = obj.key.partition("/")
+        if rest and _STEP_DIR.match(name):
+            dirs[name] = dirs.get(name, False) or rest == META_FILE
+    return dirs
+
+
+def _step(name: str) -> int:
+    match = _STEP_DIR.match(name)
+    assert match is not None, f"not a step directory: {name}"
+    return int(match.group(1))
+
+
 def list_checkpoints(out_uri: str) -> list[tuple[int, str]]:
     """Complete checkpoints under a run's output URI as (step, uri), oldest first."""
     store = Storage.from_uri(out_uri)
-    found = []
-    for obj in store.list():
-        parts = obj.key.split("/")
-        if len(parts) == 2 and parts[1] == META_FILE and (m := _STEP_DIR.match(parts[0])):
-            found.append((int(m.group(1)), store.child(parts[0]).uri))
-    return sorted(found)
+    return sorted(
+        (_step(name), store.child(name).uri) for name, done in _step_dirs(store).items() if done
+    )
 
 
 def is_checkpoint(uri: str) -> bool:
@@ -131,22 +145,21 @@ def prune_checkpoints(out_uri: str, keep: int) -> None:
     assert keep >= 1, "keep at least the latest checkpoint"
     remove_stale_staging(out_uri)
     store = Storage.from_uri(out_uri)
-    complete = [step for step, _ in list_checkpoints(out_uri)]
+    dirs = _step_dirs(store)
+    complete = sorted((name for name, done in dirs.items() if done), key=_step)
     if not complete:
         return
-    step_dirs = {
-        int(m.group(1))
-        for obj in store.list()
-        if "/" in obj.key and (m := _STEP_DIR.match(obj.key.split("/")[0]))
-    }
-    incomplete = [step for step in step_dirs - set(complete) if step < complete[-1]]
+    incomplete = sorted(
+        (name for name, done in dirs.items() if not done and _step(name) < _step(complete[-1])),
+        key=_step,
+    )
     if incomplete:
         logger.warning(
-            "removing incomplete checkpoints under %s (a save that was cut off): steps %s",
-            out_uri, sorted(incomplete),
+            "removing incomplete checkpoints under %s (a save that was cut off): %s",
+            out_uri, incomplete,
         )  # fmt: skip
-    for step in complete[:-keep] + sorted(incomplete):
-        old = store.child(checkpoint_dirname(step))
+    for name in complete[:-keep] + incomplete:
+        old = store.child(name)
         old.delete(META_FILE)  # first, so a half-deleted checkpoint never looks complete
         for obj in list(old.list()):
             old.delete(obj.key)

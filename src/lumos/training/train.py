@@ -340,7 +340,8 @@ def train(
         counts = accelerator.gather(torch.tensor([[train_items, starved_items]], device=device))
         train_items, starved_items = (counts.sum(dim=0) // data_world).tolist()  # (W, 2) -> 2
     frames = cfg.num_frames or 1
-    images_per_step = cfg.batch_size * world * cfg.grad_accum * frames
+    global_batch = cfg.batch_size * world * cfg.grad_accum  # items per optimizer step
+    images_per_step = global_batch * frames
     latent_downsample = int(spec["latent_downsample"])
     # Batches in page-locked memory: their copy to the GPU does not wait for the previous step,
     # so the next batch is assembled while the GPU computes.
@@ -429,7 +430,7 @@ def train(
         "train_config": cfg.model_dump(mode="json"),
         "transfer_report": transfer_report,
         "num_parameters": num_parameters,
-        "global_batch": cfg.batch_size * world * cfg.grad_accum,
+        "global_batch": global_batch,
         "train_items": train_items,
         "skipped_groups": dataset.skipped_groups,
         "starved_items": starved_items,
@@ -562,7 +563,7 @@ def train(
         train_items=train_items,
         skipped_groups=dataset.skipped_groups,
         starved_items=starved_items,
-        global_batch=cfg.batch_size * world * cfg.grad_accum,
+        global_batch=global_batch,
         resumed_from=resume_meta["uri"] if resume_meta else None,
         transfer_report=transfer_report,
     )
