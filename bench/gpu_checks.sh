@@ -8,12 +8,9 @@
 #               skipped. So one device call runs as much as fits, most important first.
 #   BATCH=128   per-GPU batch of the throughput bench and of the loop's XL/2 test (default 128:
 #               the optimizer step's fixed cost spread over twice the images of batch 64)
-#   VARIANTS=...  the bench's variants (default ref,lumos-bf16w,lumos-bf16w-fusedopt: the
-#               compiled one-pass optimizer step against torch's fused AdamW)
+#   VARIANTS=...  the bench's variants (default ref,lumos-bf16w)
 #   BATCH2=256 VARIANTS2=...  a second bench at another batch (default: none; VARIANTS2 defaults
-#               to lumos-bf16w,lumos-bf16w-fusedopt), to train_throughput_b$BATCH2.json
-#   OPTIM=0 skips the optimizer step's own bench (bench/optimizer_step.py: the default step
-#               against the compiled one-pass step, no model compile: about a minute)
+#               to lumos-bf16w), to train_throughput_b$BATCH2.json
 #   LOOP_K=...  which loop tests run (pytest -k; default: resume, pinned batches, XL/2 i2i in
 #               both precisions and XL/2 t2i)
 #   TRAIN=0 skips the bench; LOOP=0 skips the loop.
@@ -50,19 +47,12 @@ bench() {  # bench CAP BATCH VARIANTS JSON
     2>&1 | tee "$OUT/$4.log"
 }
 if [ "${TRAIN:-1}" = 1 ]; then
-  bench "${TRAIN_TIMEOUT:-300}" "$BATCH" "${VARIANTS:-ref,lumos-bf16w,lumos-bf16w-fusedopt}" \
+  bench "${TRAIN_TIMEOUT:-300}" "$BATCH" "${VARIANTS:-ref,lumos-bf16w}" \
     train_throughput
   if [ -n "${BATCH2:-}" ]; then
-    bench "${TRAIN_TIMEOUT:-300}" "$BATCH2" "${VARIANTS2:-lumos-bf16w,lumos-bf16w-fusedopt}" \
+    bench "${TRAIN_TIMEOUT:-300}" "$BATCH2" "${VARIANTS2:-lumos-bf16w}" \
       "train_throughput_b$BATCH2"
   fi
-fi
-# The optimizer step alone (bf16 weights, fp32 masters, clipping): torch's fused AdamW between
-# copies against the compiled one-pass step, and the latter's compile time.
-if [ "${OPTIM:-1}" = 1 ]; then
-  PYTHONPATH=${PYTHONPATH:-}:src stage "${OPTIM_TIMEOUT:-150}" python3 bench/optimizer_step.py \
-    --size "$SIZE" --device "$DEVICE" --out "$OUT/optimizer_step.json" 2>&1 \
-    | tee "$OUT/optimizer_step.log"
 fi
 # The training loop itself (lumos.training.train): its CUDA resume check, pinned batches, XL/2 at
 # 256 px compiled in "bf16" and "bf16-weights", and the T2I step (120 T5-XXL tokens). It imports

@@ -13,9 +13,6 @@ Variants are a base (`ref` | `lumos`) with modifiers joined by `-` or `+`:
   bf16w        bf16 weights and activations, fp32 master weights in the optimizer: the library's
                MasterWeightAdamW, as the training loop's mixed_precision "bf16-weights" (else:
                fp32 weights under bf16 autocast, as the reference and the loop's "bf16")
-  fusedopt     with bf16w: MasterWeightAdamW(fused_step=True), the optimizer step compiled into
-               one pass per parameter (gradient read once, masters, moments and bf16 copy
-               written once) instead of torch's fused AdamW between two copies
   eager        no torch.compile
   maxautotune  torch.compile(mode="max-autotune-no-cudagraphs") (compiles for several minutes)
   cudagraphs   torch.compile(mode="max-autotune") (with CUDA graphs)
@@ -32,7 +29,8 @@ SDPA, and a cross-attention that really attends to its one condition token.
 FLOPs: counted with torch.utils.flop_counter on one eager step of each model. TFLOP/s and MFU
 use the *reference layout's* FLOPs for every variant (model FLOPs, so a variant that skips exact
 work is credited with speed, not with FLOPs); the executed FLOPs are reported beside them. MFU is
-against the bf16 matmul ceiling measured in the same run (8192^3, median of 10).
+against the bf16 matmul ceiling measured in the same run (8192^3, median of 20 after 2 s of
+them).
 
 Imports only torch, diffusers, lumos/models/lumos_dit.py and lumos/training/optim.py (loaded by
 path from the checkout), so it runs on a GPU image without the project's other dependencies.
@@ -244,7 +242,7 @@ def check_same_function(size: str = "tiny", seed: int = 0) -> float:
 # Measurement
 # ----------------------------------------------------------------------------------------------
 MODIFIERS = {
-    "regional", "bf16w", "fusedopt", "eager", "maxautotune", "cudagraphs", "cdt", "cudnn", "flash"
+    "regional", "bf16w", "eager", "maxautotune", "cudagraphs", "cdt", "cudnn", "flash"
 }  # fmt: skip
 
 
@@ -253,8 +251,6 @@ def parse_variant(name: str) -> tuple[str, set[str]]:
     base, mods = parts[0], set(parts[1:])
     if base not in ("ref", "lumos") or not mods <= MODIFIERS:
         raise SystemExit(f"bad variant {name!r}: base ref|lumos, modifiers {sorted(MODIFIERS)}")
-    if "fusedopt" in mods and "bf16w" not in mods:
-        raise SystemExit(f"bad variant {name!r}: fusedopt is an option of bf16w's optimizer")
     return base, mods
 
 
@@ -263,12 +259,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_ceiling(device: torch.device, size: int, repeats: int = 10) -> float:
-    """bf16 matmul TFLOP/s, median of `repeats` single matmuls."""
+def matmul_ceiling(
+    device: torch.device, size: int, repeats: int = 20, warmup_s: float | None = None
+) -> float:
+    """bf16 matmul TFLOP/s, median of `repeats` single matmuls, after `warmup_s` seconds of them
+    (default 2 s on CUDA: an idle GPU's clock needs that to rise, and a ceiling measured before
+    it has would flatter every MFU measured against it)."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
+    warmup_s = (2.0 if device.type == "cuda" else 0.1) if warmup_s is None else warmup_s
+    start = time.perf_counter()
+    while True:
         a @ b
+        synchronize(device)
+        if time.perf_counter() - start >= warmup_s:
+            break
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -300,8 +305,7 @@ class Step:
         if self.bf16_weights:
             self.model.to(torch.bfloat16)
             # No clipping, as in the fp32-weight variants (the loop passes max_grad_norm).
-            fused_step = "fusedopt" in mods
-            self.opt = MasterWeightAdamW(self.model.parameters(), fused_step=fused_step, **adamw)
+            self.opt = MasterWeightAdamW(self.model.parameters(), **adamw)
         else:
             self.opt = torch.optim.AdamW(self.model.parameters(), **adamw)
         self.forward = self.model
@@ -402,8 +406,7 @@ def kernel_kind(name: str) -> str:
 
 def phase_times(step: Step, data, device: torch.device, steps: int = 3) -> dict[str, float]:
     """Mean ms per step of its phases: forward (with the loss), backward, and the optimizer
-    (step and zero_grad), from CUDA events between them: whatever kernels each phase runs
-    (the compiled optimizer's are inductor's, not torch's fused AdamW)."""
+    (step and zero_grad), from CUDA events between them: whatever kernels each phase runs."""
     step.phase_marks = []
     for _ in range(steps):
         step(*data)
@@ -421,7 +424,9 @@ def phase_times(step: Step, data, device: torch.device, steps: int = 3) -> dict[
 def profile_steps(step: Step, data, device: torch.device, steps: int = 3) -> dict:
     """Where a step's device time goes: per phase (`phase_times`), per kind of kernel (matmul,
     attention, fused elementwise, optimizer, other) and the top kernels, over `steps` steps
-    (torch.profiler)."""
+    (torch.profiler). On CUDA only the kernels count: an op's device time is its kernels' time,
+    so counting both would count each kernel twice (as an earlier version of this did)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     phases = phase_times(step, data, device, steps)
@@ -432,10 +437,11 @@ def profile_steps(step: Step, data, device: torch.device, steps: int = 3) -> dic
         for _ in range(steps):
             step(*data)
         synchronize(device)
-    rows = [
-        (e.key, e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total)
-        for e in prof.key_averages()
-    ]
+    if device.type == "cuda":
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        rows = [(e.key, e.self_device_time_total) for e in events]
+    else:  # CPU ops run synchronously: their own (self) time
+        rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     total = sum(us for _, us in rows) or 1.0
     kinds: dict[str, float] = {}

@@ -10,7 +10,6 @@ import inspect
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from lumos.training.optim import MasterWeightAdamW
@@ -55,31 +54,6 @@ def test_bf16w_variant_steps_the_training_loops_optimizer():
         assert m.dtype == torch.float32 and not torch.equal(m, b)
         assert torch.equal(p, m.to(torch.bfloat16))
         assert p.grad is None
-
-
-def test_fusedopt_variant_steps_the_compiled_optimizer():
-    """`lumos-bf16w-fusedopt` takes the same steps as `lumos-bf16w`, through the compiled step."""
-    bench = load_bench()
-    cpu = torch.device("cpu")
-    steps = [
-        bench.Step("lumos", mods, "tiny", cpu, False) for mods in ({"bf16w"}, {"bf16w", "fusedopt"})
-    ]
-    assert [s.opt.fused_step for s in steps] == [False, True]
-    before = [m.clone() for m in steps[1].opt.master_params]
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        batch = (
-            torch.randn(2, 4, 32, 32, generator=g), torch.randint(0, 1000, (2,), generator=g),
-            torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 768, generator=g),
-        )  # fmt: skip
-        losses = [step(*batch) for step in steps]
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-3)
-    masters = [s.opt.master_params for s in steps]
-    assert sum(not torch.equal(m, b) for m, b in zip(masters[1], before, strict=True)) > 10
-    for a, b in zip(*masters, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    with pytest.raises(SystemExit, match="fusedopt is an option of bf16w"):
-        bench.parse_variant("lumos-fusedopt")
 
 
 def test_profile_splits_a_steps_device_time_by_kernel_kind():

@@ -54,10 +54,8 @@ def test_i2i_trains_and_writes_a_complete_checkpoint(images_features, tmp_path, 
         # bf16 weights with fp32 masters; a small grad_clip, so that clipping (of the fp32
         # gradient copies) takes part.
         {"mixed_precision": "bf16-weights", "grad_clip": 0.05},
-        # The same with each parameter's optimizer step compiled into one pass.
-        {"mixed_precision": "bf16-weights", "grad_clip": 0.05, "fused_optimizer_step": True},
     ],
-    ids=["fp32", "bf16-weights", "bf16-weights-fused-step"],
+    ids=["fp32", "bf16-weights"],
 )
 def test_resume_reproduces_the_uninterrupted_loss_curve(
     images_features, tmp_path, tiny_config, precision
@@ -345,19 +343,6 @@ def test_bf16_weights_train_bf16_parameters_on_fp32_masters(images_features, tmp
         rtol=1e-2,
         atol=0,
     )
-    # The compiled one-pass optimizer step trains as the default one (its clipping norm is
-    # summed in another order, so a bf16 weight may round the other way).
-    fused = train(
-        tiny_config(steps=3, mixed_precision="bf16-weights", fused_optimizer_step=True),
-        images_features,
-        str(tmp_path / "fused"),
-    )
-    torch.testing.assert_close(
-        torch.tensor([loss for _, loss in fused.losses]),
-        torch.tensor([loss for _, loss in result.losses]),
-        rtol=1e-3,
-        atol=0,
-    )
 
 
 def test_bf16_weights_checkpoint_loads_like_any_other(images_features, tmp_path, tiny_config):
@@ -385,11 +370,6 @@ def test_bf16_weights_checkpoint_loads_like_any_other(images_features, tmp_path,
 def test_bf16_weights_with_fsdp_is_a_config_error(tiny_config):
     with pytest.raises(ValidationError, match="'bf16-weights' is for distributed 'ddp'"):
         tiny_config(mixed_precision="bf16-weights", distributed="fsdp")
-
-
-def test_fused_optimizer_step_needs_master_weights(tiny_config):
-    with pytest.raises(ValidationError, match="fused_optimizer_step is the step of the fp32"):
-        tiny_config(fused_optimizer_step=True)
 
 
 def test_features_split_by_node_is_for_single_image_heads(tiny_config):

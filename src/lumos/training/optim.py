@@ -11,16 +11,6 @@ fp32 copy of each parameter and steps torch's own AdamW on those copies:
     optimizer.step()       # fp32 copies of them -> clip -> AdamW on the fp32 masters -> bf16 model
     optimizer.zero_grad()
 
-`fused_step=True` runs the same step through one small compiled function (`fused_master_update`)
-called once per parameter: each parameter's master, Adam moments and bf16 copy are updated in
-one pass that reads its bf16 gradient (clipping reads it once more, for the norm), instead of
-five passes over fp32 copies (about 30 instead of 52 bytes of memory traffic per parameter with
-clipping). The function is compiled once for any parameter size (1-D views, a dynamic length):
-compiled over all of XL/2's 462 parameters as one graph, it took 4 to 5 minutes to compile (on
-CPU). Its speed on a GPU has not been measured yet: the benchmark's `lumos-bf16w-fusedopt`
-variant and bench/optimizer_step.py measure it; the training loop uses it with
-`fused_optimizer_step: true`.
-
 This file imports only torch: bench/train_throughput.py loads it by path on GPU images that lack
 the project's other dependencies, so the benchmark measures this class.
 """
@@ -51,23 +41,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self,
         params: Iterable[torch.Tensor],
         max_grad_norm: float | None = None,
-        fused_step: bool = False,
         **adamw: Any,
     ) -> None:
         self.model_params = [p for p in params if p.requires_grad]
         self.master_params = [p.detach().float().clone() for p in self.model_params]
         super().__init__(self.master_params, **adamw)
         self.max_grad_norm = max_grad_norm
-        self.fused_step = fused_step
-        if fused_step:
-            unsupported = [k for k in ("amsgrad", "maximize", "capturable", "differentiable")
-                           if adamw.get(k)]  # fmt: skip
-            if unsupported:
-                raise ValueError(f"fused_step=True does not implement AdamW's {unsupported}")
-            # One graph for every parameter: 1-D views of a dynamic length.
-            self._update = torch.compile(fused_master_update, dynamic=True)
-            self._lr: torch.Tensor | None = None  # on the device: a new lr is no recompile
-            self._no_clip: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
@@ -80,9 +59,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for p, g, m in zip(self.model_params, model_grads, self.master_params, strict=True)
             if g is not None
         ]
-        if self.fused_step:
-            self._fused_step(trained)
-            return
         # The fp32 gradients exist only during the step (allocated from the caching allocator).
         grads = [torch.empty_like(m) for _, _, m in trained]
         torch._foreach_copy_(grads, [g for _, g, _ in trained])
@@ -94,51 +70,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for _, _, master in trained:
             master.grad = None
         torch._foreach_copy_([p for p, _, _ in trained], [m for _, _, m in trained])  # to bf16
-
-    def _fused_step(self, trained: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """AdamW's step through `fused_master_update`, on AdamW's own state (the same
-        state_dict as the default path, so either resumes the other's checkpoint)."""
-        if not trained:
-            return
-        if len(self.param_groups) != 1:
-            raise ValueError(
-                f"fused_step=True steps one parameter group, not {len(self.param_groups)}"
-            )
-        (group,) = self.param_groups
-        device = trained[0][2].device
-        for _, _, master in trained:
-            state = self.state[master]
-            if not state:  # as AdamW initialises it (the step on the device, as fused=True)
-                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-            elif state["step"].device != device:  # saved by a non-fused AdamW: a CPU tensor
-                state["step"] = state["step"].to(device, torch.float32)
-        if self._lr is None or self._lr.device != device:
-            self._lr = torch.zeros((), dtype=torch.float32, device=device)
-            self._no_clip = torch.ones((), dtype=torch.float32, device=device)
-        self._lr.fill_(group["lr"])  # an LR schedule changes a tensor, not the compiled graph
-        coef = self._no_clip
-        if self.max_grad_norm is not None:  # as clip_grad_norm_, from the bf16 gradients
-            norms = torch._foreach_norm([g for _, g, _ in trained], dtype=torch.float32)
-            norm = torch.linalg.vector_norm(torch.stack(norms))
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-        assert coef is not None
-        beta1, beta2 = group["betas"]
-        hyper = (float(beta1), float(beta2), float(group["weight_decay"]), float(group["eps"]))
-        for param, grad, master in trained:
-            state = self.state[master]
-            self._update(
-                param.view(-1),
-                grad.reshape(-1),
-                master.view(-1),
-                state["exp_avg"].view(-1),
-                state["exp_avg_sq"].view(-1),
-                state["step"],
-                self._lr,
-                coef,
-                *hyper,
-            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the model's gradients (the masters hold none between steps)."""
@@ -193,32 +124,4 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return weights
 
 
-def fused_master_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    master: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: torch.Tensor,
-    lr: torch.Tensor,
-    clip_coef: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-) -> None:
-    """One AdamW step (torch's formula) of one parameter: its fp32 `master` from its bf16 `grad`
-    times `clip_coef` (clip_grad_norm_'s coefficient, or 1), then `param` = the master in bf16.
-    Written for torch.compile, which fuses it into one pass over the tensors."""
-    g = grad.float() * clip_coef
-    step.add_(1)
-    master.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(eps)
-    master.sub_(step_size * exp_avg / denom)
-    param.copy_(master)
-
-
-__all__ = ["MasterWeightAdamW", "fused_master_update"]
+__all__ = ["MasterWeightAdamW"]

@@ -118,7 +118,6 @@ RESUME_MAY_CHANGE = (
     "pushgateway_url",
     "compile",
     "progress_bar",
-    "fused_optimizer_step",  # the same optimizer state either way
     "stop_check_every",
 )
 
@@ -167,10 +166,6 @@ class TrainConfig(BaseModel):
     #   Not with distributed "fsdp", whose "bf16" already keeps fp32 sharded masters.
     # "no": fp32 throughout.
     mixed_precision: Literal["bf16", "bf16-weights", "no"] = "bf16"
-    # With "bf16-weights": each parameter's optimizer step (gradient to fp32, clipping, AdamW,
-    # the bf16 copy) as one compiled pass (`MasterWeightAdamW(fused_step=True)`) instead of five
-    # multi-tensor passes. Less memory traffic by arithmetic; not yet measured on a GPU.
-    fused_optimizer_step: bool = False
     compile: bool = True  # torch.compile the model for the training step
     num_frames: int | None = Field(
         None, ge=2, description="frames per item for novel_view / video (default 4)"
@@ -224,12 +219,6 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _bf16_weights_are_replicated(self) -> TrainConfig:
-        if self.fused_optimizer_step and self.mixed_precision != "bf16-weights":
-            raise ValueError(
-                "fused_optimizer_step is the step of the fp32 master weights that "
-                f"mixed_precision 'bf16-weights' keeps, not of mixed_precision "
-                f"{self.mixed_precision!r}: set mixed_precision 'bf16-weights' or drop it"
-            )
         if self.mixed_precision == "bf16-weights" and self.distributed == "fsdp":
             raise ValueError(
                 "mixed_precision 'bf16-weights' is for distributed 'ddp' (or one process); "
@@ -385,10 +374,7 @@ def train(
     master_optimizer: MasterWeightAdamW | None = None
     if cfg.mixed_precision == "bf16-weights":
         master_optimizer = MasterWeightAdamW(
-            model.parameters(),
-            max_grad_norm=cfg.grad_clip,
-            fused_step=cfg.fused_optimizer_step,
-            **adamw,
+            model.parameters(), max_grad_norm=cfg.grad_clip, **adamw
         )
     optimizer = master_optimizer or torch.optim.AdamW(model.parameters(), **adamw)
 
