@@ -438,7 +438,11 @@ def profile_steps(step: Step, data, device: torch.device, steps: int = 3) -> dic
             step(*data)
         synchronize(device)
     if device.type == "cuda":
-        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        events = [  # kernels and copies; not the spans of record_function annotations
+            e
+            for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+        ]
         rows = [(e.key, e.self_device_time_total) for e in events]
     else:  # CPU ops run synchronously: their own (self) time
         rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
