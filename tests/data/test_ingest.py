@@ -150,6 +150,66 @@ def test_incremental_processes_only_new_objects_and_dedups_against_old(tmp_path)
         ingest(cfg.model_copy(update={"resolution": 64}), str(source), dataset, progress=False)
 
 
+def changed_since_ingest(source) -> None:
+    """Changes to a source that an incremental run must report: a caption added beside an
+    ingested image, an ingested image rewritten, a caption removed; and one new image."""
+    (source / "good" / "webp.txt").write_text("a caption added later\n")
+    rewritten = source / "good" / "bmp.bmp"
+    rewritten.write_bytes(encode(scene(62), "BMP"))
+    os.utime(rewritten, (1e9, 1e9))  # a new mtime whatever the file system's resolution
+    (source / "good" / "jpeg.txt").unlink()
+    (source / "new.png").write_bytes(encode(scene(61), "PNG"))
+
+
+CHANGES = {
+    "good/webp.webp": "sidecars added since it was ingested: ['good/webp.txt']",
+    "good/bmp.bmp": "rewritten since it was ingested",
+    "good/jpeg.jpg": "sidecars removed since it was ingested: ['good/jpeg.txt']",
+}
+
+
+def assert_changes_reported(rows: dict[str, dict]) -> None:
+    for key, detail in CHANGES.items():
+        assert rows[key]["outcome"] == "changed" and rows[key]["detail"].startswith(detail)
+
+
+def test_incremental_reports_images_that_changed_since_they_were_ingested(tmp_path, caplog):
+    """Incremental mode does not re-ingest a seen image, so a caption added beside it, or the
+    image rewritten, is reported ("changed" rows, a count, a warning), never silently dropped;
+    a full ingest then rebuilds the dataset with the changes."""
+    corpus = {k: v for k, v in build_corpus().items() if k.startswith("good/")}
+    source = write_local(corpus, tmp_path / "raw")
+    dataset = str(tmp_path / "ds")
+    cfg = CFG.model_copy(update={"incremental": True})
+    first = ingest(cfg, str(source), dataset, progress=False)
+    assert first.ingested == 7 and first.changed == 0
+
+    changed_since_ingest(source)
+    second = ingest(cfg, str(source), dataset, progress=False)
+    assert (second.ingested, second.changed) == (1, 3)
+    assert second.listed == second.accounted  # changed objects count as previously seen
+    rows = {r["source_key"]: r for r in report_rows(dataset)}
+    assert set(rows) == {"new.png", *CHANGES}
+    assert_changes_reported(rows)
+    assert "3 image(s) ingested by earlier runs changed since" in caplog.text
+    assert "run a full ingest (incremental: false)" in caplog.text
+
+    # Nothing new: the dataset stays as it is, and the changes are still reported.
+    caplog.clear()
+    before = (tmp_path / "ds" / "manifest.json").read_bytes()
+    third = ingest(cfg, str(source), dataset, progress=False)
+    assert third.up_to_date and (third.ingested, third.changed) == (0, 3)
+    assert (tmp_path / "ds" / "manifest.json").read_bytes() == before
+    assert "3 image(s) ingested by earlier runs changed since" in caplog.text
+
+    # The remedy the message gives: a full ingest has the added caption and not the removed one.
+    full = ingest(CFG, str(source), dataset, progress=False)
+    assert full.changed == 0 and full.ingested == 8
+    captions = {s.meta["source_key"]: s.meta.get("caption") for s in load_all_samples(dataset)}
+    assert captions["good/webp.webp"] == "a caption added later"
+    assert captions["good/jpeg.jpg"] is None
+
+
 def test_fan_out_partitions_then_merge_matches_single_node(tmp_path):
     source = write_local(build_corpus(), tmp_path / "raw")
     single = ingest(CFG, str(source), str(tmp_path / "single"), progress=False)
@@ -416,3 +476,19 @@ def test_fan_out_incremental_merge_skips_what_the_dataset_has(tmp_path):
     rows = {r["source_key"]: r for r in report_rows(dataset)}
     assert set(rows) == {"later/copy_of_png.png", "later/reencoded.jpg"}
     assert len(load_all_samples(dataset)) == 7
+
+    # Changed images are reported by the merge, whether or not the partitions read the dataset.
+    changed_since_ingest(source)
+    third = fan_out("three")
+    assert (third.ingested, third.changed, third.listed) == (1, 3, third.accounted)
+    rows = {r["source_key"]: r for r in report_rows(dataset)}
+    assert set(rows) == {"new.png", *CHANGES}
+    assert_changes_reported(rows)
+    staging = []
+    for partition in plan_partitions(str(source), 2):
+        uri = str(tmp_path / "four" / str(json.loads(partition)["index"]))
+        ingest_partition(cfg, str(source), uri, partition, dataset_uri=dataset)
+        staging.append(uri)
+    fourth = merge_partitions(cfg, staging, dataset)
+    assert (fourth.ingested, fourth.changed, fourth.listed) == (0, 3, fourth.accounted)
+    assert_changes_reported({r["source_key"]: r for r in report_rows(dataset)})

@@ -183,6 +183,9 @@ class IngestResult(BaseModel):
     up_to_date: bool = False  # nothing changed since the last run: the dataset was left as it was
     listed: int = 0  # objects listed in the source
     previously_seen: int = 0  # objects skipped in incremental mode (ingested by an earlier run)
+    # Of those, images that changed since (a sidecar added or removed, an object rewritten): not
+    # re-ingested by incremental mode, reported with outcome "changed"
+    changed: int = 0
     sidecars: int = 0  # caption / metadata sidecars, accounted with their image
     ingested: int = 0
     duplicate: int = 0
@@ -202,13 +205,25 @@ class IngestResult(BaseModel):
 # The per-run counts a manifest (or a staged partition) records, as IngestResult names them.
 RUN_COUNTS = (
     "listed", "previously_seen", "sidecars", "ingested", "duplicate", "rejected",
-    "duplicate_by_kind", "rejected_by_reason", "paired",
+    "duplicate_by_kind", "rejected_by_reason", "paired", "changed",
 )  # fmt: skip
+
+
+def warn_changed(count: int, examples: list[str]) -> None:
+    """Log the seen images that changed since they were ingested (incremental mode)."""
+    if count:
+        log.warning(
+            "%d image(s) ingested by earlier runs changed since (outcome 'changed' in the "
+            "report), e.g. %s. Incremental ingest does not re-ingest them: run a full ingest "
+            "(incremental: false) to rebuild the dataset with them",
+            count,
+            "; ".join(examples),
+        )
 
 
 def result_from_manifest(store: Storage, manifest: dict, *, up_to_date: bool) -> IngestResult:
     run = manifest["runs"][-1]
-    c = run["counts"]
+    c = {"changed": 0, **run["counts"]}  # "changed" is counted since 2026-11-26
     return IngestResult(
         dataset_uri=store.uri,
         manifest_uri=store.key_uri(MANIFEST),
@@ -245,7 +260,6 @@ def ingest(
         try:
             listing = ListingTally(source.list())
             skipped: Counter[str] = Counter()
-            items = unseen_items(group_items(listing), source.uri, history, skipped)
             index_start = len(history.index)
             run = IngestRun(
                 cfg,
@@ -257,7 +271,10 @@ def ingest(
                 progress_total=total,
                 progress=progress,
             )
-            run.run(items)
+            run.run(
+                unseen_items(group_items(listing), source.uri, history, skipped, run.record_changed)
+            )
+            warn_changed(run.counts["changed"], run.changed_examples)
             if listing.count == 0:
                 raise ValueError(f"no objects under {source.uri}: check the source URI")
             if (
@@ -279,6 +296,7 @@ def ingest(
                         "rejected_by_reason": {},
                         "paired": 0,
                         "new_shards": 0,
+                        "changed": run.counts["changed"],
                     }
                 )
             record = save_run(
@@ -412,7 +430,6 @@ def ingest_partition(
         try:
             listing = ListingTally(source.list(desc["start_after"], desc["last_key"]))
             skipped: Counter[str] = Counter()
-            items = unseen_items(group_items(listing), source.uri, history, skipped)
             index_start = len(history.index)
             staging.delete(PARTITION_DONE)
             run = IngestRun(
@@ -426,7 +443,9 @@ def ingest_partition(
                 progress=progress,
                 defer_near_dedup=True,
             )
-            run.run(items)
+            run.run(
+                unseen_items(group_items(listing), source.uri, history, skipped, run.record_changed)
+            )
             record = save_run(
                 staging,
                 run,
@@ -527,10 +546,11 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
         report_key = f"reports/ingest-{run_id}.jsonl"
         with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
             report_path = Path(tmp) / "report.jsonl"
-            run_counts = _write_merged_report(
+            run_counts, changed_examples = _write_merged_report(
                 staged, source_uri, history, changed, final_keys, report_path
             )
             store.upload_file(report_path, report_key)
+        warn_changed(run_counts["changed"], changed_examples)
         run_counts.update(written)
         assert run_counts["ingested"] == sum(s.count for s in shards), (
             "merge: report and shards disagree"
@@ -626,11 +646,13 @@ def _write_merged_report(
     changed: DiskMap,
     final_keys: DiskMap,
     path: Path,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[str]]:
     """One report for the run at `path`: the staged rows in partition order, with the merge's
     decisions applied (an exact duplicate of a staged image points at what that image ended
-    as). Returns the run's counts, those of the rows written."""
+    as), and a "changed" row for each image the dataset has that changed since. Returns the
+    run's counts, those of the rows written, and the first few changed images."""
     counts: Counter[str] = Counter()
+    changed_examples: list[str] = []
     by_reason: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
     with open(path, "w", encoding="utf-8") as out:
@@ -639,8 +661,21 @@ def _write_merged_report(
             with staging.open_read(done["run"]["report"]) as stream:
                 for line in stream:
                     row = json.loads(line)
-                    if history.was_seen(source_uri, row["source_key"]):
-                        continue
+                    if row["outcome"] != "changed" and history.was_seen(
+                        source_uri, row["source_key"]
+                    ):  # staged by a partition that did not read the dataset's history
+                        change = history.change_since_seen(
+                            source_uri,
+                            row["source_key"],
+                            row.get("sidecars", []),
+                            row.get("version_tag"),
+                        )
+                        if change is None:
+                            continue
+                        row = {"source_key": row["source_key"], "outcome": "changed"}
+                        row["detail"] = change
+                    if row["outcome"] == "changed" and len(changed_examples) < 5:
+                        changed_examples.append(f"{row['source_key']}: {row['detail']}")
                     if row["outcome"] == "duplicate":
                         staged_of = f"{partition}\t{row['duplicate_of']}"
                         row["duplicate_of"] = final_keys.get(staged_of, row["duplicate_of"])
@@ -668,4 +703,5 @@ def _write_merged_report(
         "rejected": counts["rejected"],
         "duplicate_by_kind": dict(sorted(by_kind.items())),
         "rejected_by_reason": dict(sorted(by_reason.items())),
-    }
+        "changed": counts["changed"],
+    }, changed_examples

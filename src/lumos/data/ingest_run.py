@@ -210,6 +210,7 @@ class IngestRun:
         self.report_path = Path(self._report_dir.name) / "report.jsonl"
         self._report = open(self.report_path, "w", encoding="utf-8")  # noqa: SIM115
         self.counts: Counter[str] = Counter()
+        self.changed_examples: list[str] = []  # the first few `record_changed` items, for the log
         self.by_reason: Counter[str] = Counter()
         self.by_kind: Counter[str] = Counter()
         self.stats = new_histograms()
@@ -279,7 +280,12 @@ class IngestRun:
 
     # -- accepting results (main thread, in order) ---------------------------------------------
     def _row(self, item: SourceItem, outcome: str, **fields: Any) -> None:
-        row = {"source_key": item.source_key, "outcome": outcome, **fields}
+        row = {
+            "source_key": item.source_key,
+            "outcome": outcome,
+            "version_tag": item.version_tag,
+            **fields,
+        }
         if item.sidecars:
             row["sidecars"] = list(item.sidecars)
         self._report.write(json.dumps(row, sort_keys=True) + "\n")
@@ -288,6 +294,17 @@ class IngestRun:
         self.metrics.seen.inc(1 + len(item.sidecars))
         if self._progress is not None:
             self._progress.update(1 + len(item.sidecars))
+
+    def record_changed(self, item: SourceItem, detail: str) -> None:
+        """Report a seen item that changed since an earlier run ingested it. Incremental ingest
+        does not re-ingest it (its objects count as previously seen); the row says so."""
+        row = {"source_key": item.source_key, "outcome": "changed", "detail": detail}
+        self._report.write(json.dumps(row, sort_keys=True) + "\n")
+        self.counts["changed"] += 1
+        if len(self.changed_examples) < 5:
+            self.changed_examples.append(f"{item.source_key}: {detail}")
+        if self._progress is not None:
+            self._progress.update(len(item.all_keys))
 
     def _reject(self, item: SourceItem, rejection: Rejection) -> None:
         self.by_reason[rejection.reason] += 1
@@ -428,6 +445,7 @@ class IngestRun:
             "rejected_by_reason": dict(sorted(self.by_reason.items())),
             "captioned": self.counts["captioned"],
             "paired": self.counts["paired"],
+            "changed": self.counts["changed"],
         }
         accounted = (
             previously_seen
@@ -491,11 +509,23 @@ def _key_tag(source_uri: str, source_key: str) -> str:
 
 
 def unseen_items(
-    items: Iterable[SourceItem], source_uri: str, history: DatasetHistory, skipped: Counter
+    items: Iterable[SourceItem],
+    source_uri: str,
+    history: DatasetHistory,
+    skipped: Counter,
+    on_changed: Callable[[SourceItem, str], None],
 ) -> Iterator:
+    """The items no earlier run into the dataset has seen. Seen ones are counted in `skipped`;
+    those that changed since (a sidecar added or removed, an object rewritten) also go to
+    `on_changed` with what changed."""
     for item in items:
         if history.was_seen(source_uri, item.source_key):
             skipped["objects"] += len(item.all_keys)
+            change = history.change_since_seen(
+                source_uri, item.source_key, item.sidecars, item.version_tag
+            )
+            if change is not None:
+                on_changed(item, change)
         else:
             yield item
 

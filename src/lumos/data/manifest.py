@@ -23,6 +23,8 @@ from lumos.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from lumos.data.ingest import IngestConfig
 
 DATASET_FORMAT = "lumos-dataset/1"
@@ -37,12 +39,31 @@ class DatasetHistory:
     manifest: dict | None
     db: ScratchDB
     index: DedupIndex  # the kept images; its keys are every dataset key in use
-    seen: DiskMap  # "source uri\tsource key" of objects that need no processing again
+    # "source uri\tsource key" of objects that need no processing again -> what their report
+    # row recorded: {"sidecars": [...], "version_tag": ... (None in reports older than it)}
+    seen: DiskMap
     runs: list[dict]
     shards: list[dict]
 
     def was_seen(self, source_uri: str, source_key: str) -> bool:
         return f"{source_uri}\t{source_key}" in self.seen
+
+    def change_since_seen(
+        self, source_uri: str, source_key: str, sidecars: Iterable[str], version_tag: str | None
+    ) -> str | None:
+        """How a seen object (with these sidecars and this version tag now) differs from when an
+        earlier run ingested it, or None if it does not (or was not seen)."""
+        recorded = self.seen.get(f"{source_uri}\t{source_key}")
+        if recorded is None:
+            return None
+        before, now = set(recorded["sidecars"]), set(sidecars)
+        if now - before:
+            return f"sidecars added since it was ingested: {sorted(now - before)}"
+        if before - now:
+            return f"sidecars removed since it was ingested: {sorted(before - now)}"
+        if recorded["version_tag"] is not None and recorded["version_tag"] != version_tag:
+            return "rewritten since it was ingested (its or a sidecar's ETag/size/mtime changed)"
+        return None
 
     def close(self) -> None:
         self.db.close()
@@ -89,9 +110,13 @@ def _load_runs(store: Storage, cfg: IngestConfig, manifest: dict, history: Datas
         with store.open_read(run["report"]) as stream:
             rows = (json.loads(line) for line in stream)
             history.seen.update(
-                (f"{run['source_uri']}\t{row['source_key']}", None)
+                (
+                    f"{run['source_uri']}\t{row['source_key']}",
+                    {"sidecars": row.get("sidecars", []), "version_tag": row.get("version_tag")},
+                )
                 for row in rows
-                if not (row["outcome"] == "rejected" and row.get("reason") == "unreadable")
+                if row["outcome"] != "changed"  # keeps what the object was when ingested
+                and not (row["outcome"] == "rejected" and row.get("reason") == "unreadable")
             )  # unreadable: retried by the next run
     history.runs = list(manifest["runs"])
     history.shards = list(manifest["shards"])

@@ -8,6 +8,7 @@ exactly one item, which is what makes the ingest report complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -57,10 +58,19 @@ class SourceItem:
     kind: str  # "image", "orphan_sidecar" or "unsupported_extension"
     key: str = ""  # the dataset key (images only)
     sidecars: tuple[str, ...] = ()
+    sidecar_versions: tuple[str, ...] = ()  # the sidecars' versions, in the same order
 
     @property
     def all_keys(self) -> tuple[str, ...]:
         return (self.source_key, *self.sidecars)
+
+    @property
+    def version_tag(self) -> str:
+        """16 hex digits that change when the item's object or any of its sidecars changes (the
+        report records it, so a later incremental run can tell what changed since)."""
+        versions = zip(self.all_keys, (self.version, *self.sidecar_versions), strict=True)
+        text = "\n".join(f"{key}\t{version}" for key, version in versions)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -86,6 +96,7 @@ def _resolve_group(group: _StemGroup) -> list[SourceItem]:
                 kind="image",
                 key=key,
                 sidecars=tuple(s.key for s in sidecars),
+                sidecar_versions=tuple(s.version for s in sidecars),
             )
         )
     if not images:
