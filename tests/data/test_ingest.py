@@ -162,9 +162,9 @@ def changed_since_ingest(source) -> None:
 
 
 CHANGES = {
-    "good/webp.webp": "sidecars added since it was ingested: ['good/webp.txt']",
-    "good/bmp.bmp": "rewritten since it was ingested",
-    "good/jpeg.jpg": "sidecars removed since it was ingested: ['good/jpeg.txt']",
+    "good/webp.webp": "sidecars added since it was seen: ['good/webp.txt']",
+    "good/bmp.bmp": "rewritten since it was seen",
+    "good/jpeg.jpg": "sidecars removed since it was seen: ['good/jpeg.txt']",
 }
 
 
@@ -191,7 +191,7 @@ def test_incremental_reports_images_that_changed_since_they_were_ingested(tmp_pa
     rows = {r["source_key"]: r for r in report_rows(dataset)}
     assert set(rows) == {"new.png", *CHANGES}
     assert_changes_reported(rows)
-    assert "3 image(s) ingested by earlier runs changed since" in caplog.text
+    assert "3 item(s) seen by earlier runs changed since" in caplog.text
     assert "run a full ingest (incremental: false)" in caplog.text
 
     # Nothing new: the dataset stays as it is, and the changes are still reported.
@@ -200,7 +200,7 @@ def test_incremental_reports_images_that_changed_since_they_were_ingested(tmp_pa
     third = ingest(cfg, str(source), dataset, progress=False)
     assert third.up_to_date and (third.ingested, third.changed) == (0, 3)
     assert (tmp_path / "ds" / "manifest.json").read_bytes() == before
-    assert "3 image(s) ingested by earlier runs changed since" in caplog.text
+    assert "3 item(s) seen by earlier runs changed since" in caplog.text
 
     # The remedy the message gives: a full ingest has the added caption and not the removed one.
     full = ingest(CFG, str(source), dataset, progress=False)

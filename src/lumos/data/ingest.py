@@ -183,8 +183,8 @@ class IngestResult(BaseModel):
     up_to_date: bool = False  # nothing changed since the last run: the dataset was left as it was
     listed: int = 0  # objects listed in the source
     previously_seen: int = 0  # objects skipped in incremental mode (ingested by an earlier run)
-    # Of those, images that changed since (a sidecar added or removed, an object rewritten): not
-    # re-ingested by incremental mode, reported with outcome "changed"
+    # Of those, items (an image with its sidecars, or a rejected object) that changed since an
+    # earlier run saw them: not re-ingested by incremental mode, reported with outcome "changed"
     changed: int = 0
     sidecars: int = 0  # caption / metadata sidecars, accounted with their image
     ingested: int = 0
@@ -210,11 +210,11 @@ RUN_COUNTS = (
 
 
 def warn_changed(count: int, examples: list[str]) -> None:
-    """Log the seen images that changed since they were ingested (incremental mode)."""
+    """Log the seen items that changed since an earlier run saw them (incremental mode)."""
     if count:
         log.warning(
-            "%d image(s) ingested by earlier runs changed since (outcome 'changed' in the "
-            "report), e.g. %s. Incremental ingest does not re-ingest them: run a full ingest "
+            "%d item(s) seen by earlier runs changed since (outcome 'changed' in the report), "
+            "e.g. %s. Incremental ingest does not ingest them again: run a full ingest "
             "(incremental: false) to rebuild the dataset with them",
             count,
             "; ".join(examples),
@@ -649,8 +649,8 @@ def _write_merged_report(
 ) -> tuple[dict[str, Any], list[str]]:
     """One report for the run at `path`: the staged rows in partition order, with the merge's
     decisions applied (an exact duplicate of a staged image points at what that image ended
-    as), and a "changed" row for each image the dataset has that changed since. Returns the
-    run's counts, those of the rows written, and the first few changed images."""
+    as), and a "changed" row for each item the dataset has seen that changed since. Returns the
+    run's counts, those of the rows written, and the first few changed items."""
     counts: Counter[str] = Counter()
     changed_examples: list[str] = []
     by_reason: Counter[str] = Counter()

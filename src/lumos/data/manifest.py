@@ -52,17 +52,17 @@ class DatasetHistory:
         self, source_uri: str, source_key: str, sidecars: Iterable[str], version_tag: str | None
     ) -> str | None:
         """How a seen object (with these sidecars and this version tag now) differs from when an
-        earlier run ingested it, or None if it does not (or was not seen)."""
+        earlier run saw it, or None if it does not (or was not seen)."""
         recorded = self.seen.get(f"{source_uri}\t{source_key}")
         if recorded is None:
             return None
         before, now = set(recorded["sidecars"]), set(sidecars)
         if now - before:
-            return f"sidecars added since it was ingested: {sorted(now - before)}"
+            return f"sidecars added since it was seen: {sorted(now - before)}"
         if before - now:
-            return f"sidecars removed since it was ingested: {sorted(before - now)}"
+            return f"sidecars removed since it was seen: {sorted(before - now)}"
         if recorded["version_tag"] is not None and recorded["version_tag"] != version_tag:
-            return "rewritten since it was ingested (its or a sidecar's ETag/size/mtime changed)"
+            return "rewritten since it was seen (its or a sidecar's ETag/size/mtime changed)"
         return None
 
     def close(self) -> None:
