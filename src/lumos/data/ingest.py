@@ -221,6 +221,27 @@ def warn_changed(count: int, examples: list[str]) -> None:
         )
 
 
+def nothing_new(
+    store: Storage, manifest: dict, *, listed: int, previously_seen: int, changed: int
+) -> IngestResult:
+    """An incremental run that found no new objects: it leaves the dataset as it was (no run is
+    recorded) and returns the dataset with this run's counts."""
+    log.info("incremental ingest: no new objects for %s", store.uri)
+    unchanged = result_from_manifest(store, manifest, up_to_date=True)
+    zero = {name: 0 for name in ("sidecars", "ingested", "duplicate", "rejected", "paired")}
+    return unchanged.model_copy(
+        update={
+            **zero,
+            "listed": listed,
+            "previously_seen": previously_seen,
+            "changed": changed,
+            "duplicate_by_kind": {},
+            "rejected_by_reason": {},
+            "new_shards": 0,
+        }
+    )
+
+
 def result_from_manifest(store: Storage, manifest: dict, *, up_to_date: bool) -> IngestResult:
     run = manifest["runs"][-1]
     c = {"changed": 0, **run["counts"]}  # "changed" is counted since 2026-11-26
@@ -277,27 +298,13 @@ def ingest(
             warn_changed(run.counts["changed"], run.changed_examples)
             if listing.count == 0:
                 raise ValueError(f"no objects under {source.uri}: check the source URI")
-            if (
-                history.manifest is not None
-                and history.runs
-                and run.counts["ingested"] + run.counts["duplicate"] + run.counts["rejected"] == 0
-            ):
-                log.info("incremental ingest: no new objects in %s", source_uri)
-                unchanged = result_from_manifest(store, history.manifest, up_to_date=True)
-                return unchanged.model_copy(
-                    update={
-                        "listed": listing.count,
-                        "previously_seen": skipped["objects"],
-                        "sidecars": 0,
-                        "ingested": 0,
-                        "duplicate": 0,
-                        "rejected": 0,
-                        "duplicate_by_kind": {},
-                        "rejected_by_reason": {},
-                        "paired": 0,
-                        "new_shards": 0,
-                        "changed": run.counts["changed"],
-                    }
+            if history.manifest is not None and history.runs and not run.processed():
+                return nothing_new(
+                    store,
+                    history.manifest,
+                    listed=listing.count,
+                    previously_seen=skipped["objects"],
+                    changed=run.counts["changed"],
                 )
             record = save_run(
                 store,
@@ -549,8 +556,21 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
             run_counts, changed_examples = _write_merged_report(
                 staged, source_uri, history, changed, final_keys, report_path
             )
+            warn_changed(run_counts["changed"], changed_examples)
+            if (
+                history.manifest is not None
+                and history.runs
+                and not shards
+                and not any(run_counts[k] for k in ("ingested", "duplicate", "rejected"))
+            ):  # as a single-node run: nothing new changes nothing (a retried merge neither)
+                return nothing_new(
+                    store,
+                    history.manifest,
+                    listed=run_counts["listed"],
+                    previously_seen=run_counts["previously_seen"],
+                    changed=run_counts["changed"],
+                )
             store.upload_file(report_path, report_key)
-        warn_changed(run_counts["changed"], changed_examples)
         run_counts.update(written)
         assert run_counts["ingested"] == sum(s.count for s in shards), (
             "merge: report and shards disagree"

@@ -423,11 +423,14 @@ class IngestRun:
                 self._progress.close()
         self.shards = self.writer.close()
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        processed = self.counts["ingested"] + self.counts["duplicate"] + self.counts["rejected"]
         self.metrics.bytes_per_second.set(self.bytes_read / elapsed)
-        self.metrics.images_per_second.set(processed / elapsed)
+        self.metrics.images_per_second.set(self.processed() / elapsed)
         self.metrics.push(force=True)
         self.elapsed_s = elapsed
+
+    def processed(self) -> int:
+        """Items ingested, found duplicate or rejected by this run (not those only reported)."""
+        return self.counts["ingested"] + self.counts["duplicate"] + self.counts["rejected"]
 
     def upload_report(self, key: str) -> None:
         self.out.upload_file(self.report_path, key)
