@@ -441,7 +441,7 @@ def profile_steps(step: Step, data, device: torch.device, steps: int = 3) -> dic
         events = [  # kernels and copies; not the spans of record_function annotations
             e
             for e in prof.key_averages()
-            if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
         ]
         rows = [(e.key, e.self_device_time_total) for e in events]
     else:  # CPU ops run synchronously: their own (self) time
