@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydantic
 import pytest
@@ -125,3 +127,42 @@ def test_weights_load_from_the_object_store(tiny_vae_dir, s3_bucket, tmp_path):
     local = FrozenEncoders.from_config(EncodersConfig(vae=VAEConfig(path=tiny_vae_dir)))
     x = images(h=32, w=32)
     torch.testing.assert_close(from_store.encode_images(x), local.encode_images(x))
+
+
+def loaded_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_from_configs_match_the_loaded_encoders(tiny, tiny_vae_dir, s3_bucket):
+    """`parameter_count` (promotion's memory check) builds each encoder on the meta device from
+    its config alone; it must count what FrozenEncoders actually loads. The VAE's weights are
+    also read from the object store, where only config.json is fetched."""
+    from transformers import T5Config, T5EncoderModel
+
+    from lumos.encoders.sizes import parameter_bytes, parameter_count
+    from lumos.storage import Storage
+
+    cfg = EncodersConfig.tiny(seed=0)
+    assert parameter_count(cfg, "text_encoder") == loaded_parameters(tiny._text[1])
+    assert parameter_count(cfg, "image_encoder") == loaded_parameters(tiny.image_encoder)
+    assert parameter_count(cfg, "vae") == 0  # pixel space
+
+    uri = f"s3://{s3_bucket}/weights/sizes-vae"
+    Storage.from_uri(uri).write_bytes(
+        "config.json", (Path(tiny_vae_dir) / "config.json").read_bytes()
+    )
+    vae_cfg = EncodersConfig(vae=VAEConfig(path=uri), dtype="bfloat16")
+    vae = FrozenEncoders.from_config(EncodersConfig(vae=VAEConfig(path=tiny_vae_dir))).vae
+    assert parameter_count(vae_cfg, "vae") == loaded_parameters(vae)
+    assert parameter_bytes(vae_cfg, "vae") == 2 * loaded_parameters(vae)
+
+    # A text encoder given by path, in the layout with a text_encoder/ subfolder.
+    t5 = T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=4, num_heads=4, num_layers=3,
+                  feed_forward_proj="gated-gelu")  # fmt: skip
+    root = Path(tiny_vae_dir).parent / "sizes-t5"
+    t5.save_pretrained(root / "text_encoder")
+    text_cfg = EncodersConfig.model_validate({"text_encoder": {"path": str(root)}})
+    assert parameter_count(text_cfg, "text_encoder") == loaded_parameters(T5EncoderModel(t5))
+    with pytest.raises(FileNotFoundError, match="no config.json under"):
+        parameter_count(EncodersConfig.model_validate({"image_encoder": {"path": str(root)}}),
+                        "image_encoder")  # fmt: skip

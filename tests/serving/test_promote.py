@@ -13,13 +13,16 @@ import yaml
 from onnx import TensorProto, helper
 from pydantic import ValidationError
 
+from lumos.encoders import EncodersConfig
 from lumos.evaluation.evaluate import EvalResult
 from lumos.k8s.crd_validation import validate_resource
 from lumos.serving.promote import (
+    SERVING_RUNTIME_BYTES,
     PromoteConfig,
     PromotionError,
     current_promoted,
     promote,
+    serving_memory,
 )
 from lumos.storage import Storage
 
@@ -33,16 +36,20 @@ def crds() -> None:
         pytest.skip(f"CRD directory {path} not found (set LUMOS_CRDS_DIR)")
 
 
-def make_export(root: Path, head: str = "t2i") -> Path:
-    """An export directory as `lumos export` writes it: a (tiny, real) ONNX graph + export.json."""
+def make_export(root: Path, head: str = "t2i", encoders: dict | None = None) -> Path:
+    """An export directory as `lumos export` writes it: a (tiny, real) ONNX graph + export.json,
+    with tiny encoders unless `encoders` (an EncodersConfig as JSON) is given."""
     root.mkdir(parents=True)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["out"])], "tiny", [x], [out])
     onnx.save(helper.make_model(graph), root / "model.onnx")
+    inputs = [{"name": "x", "shape": ["batch", 4], "dtype": "float32"}]
     (root / "export.json").write_text(json.dumps({
         "format": "lumos-export/1",
         "head": head,
+        "encoders": encoders or EncodersConfig.tiny().model_dump(mode="json"),
+        "graphs": {"denoiser": {"file": "model.onnx", "files": ["model.onnx"], "inputs": inputs}},
         "checkpoint": {"uri": f"s3://lumos/runs/r1/checkpoints/{head}", "step": 500,
                        "parent": "s3://lumos/runs/r1/checkpoints/i2i",
                        "data": {"dataset_uri": "s3://lumos/runs/r1/datasets/images",
@@ -92,6 +99,107 @@ def test_passed_model_is_registered_and_served(tmp_path: Path) -> None:
     assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     saved = json.loads((tmp_path / "promote" / "promote.json").read_text())
     assert saved == result.model_dump(mode="json")
+
+
+def test_memory_too_small_for_the_served_encoders_is_refused(tmp_path: Path) -> None:
+    """The InferenceService's memory must hold what the head's server loads: T5 v1.1-XXL's
+    encoder (4.76B parameters, counted from its config.json alone) is 17.7 GiB in float32, more
+    than the default 16Gi, so a T2I promotion with it fails before any pod is OOM-killed."""
+    from transformers import T5Config
+
+    weights = tmp_path / "t5-v1_1-xxl"
+    T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+             feed_forward_proj="gated-gelu").save_pretrained(weights)  # fmt: skip
+    xxl = EncodersConfig.model_validate({"text_encoder": {"path": str(weights)}})
+    export = make_export(tmp_path / "export", encoders=xxl.model_dump(mode="json"))
+    need = serving_memory(
+        Storage.from_uri(str(export)), json.loads((export / "export.json").read_text())
+    )
+    assert need["text_encoder"] == 4_762_310_656 * 4
+    assert need["onnx graphs"] == (export / "model.onnx").stat().st_size
+    assert need["server"] == SERVING_RUNTIME_BYTES and set(need) == {
+        "text_encoder",
+        "onnx graphs",
+        "server",
+    }
+
+    cfg = PromoteConfig(registry_uri=str(tmp_path / "registry"))
+    with pytest.raises(PromotionError, match=r"needs about 19.2 GiB .*text_encoder 17.74 GiB.*"
+                       r"more than promote.resources.memory '16Gi'.*at least 20Gi"):  # fmt: skip
+        promote(cfg, str(export), eval_result(), str(tmp_path / "promote"))
+    assert not (tmp_path / "registry").exists()  # nothing registered
+    bigger = cfg.model_copy(
+        update={"resources": cfg.resources.model_copy(update={"memory": "20Gi"})}
+    )
+    assert promote(bigger, str(export), eval_result(), str(tmp_path / "promote")).promoted
+
+    # Encoders the serving pod could not load either: refused with where they were looked for.
+    missing = EncodersConfig.model_validate({"text_encoder": {"path": str(tmp_path / "nowhere")}})
+    export = make_export(tmp_path / "export2", encoders=missing.model_dump(mode="json"))
+    with pytest.raises(PromotionError, match="cannot read the text_encoder's config"):
+        promote(cfg, str(export), eval_result(), str(tmp_path / "promote2"))
+
+
+@pytest.mark.parametrize(
+    ("head", "inputs", "parts"),
+    [
+        ("t2i", ["x", "t", "cond", "cond_mask"], ("text_encoder",)),
+        ("i2i", ["x", "t", "cond"], ("image_encoder",)),
+        ("novel_view", ["x", "t", "cond", "concat_latent", "camera"], ("image_encoder", "vae")),
+    ],
+)
+def test_the_server_loads_the_encoders_its_head_conditions_on(head, inputs, parts) -> None:
+    from lumos.serving.onnx_pipeline import served_encoders
+
+    specs = [{"name": name} for name in inputs]
+    assert served_encoders({"head": head, "graphs": {"denoiser": {"inputs": specs}}}) == parts
+
+
+def test_kubernetes_quantities_read_as_numbers() -> None:
+    from lumos.k8s.resources import quantity_value
+
+    assert quantity_value("16Gi") == 16 * 2**30 and quantity_value("123Mi") == 128974848
+    assert quantity_value("1.5G") == 1.5e9 and quantity_value("2e3") == 2000
+    assert quantity_value("500m") == 0.5 and quantity_value("1E") == 1e18
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        quantity_value("16 GB")
+
+
+def test_xl_preset_serves_t2i_with_t5_xxl(tmp_path: Path) -> None:
+    """The xl preset's serving memory holds its T2I model: T5 v1.1-XXL's encoder in float32
+    (counted from its config), the XL/2 denoiser's weights in float32 and the server."""
+    from transformers import T5Config
+
+    from lumos.config import load_config
+    from lumos.encoders.sizes import parameter_bytes
+    from lumos.k8s.resources import quantity_value
+    from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
+
+    weights = tmp_path / "t5-v1_1-xxl"
+    T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+             feed_forward_proj="gated-gelu").save_pretrained(weights)  # fmt: skip
+    cfg = load_config(preset="xl")
+    encoders = cfg.featurize.encoders.model_copy(
+        update={
+            "text_encoder": cfg.featurize.encoders.text_encoder.model_copy(
+                update={"path": str(weights)}
+            )
+        }
+    )
+    import torch
+
+    with torch.device("meta"):
+        denoiser = LumosDiT(
+            **{
+                **lumos_dit_config("XL/2"),
+                "cond_kind": "text",
+                "cond_dim": 4096,
+                "cond_tokens": 120,
+            }
+        )
+    graphs = 4 * sum(p.numel() for p in denoiser.parameters())
+    need = parameter_bytes(encoders, "text_encoder") + graphs + SERVING_RUNTIME_BYTES
+    assert need <= quantity_value(cfg.promote.resources.memory)
 
 
 def test_second_promotion_becomes_current(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lumos.encoders.config import EncodersConfig
+from lumos.encoders.sizes import tiny_t5_config
 from lumos.encoders.weights import resolve_weights_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,14 +173,12 @@ class FrozenEncoders:
     # ---- text encoder (T5) -------------------------------------------------------------------
     @cached_property
     def _text(self):
-        from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+        from transformers import AutoTokenizer, ByT5Tokenizer, T5EncoderModel
 
         cfg = self.cfg.text_encoder
         if cfg.tiny is not None:
             tokenizer = ByT5Tokenizer()  # byte-level: needs no vocabulary file
-            config = T5Config(
-                vocab_size=len(tokenizer), feed_forward_proj="gated-gelu", **cfg.tiny.model_dump()
-            )
+            config = tiny_t5_config(cfg.tiny)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 model = T5EncoderModel(config)

@@ -27,6 +27,22 @@ def check_quantity(value: str) -> str:
     return value
 
 
+_SUFFIX = {
+    "": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity_value(value: str) -> float:
+    """A Kubernetes quantity as a number: "16Gi" -> 17179869184.0, "500m" -> 0.5, "2e3" -> 2000."""
+    match = _QUANTITY.match(check_quantity(value))
+    assert match is not None
+    number, suffix = float(match.group(1)), match.group(3) or ""
+    if suffix[:1] in ("e", "E") and suffix != "E":
+        return number * 10 ** int(suffix[1:])
+    return number * _SUFFIX[suffix]
+
+
 def check_dns_label(value: str, what: str = "name") -> str:
     if len(value) > 63 or not _LABEL_NAME.match(value):
         raise ValueError(

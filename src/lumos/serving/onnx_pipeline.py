@@ -18,14 +18,27 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lumos.export.onnx_export import EXPORT_JSON, OUTPUT_NAME, read_export
 from lumos.export.tensorrt import onnxruntime_providers, select_providers
 
+if TYPE_CHECKING:
+    from lumos.encoders.sizes import Part
+
 _NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64, "bool": np.bool_}
+
+
+def served_encoders(meta: dict) -> tuple[Part, ...]:
+    """The frozen encoders the server loads for an export (its export.json): T5 for text-to-image;
+    DINO for the image-conditioned heads, and the VAE when the head also takes the input image's
+    latent (`concat_latent`)."""
+    if meta["head"] == "t2i":
+        return ("text_encoder",)
+    inputs = {spec["name"] for spec in meta["graphs"]["denoiser"]["inputs"]}
+    return ("image_encoder", "vae") if "concat_latent" in inputs else ("image_encoder",)
 
 
 class OnnxPipeline:

@@ -28,6 +28,7 @@ that loses a race fails with a `PromotionError` that says what the other one did
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -36,8 +37,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lumos.k8s.crd_validation import validate_custom_resource
-from lumos.k8s.resources import ComputeResources, Strict, Toleration, check_dns_label
-from lumos.storage import ObjectNotFound, PreconditionFailed, Storage
+from lumos.k8s.resources import (
+    ComputeResources,
+    Strict,
+    Toleration,
+    check_dns_label,
+    quantity_value,
+)
+from lumos.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
 
 EXPORT_JSON = "export.json"  # written by lumos.export.onnx_export
 RECORD_FORMAT = "lumos-registry-record/1"
@@ -244,6 +251,56 @@ def _read_export(export: Storage, head: str) -> dict[str, Any]:
     return meta
 
 
+# The serving process itself: its imports (CPU torch, onnxruntime, transformers, diffusers, kserve)
+# took 0.47 GiB on the development VM; the rest is for request buffers and allocator slack.
+SERVING_RUNTIME_BYTES = 3 << 29  # 1.5 GiB
+
+
+def serving_memory(export: Storage, meta: dict[str, Any]) -> dict[str, int]:
+    """Bytes a serving pod holds for this export, by part: the frozen encoders its head loads (in
+    the dtype the export recorded, counted from their configs alone), the ONNX graphs and the
+    server process."""
+    from lumos.encoders.sizes import parameter_bytes
+    from lumos.export.onnx_export import encoders_config
+    from lumos.serving.onnx_pipeline import served_encoders
+
+    if "encoders" not in meta or "graphs" not in meta:
+        raise PromotionError(
+            f"{export.key_uri(EXPORT_JSON)} records no encoders or graphs: promote an export "
+            "directory written by `lumos export`"
+        )
+    encoders = encoders_config(meta["encoders"])
+    need: dict[str, int] = {}
+    for part in served_encoders(meta):
+        try:
+            need[part] = parameter_bytes(encoders, part)
+        except (FileNotFoundError, StorageError) as err:
+            raise PromotionError(
+                f"cannot read the {part}'s config, which the served model loads: {err}. The "
+                "serving pod reads the encoders from the same place: put them there first"
+            ) from err
+    sizes = {o.key: o.size for o in export.list()}
+    graph_files = [f for graph in meta["graphs"].values() for f in graph["files"]]
+    need["onnx graphs"] = sum(sizes.get(f, 0) for f in graph_files)
+    need["server"] = SERVING_RUNTIME_BYTES
+    return need
+
+
+def _check_serving_memory(cfg: PromoteConfig, export: Storage, meta: dict[str, Any]) -> None:
+    """Refuse to render an InferenceService whose memory limit cannot hold the model: its pod
+    would be OOM-killed on start, far from the config that caused it."""
+    need = serving_memory(export, meta)
+    total, limit = sum(need.values()), quantity_value(cfg.resources.memory)
+    if total > limit:
+        parts = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in need.items())
+        raise PromotionError(
+            f"serving this {meta['head']} model needs about {total / 2**30:.1f} GiB of memory "
+            f"({parts}), more than promote.resources.memory {cfg.resources.memory!r}: its pod "
+            f"would be OOM-killed. Set promote.resources.memory to at least "
+            f"{math.ceil(total / 2**30)}Gi"
+        )
+
+
 def _copy_export(export: Storage, target: Storage) -> None:
     # through a local directory: exports hold multi-GB weight files, kept out of memory
     with target.staging_dir() as tmp:
@@ -310,6 +367,7 @@ def promote(
 
     export = Storage.from_uri(export_uri)
     export_meta = _read_export(export, head)
+    _check_serving_memory(cfg, export, export_meta)
     registry = Storage.from_uri(cfg.registry_uri)
     current_key = f"{head}/{CURRENT_KEY}"
     try:  # the current record and its version, for the swap at the end

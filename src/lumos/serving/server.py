@@ -39,7 +39,7 @@ from kserve.errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from lumos.data.rgb import DEFAULT_BACKGROUND, to_rgb
-from lumos.serving.onnx_pipeline import OnnxPipeline
+from lumos.serving.onnx_pipeline import OnnxPipeline, served_encoders
 
 if TYPE_CHECKING:
     from lumos.encoders import FrozenEncoders
@@ -210,12 +210,13 @@ class LumosModel(kserve.Model):
         self._pipeline = OnnxPipeline.from_uri(self.export_uri, self.local_dir)
         self._encoders = FrozenEncoders(encoders_config(self._pipeline.meta["encoders"]))
         # Load the encoders this head needs now: missing weights fail the start, not a request.
-        if self.head == "t2i":
+        parts = served_encoders(self._pipeline.meta)
+        if "text_encoder" in parts:
             _ = self.encoders.text_dim
-        else:
+        if "image_encoder" in parts:
             _ = self.encoders.image_embed_dim
-            if "concat_latent" in self.pipeline.condition_names:
-                _ = self.encoders.latent_channels
+        if "vae" in parts:
+            _ = self.encoders.latent_channels
         self.ready = True
         return self.ready
 
