@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> None:
+    """One line on stderr, in one write: the processes of a multi-process run print theirs at
+    once, and unbuffered `print` writes the text and its newline separately, which interleaves."""
+    sys.stderr.write(f"lumos: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     from lumos.config import ConfigError
 
@@ -222,14 +229,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except ConfigError as err:
-        print(f"lumos: {err}", file=sys.stderr)
+        _error(str(err))
         raise SystemExit(2) from None
     except Exception as err:
         # The library's own errors (missing checkpoint, unreadable source, failed export check,
         # ...) say what was wrong and what to do: show that, not a traceback.
         if not type(err).__module__.startswith("lumos."):
             raise
-        print(f"lumos: {type(err).__name__}: {err}", file=sys.stderr)
+        _error(f"{type(err).__name__}: {err}")
         raise SystemExit(1) from None
 
 
