@@ -45,6 +45,7 @@ from lumos.data.manifest import (
     MANIFEST,
     DatasetHistory,
     add_counts,
+    change_since,
     commit_manifest,
     is_up_to_date,
     load_history,
@@ -560,7 +561,6 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
             if (
                 history.manifest is not None
                 and history.runs
-                and not shards
                 and not any(run_counts[k] for k in ("ingested", "duplicate", "rejected"))
             ):  # as a single-node run: nothing new changes nothing (a retried merge neither)
                 return nothing_new(
@@ -681,14 +681,14 @@ def _write_merged_report(
             with staging.open_read(done["run"]["report"]) as stream:
                 for line in stream:
                     row = json.loads(line)
-                    if row["outcome"] != "changed" and history.was_seen(
-                        source_uri, row["source_key"]
-                    ):  # staged by a partition that did not read the dataset's history
-                        change = history.change_since_seen(
-                            source_uri,
-                            row["source_key"],
-                            row.get("sidecars", []),
-                            row.get("version_tag"),
+                    recorded = (
+                        None
+                        if row["outcome"] == "changed"
+                        else history.seen_as(source_uri, row["source_key"])
+                    )
+                    if recorded is not None:  # staged by a partition without the history
+                        change = change_since(
+                            recorded, row.get("sidecars", []), row.get("version_tag")
                         )
                         if change is None:
                             continue

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lumos.data.decode import ImageRecipe, PreparedImage, Rejection, prepare_image
 from lumos.data.dedup import DedupIndex, DuplicateMatch, sha256_digest
+from lumos.data.manifest import change_since
 from lumos.data.metrics import IngestMetrics
 from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter
@@ -522,15 +523,14 @@ def unseen_items(
     those that changed since (a sidecar added or removed, an object rewritten) also go to
     `on_changed` with what changed."""
     for item in items:
-        if history.was_seen(source_uri, item.source_key):
-            skipped["objects"] += len(item.all_keys)
-            change = history.change_since_seen(
-                source_uri, item.source_key, item.sidecars, item.version_tag
-            )
-            if change is not None:
-                on_changed(item, change)
-        else:
+        recorded = history.seen_as(source_uri, item.source_key)  # one lookup per item
+        if recorded is None:
             yield item
+            continue
+        skipped["objects"] += len(item.all_keys)
+        change = change_since(recorded, item.sidecars, item.version_tag)
+        if change is not None:
+            on_changed(item, change)
 
 
 def run_record(

@@ -48,25 +48,27 @@ class DatasetHistory:
     def was_seen(self, source_uri: str, source_key: str) -> bool:
         return f"{source_uri}\t{source_key}" in self.seen
 
-    def change_since_seen(
-        self, source_uri: str, source_key: str, sidecars: Iterable[str], version_tag: str | None
-    ) -> str | None:
-        """How a seen object (with these sidecars and this version tag now) differs from when an
-        earlier run saw it, or None if it does not (or was not seen)."""
-        recorded = self.seen.get(f"{source_uri}\t{source_key}")
-        if recorded is None:
-            return None
-        before, now = set(recorded["sidecars"]), set(sidecars)
-        if now - before:
-            return f"sidecars added since it was seen: {sorted(now - before)}"
-        if before - now:
-            return f"sidecars removed since it was seen: {sorted(before - now)}"
-        if recorded["version_tag"] is not None and recorded["version_tag"] != version_tag:
-            return "rewritten since it was seen (its or a sidecar's ETag/size/mtime changed)"
-        return None
+    def seen_as(self, source_uri: str, source_key: str) -> dict[str, Any] | None:
+        """What an earlier run recorded of a seen object (`seen`'s value), or None if unseen."""
+        return self.seen.get(f"{source_uri}\t{source_key}")
 
     def close(self) -> None:
         self.db.close()
+
+
+def change_since(
+    recorded: dict[str, Any], sidecars: Iterable[str], version_tag: str | None
+) -> str | None:
+    """How a seen object, with these sidecars and this version tag now, differs from what an
+    earlier run recorded of it (`DatasetHistory.seen_as`), or None if it does not."""
+    before, now = set(recorded["sidecars"]), set(sidecars)
+    if now - before:
+        return f"sidecars added since it was seen: {sorted(now - before)}"
+    if before - now:
+        return f"sidecars removed since it was seen: {sorted(before - now)}"
+    if recorded["version_tag"] is not None and recorded["version_tag"] != version_tag:
+        return "rewritten since it was seen (its or a sidecar's ETag/size/mtime changed)"
+    return None
 
 
 def read_manifest(store: Storage) -> dict | None:
