@@ -1,0 +1,49 @@
+"""The loss curve of a few tiny steps per head, pinned: a refactor of the loop must not move it.
+
+The values were recorded before `train()` was split into setup functions (issue 15); the same
+seed, data and config must give the same losses. Tolerance covers the last bits a CPU of another
+instruction set may round differently, far below what any change to the loop's order of
+operations (seeding, data order, EMA, clipping, accumulation) moves them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lumos.training.train import train
+
+# (fixture, TrainConfig overrides) -> the losses of steps 1..4
+CASES = {
+    "i2i-accum": ("images_features", {"grad_accum": 2}),
+    "i2i-bf16-weights": ("images_features", {"mixed_precision": "bf16-weights", "grad_clip": 0.05}),
+    "t2i": ("images_features", {"head": "t2i"}),
+    "novel_view": ("views_features", {"head": "novel_view", "num_frames": 3}),
+    "video": ("clips_features", {"head": "video", "num_frames": 2}),
+}
+
+PINNED: dict[str, list[float]] = {
+    "i2i-accum": [1.0406498908996582, 0.9798460006713867, 0.968569278717041, 0.9965208768844604],
+    "i2i-bf16-weights": [
+        1.0371837615966797,
+        1.0402536392211914,
+        0.9987345933914185,
+        0.9367583394050598,
+    ],
+    "novel_view": [1.0263054370880127, 0.9612113237380981, 1.0128984451293945, 1.0622296333312988],
+    "t2i": [1.0371837615966797, 1.040433645248413, 0.9980283975601196, 0.9354771375656128],
+    "video": [1.0272226333618164, 0.9606527090072632, 0.9516981840133667, 0.995130181312561],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_losses_of_four_tiny_steps_are_pinned(case, request, tmp_path, tiny_config):
+    fixture, overrides = CASES[case]
+    dataset = request.getfixturevalue(fixture)
+    result = train(tiny_config(steps=4, **overrides), dataset, str(tmp_path / "run"))
+    losses = [loss for _, loss in result.losses]
+    if os.environ.get("LUMOS_PRINT_PINNED"):
+        print(f"PINNED {case!r}: {[float.hex(x) for x in losses]} {losses}")
+    assert [step for step, _ in result.losses] == [1, 2, 3, 4]
+    assert losses == pytest.approx(PINNED[case], rel=1e-5, abs=1e-8)
