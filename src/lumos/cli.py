@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", parents=[common], help="compile the pipeline to IR YAML")
     p.add_argument("--out", default="lumos_pipeline.yaml")
     p.set_defaults(func=cmd_compile)
+
+    from lumos.deploy.commands import add_commands  # deploy, trigger: through the KFP API
+
+    add_commands(sub)
     return parser
 
 
