@@ -17,24 +17,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlparse
+
+from lumos.errors import LumosError
+
+_T = TypeVar("_T")
 
 # Temporary files of atomic local writes, and staging directories, carry this marker; `list`
 # never shows them.
 _TMP_MARKER = ".lumos-tmp-"
 
 
-class StorageError(RuntimeError):
+class StorageError(LumosError, RuntimeError):
     """A storage operation failed; the message names the URI and what to do."""
 
 
@@ -418,10 +425,144 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot {what} {src} to {dst}: {err}") from err
 
 
-def s3_client_from_env():  # -> minio.Minio
-    """A minio client for `LUMOS_S3_ENDPOINT` with credentials from `AWS_ACCESS_KEY_ID` / `..._SECRET_...`."""
+# -- retries: the one place that decides which S3 faults are retried --------------------------
+
+# S3 error codes that name a transient fault: the same request may succeed later.
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "XMinioServerNotInitialized",
+    }
+)
+_TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StorageError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise StorageError(f"{name}={raw!r} must be greater than 0")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which S3 faults are retried, how often, and how long between tries.
+
+    Two layers, both configured here and nowhere else:
+
+    * **Each HTTP request** is retried by urllib3, which minio sends every request through
+      (`request_retries` times): a refused or reset connection, a read timeout or a broken
+      response of an idempotent request (GET, HEAD, PUT, DELETE), and the statuses 500, 502, 503
+      and 504. Each part of a multipart upload is one request, so a fault in part 7 resends part
+      7 only: the parts already stored are kept. A POST is resent too: the only ones sent here
+      start a multipart upload (a lost answer leaves an empty upload behind: give the bucket an
+      AbortIncompleteMultipartUpload lifecycle rule) and complete one (a resend after success
+      finds the upload gone: `upload_file` then checks that the object is the file's bytes).
+      After the last try the 5xx answer itself is handed to minio (`raise_on_status=False`), so
+      the error names S3's code (`SlowDown`).
+    * **Each operation** (`S3Storage._call`) is retried (`attempts` times in all) for what one
+      request's retry cannot see: a body cut off while it streams (urllib3 has returned by then)
+      and a transient fault the request layer gave up on. A download resumes
+      at the byte it reached (a ranged GET pinned to the first answer's ETag), a listing after
+      the last key it returned, a stream where its reader stopped; a multipart upload that fails
+      as a whole is aborted by minio (`put_object` aborts on any error) and starts over.
+
+    Never retried, because retrying cannot change the answer: 403 (AccessDenied,
+    InvalidAccessKeyId, SignatureDoesNotMatch), 404 (NoSuchKey, NoSuchBucket), 412 and 409 (a
+    condition failed: another writer got there first), 400 and any other 4xx.
+
+    The wait before retry n is `backoff_s * 2**(n-1)`, at most `max_backoff_s`, times a random
+    factor in [0.5, 1) so that many clients throttled at once do not retry in step. `timeout_s`
+    bounds the connect and each socket read: a server that stalls longer is a read timeout, which
+    the layers above retry. `LUMOS_S3_TIMEOUT_S` and `LUMOS_S3_BACKOFF_S` override the defaults.
+    """
+
+    attempts: int = 4
+    request_retries: int = 3
+    backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        return cls(
+            timeout_s=_env_float("LUMOS_S3_TIMEOUT_S", cls.timeout_s),
+            backoff_s=_env_float("LUMOS_S3_BACKOFF_S", cls.backoff_s),
+        )
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1, 2, ...) of an operation."""
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1)) * random.uniform(0.5, 1)
+
+    def urllib3_retry(self):  # -> urllib3.Retry
+        from urllib3 import Retry
+
+        n = self.request_retries
+        return Retry(
+            total=n,
+            connect=n,
+            read=n,
+            status=n,
+            other=n,
+            backoff_factor=self.backoff_s,
+            backoff_max=self.max_backoff_s,
+            backoff_jitter=self.backoff_s,
+            status_forcelist=sorted(_TRANSIENT_STATUSES),
+            allowed_methods=Retry.DEFAULT_ALLOWED_METHODS | {"POST"},
+            raise_on_status=False,
+        )
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for a fault that the same request may not meet again: see `RetryPolicy`."""
+    import http.client
+
+    import urllib3.exceptions
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    if isinstance(err, S3Error):
+        status = getattr(err.response, "status", None)
+        return err.code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES
+    if isinstance(err, ServerError):
+        return err.status_code in _TRANSIENT_STATUSES
+    if isinstance(err, InvalidResponseError):  # a non-XML answer, e.g. a proxy's 502 page
+        return getattr(err, "_code", None) in _TRANSIENT_STATUSES
+    if isinstance(err, urllib3.exceptions.MaxRetryError):
+        return err.reason is None or is_transient(err.reason)
+    return isinstance(
+        err,
+        (
+            urllib3.exceptions.ProtocolError,  # connection dropped, body cut short
+            urllib3.exceptions.TimeoutError,  # stalled past timeout_s
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ResponseError,
+            http.client.IncompleteRead,
+            ConnectionError,  # reset, refused, broken pipe
+            TimeoutError,
+        ),
+    )
+
+
+def s3_client_from_env(policy: RetryPolicy | None = None):  # -> minio.Minio
+    """A minio client for `LUMOS_S3_ENDPOINT` with credentials from `AWS_ACCESS_KEY_ID` /
+    `..._SECRET_...`, whose requests time out and are retried as `policy` says."""
+    import certifi
+    import urllib3
     from minio import Minio
 
+    policy = policy or RetryPolicy.from_env()
     endpoint = os.environ.get("LUMOS_S3_ENDPOINT", "").strip()
     if not endpoint:
         raise StorageError(
@@ -439,6 +580,15 @@ def s3_client_from_env():  # -> minio.Minio
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set for S3 access "
             f"(endpoint {endpoint}): mount the object-store secret as environment variables"
         )
+    # minio's own pool (Minio.__init__) waits 5 minutes for a stalled server and retries with
+    # its own numbers; this one takes both from the policy, as minio's documentation invites.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=policy.timeout_s, read=policy.timeout_s),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=policy.urllib3_retry(),
+    )
     return Minio(
         parsed.netloc,
         access_key=access_key,
@@ -446,45 +596,73 @@ def s3_client_from_env():  # -> minio.Minio
         session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
         secure=parsed.scheme == "https",
         region=os.environ.get("LUMOS_S3_REGION") or None,
+        http_client=http,
     )
 
 
 class S3Storage(Storage):
-    """`s3://bucket/prefix` through the minio client. A PUT (single or multipart) is atomic."""
+    """`s3://bucket/prefix` through the minio client. A PUT (single or multipart) is atomic.
+    Every call goes through `_call`: transient faults retried as `RetryPolicy` says, every
+    other error translated once (`_error`) into a `StorageError` naming the URI."""
 
-    def __init__(self, bucket: str, prefix: str = "") -> None:
+    def __init__(self, bucket: str, prefix: str = "", policy: RetryPolicy | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._policy = policy
         self._client = None  # created on first use, so a Storage pickles into worker processes
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
 
     @property
+    def policy(self) -> RetryPolicy:
+        if self._policy is None:
+            self._policy = RetryPolicy.from_env()
+        return self._policy
+
+    @property
     def client(self):
         if self._client is None:
-            self._client = s3_client_from_env()
+            self._client = s3_client_from_env(self.policy)
         return self._client
 
     def child(self, sub: str) -> S3Storage:
         sub = sub.strip("/")
-        return S3Storage(self.bucket, _join(self.prefix, _check_key(sub))) if sub else self
+        if not sub:
+            return self
+        return S3Storage(self.bucket, _join(self.prefix, _check_key(sub)), self._policy)
 
     def _name(self, key: str) -> str:
         return _join(self.prefix, _check_key(key))
 
-    def _error(self, err: Exception, key: str, action: str) -> StorageError:
-        """Translate a minio / urllib3 error into a StorageError naming the URI."""
+    def _call(self, action: str, key: str, operation: Callable[[], _T]) -> _T:
+        """Run `operation` (one S3 operation, safe to run again), retrying transient faults."""
+        attempts = self.policy.attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return operation()
+            except StorageError:
+                raise
+            except Exception as err:
+                if attempt < attempts and is_transient(err):
+                    time.sleep(self.policy.delay(attempt))
+                    continue
+                raise self._error(err, key, action, attempt) from err
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _error(self, err: Exception, key: str, action: str, attempts: int = 1) -> StorageError:
+        """Translate a minio / urllib3 error into a StorageError naming the URI: the one place."""
         from minio.error import S3Error, ServerError
 
         uri = self.key_uri(key)
+        tries = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
         if isinstance(err, ServerError) and err.status_code == 412:  # a HEAD's: no error body
             return PreconditionFailed(f"cannot {action} {uri}: it changed since it was listed")
         if isinstance(err, S3Error):
             if err.code in ("NoSuchKey", "NoSuchObject"):
                 return ObjectNotFound(f"no object at {uri}")
-            if err.code == "PreconditionFailed":
+            if err.code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return PreconditionFailed(f"cannot {action} {uri}: it changed since it was listed")
             if err.code == "NoSuchBucket":
                 return StorageError(
@@ -495,139 +673,268 @@ class S3Storage(Storage):
                     f"cannot {action} {uri}: access denied ({err.code}); check AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY"
                 )
-            return StorageError(f"cannot {action} {uri}: {err.code}: {err.message}")
-        return StorageError(
-            f"cannot {action} {uri}: {type(err).__name__}: {err} "
-            f"(is LUMOS_S3_ENDPOINT={os.environ.get('LUMOS_S3_ENDPOINT')!r} reachable?)"
-        )
+            return StorageError(f"cannot {action} {uri}: {err.code}: {err.message}{tries}")
+        if is_transient(err):
+            return StorageError(
+                f"cannot {action} {uri}: {type(err).__name__}: {err}{tries} "
+                f"(is LUMOS_S3_ENDPOINT={os.environ.get('LUMOS_S3_ENDPOINT')!r} reachable?)"
+            )
+        return StorageError(f"cannot {action} {uri}: {type(err).__name__}: {err}")
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        try:
-            # S3 lists keys in UTF-8 byte order, which is the sorted order the contract promises.
-            for obj in self.client.list_objects(self.bucket, prefix=full_prefix, recursive=True):
+        last: str | None = None  # a retried listing starts after the last key it returned
+
+        def page() -> list[ObjectInfo]:
+            # One S3 page per call: a retry starts after the last key of the pages before.
+            infos = []
+            for obj in self.client.list_objects(
+                self.bucket,
+                prefix=full_prefix,
+                recursive=True,
+                start_after=last,
+            ):
                 if obj.is_dir:
                     continue
-                yield ObjectInfo(
-                    key=obj.object_name[strip:],
-                    size=int(obj.size or 0),
-                    etag=(obj.etag or "").strip('"') or None,
-                    mtime=obj.last_modified.timestamp() if obj.last_modified else None,
+                infos.append(
+                    ObjectInfo(
+                        key=obj.object_name[strip:],
+                        size=int(obj.size or 0),
+                        etag=(obj.etag or "").strip('"') or None,
+                        mtime=obj.last_modified.timestamp() if obj.last_modified else None,
+                    )
                 )
-        except StorageError:
-            raise
-        except Exception as err:
-            raise self._error(err, prefix, "list") from err
+                if len(infos) == _LIST_PAGE:
+                    break
+            return infos
+
+        # S3 lists keys in UTF-8 byte order, which is the sorted order the contract promises.
+        while True:
+            infos = self._call("list", prefix, page)
+            yield from infos
+            if len(infos) < _LIST_PAGE:
+                return
+            last = _join(self.prefix, infos[-1].key)
 
     def read_bytes(self, key: str) -> bytes:
         return self.read_versioned(key)[0]
 
     def open_read(self, key: str) -> BinaryIO:
-        try:
-            return self.client.get_object(self.bucket, self._name(key))
-        except StorageError:
-            raise
-        except Exception as err:
-            raise self._error(err, key, "read") from err
+        stream = _ResumingStream(self, key)
+        stream.open()
+        return cast(BinaryIO, io.BufferedReader(stream, buffer_size=1 << 20))
+
+    def _get(self, key: str, offset: int = 0, etag: str | None = None):  # -> urllib3 response
+        """GET from `offset` (a ranged GET when > 0), only the version `etag` when given."""
+        headers = {"If-Match": f'"{etag}"'} if etag else None
+        return self.client.get_object(
+            self.bucket, self._name(key), offset=offset, request_headers=headers
+        )
 
     def write_bytes(
         self, key: str, data: bytes, if_version: str | None = None, if_absent: bool = False
     ) -> None:
         _check_condition(if_version, if_absent)
-        try:
-            if if_version is None and not if_absent:
-                self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
-                return
-            # S3's conditional PUT (AWS S3 and MinIO both honour it). minio-py's public
-            # put_object turns every header that is not x-amz-* into user metadata
-            # (helpers.normalize_headers), so the condition goes through its PutObject call.
-            if not hasattr(self.client, "_put_object"):
-                raise StorageError(
-                    f"cannot write {self.key_uri(key)} conditionally: this minio client has no "
-                    "PutObject call that keeps If-Match headers (install minio>=7.2,<8)"
-                )
-            condition = {"If-None-Match": "*"} if if_absent else {"If-Match": f'"{if_version}"'}
-            headers = {"Content-Type": "application/octet-stream", **condition}
-            self.client._put_object(self.bucket, self._name(key), data, headers=headers)
-        except StorageError:
-            raise
-        except Exception as err:
-            from minio.error import S3Error
+        if if_version is None and not if_absent:
+            self._call(
+                "write",
+                key,
+                lambda: self.client.put_object(
+                    self.bucket, self._name(key), io.BytesIO(data), len(data)
+                ),
+            )
+            return
+        # S3's conditional PUT (AWS S3 and MinIO both honour it). minio-py 7.2 has no public call
+        # that sends it: `put_object` turns every header that is not x-amz-* or one of five
+        # content headers into user metadata (helpers.normalize_headers), so If-Match would
+        # arrive as x-amz-meta-if-match and be ignored. `_put_object` is its PutObject request
+        # with the headers as given; minio-py 7.2 is pinned below 8 in pyproject.toml for it.
+        if not hasattr(self.client, "_put_object"):
+            raise StorageError(
+                f"cannot write {self.key_uri(key)} conditionally: this minio client has no "
+                "PutObject call that keeps If-Match headers (install minio>=7.2,<8)"
+            )
+        condition = {"If-None-Match": "*"} if if_absent else {"If-Match": f'"{if_version}"'}
+        headers = {"Content-Type": "application/octet-stream", **condition}
 
-            code = err.code if isinstance(err, S3Error) else None
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or (
-                if_version is not None and code in ("NoSuchKey", "NoSuchObject")
-            ):
-                what = "it exists already" if if_absent else "it changed since it was read"
-                raise PreconditionFailed(f"cannot write {self.key_uri(key)}: {what}") from err
-            raise self._error(err, key, "write") from err
+        def put() -> None:
+            self.client._put_object(self.bucket, self._name(key), data, headers=dict(headers))
+
+        try:
+            self._call("write", key, put)
+        except (ObjectNotFound, PreconditionFailed) as err:
+            # A PUT whose answer was lost may have landed, and its resend (by urllib3 or by
+            # `_call`) then fails the condition against our own write: the object holding
+            # exactly our bytes is success. (The ETag of a single PUT is the MD5 of its bytes.)
+            if self._etag(key) == hashlib.md5(data).hexdigest():
+                return
+            what = "it exists already" if if_absent else "it changed since it was read"
+            raise PreconditionFailed(f"cannot write {self.key_uri(key)}: {what}") from err
+
+    def _etag(self, key: str) -> str | None:
+        try:
+            stat = self._call(
+                "check", key, lambda: self.client.stat_object(self.bucket, self._name(key))
+            )
+        except ObjectNotFound:
+            return None
+        return (stat.etag or "").strip('"') or None
 
     def read_versioned(self, key: str) -> tuple[bytes, str]:
-        response = None
-        try:
-            response = self.client.get_object(self.bucket, self._name(key))
-            return response.read(), response.headers.get("ETag", "").strip('"')
-        except StorageError:
-            raise
-        except Exception as err:
-            raise self._error(err, key, "read") from err
-        finally:
-            if response is not None:
+        def read() -> tuple[bytes, str]:
+            response = self._get(key)
+            try:
+                return response.read(), response.headers.get("ETag", "").strip('"')
+            finally:
                 response.close()
                 response.release_conn()
 
+        return self._call("read", key, read)
+
     def exists(self, key: str) -> bool:
         try:
-            self.client.stat_object(self.bucket, self._name(key))
+            self._call("check", key, lambda: self.client.stat_object(self.bucket, self._name(key)))
             return True
-        except StorageError:
-            raise
-        except Exception as err:
-            translated = self._error(err, key, "check")
-            if isinstance(translated, ObjectNotFound):
-                return False
-            raise translated from err
+        except ObjectNotFound:
+            return False
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.remove_object(self.bucket, self._name(key))
-        except StorageError:
-            raise
-        except Exception as err:
-            translated = self._error(err, key, "delete")
-            if not isinstance(translated, ObjectNotFound):
-                raise translated from err
+        with contextlib.suppress(ObjectNotFound):
+            self._call(
+                "delete", key, lambda: self.client.remove_object(self.bucket, self._name(key))
+            )
 
     def upload_file(self, local_path: str | Path, key: str, move: bool = False) -> None:
         if not Path(local_path).is_file():
             raise StorageError(f"cannot upload {local_path} to {self.key_uri(key)}: no such file")
-        try:
-            self.client.fput_object(self.bucket, self._name(key), str(local_path))
-        except StorageError:
-            raise
-        except Exception as err:
-            raise self._error(err, key, "upload to") from err
+        # A file over one part is sent as a multipart upload: urllib3 retries each part alone,
+        # and minio aborts the upload if it fails as a whole (no orphaned parts are left).
+        size = Path(local_path).stat().st_size
+        part_size = max(_MIN_PART, -(-size // _MAX_PARTS))
+
+        def put() -> None:
+            from minio.error import S3Error
+
+            try:
+                self.client.fput_object(
+                    self.bucket, self._name(key), str(local_path), part_size=part_size
+                )
+            except S3Error as err:
+                # The answer to CompleteMultipartUpload was lost and its resend found the upload
+                # gone: it completed if the object now is exactly this file.
+                if err.code != "NoSuchUpload" or self._etag(key) != _upload_etag(
+                    Path(local_path), part_size
+                ):
+                    raise
+
+        self._call("upload to", key, put)
 
     def download_file(
         self, key: str, local_path: str | Path, if_version: str | None = None
     ) -> None:
         local_path = Path(local_path)
         tmp = local_path.with_name(f".{local_path.name}{_TMP_MARKER}{uuid.uuid4().hex[:8]}")
-        # The GET itself carries the condition: no window between a check and the download.
-        headers = {"If-Match": f'"{if_version}"'} if if_version is not None else None
+        # Every GET carries the version as If-Match: `if_version`, else the ETag the first answer
+        # had, so a retry resumes (ranged GET from the bytes kept) only on the same object.
+        etag = if_version
+
+        def fetch() -> None:
+            nonlocal etag
+            offset = tmp.stat().st_size if tmp.exists() else 0
+            response = self._get(key, offset, etag)
+            try:
+                etag = etag or response.headers.get("ETag", "").strip('"') or None
+                with open(tmp, "ab") as out:
+                    for chunk in response.stream(1 << 20):
+                        out.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+
         try:
             local_path.parent.mkdir(parents=True, exist_ok=True)
-            self.client.fget_object(
-                self.bucket,
-                self._name(key),
-                str(local_path),
-                request_headers=headers,
-                tmp_file_path=str(tmp),
-            )
-        except StorageError:
-            raise
-        except Exception as err:
+            self._call("download", key, fetch)
+            os.replace(tmp, local_path)
+        except PreconditionFailed as err:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise self._error(err, key, "download") from err
+            if if_version is None:  # rewritten between two tries of ours: name what happened
+                raise PreconditionFailed(
+                    f"cannot download {self.key_uri(key)}: it was rewritten while downloading"
+                ) from err
+            raise
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageError(
+                f"cannot download {self.key_uri(key)} to {local_path}: {err}"
+            ) from err
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+
+
+_LIST_PAGE = 1000  # keys per ListObjectsV2 answer (minio asks for S3's most)
+_MIN_PART = 5 * 1024 * 1024  # S3's smallest part (but the last)
+_MAX_PARTS = 10_000  # S3's most parts in one upload
+
+
+def _upload_etag(path: Path, part_size: int) -> str:
+    """The ETag S3 gives `path` uploaded in parts of `part_size`: the MD5 of a single PUT, else
+    the MD5 of the parts' MD5s and the part count."""
+    digests = []
+    with open(path, "rb") as f:
+        while chunk := f.read(part_size):
+            digests.append(hashlib.md5(chunk).digest())
+    if len(digests) <= 1:
+        return (digests[0] if digests else hashlib.md5(b"").digest()).hex()
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+class _ResumingStream(io.RawIOBase):
+    """An S3 object read as a stream that, when the connection breaks mid-body, reopens at the
+    byte it reached (a ranged GET pinned to the first answer's ETag) instead of failing."""
+
+    def __init__(self, store: S3Storage, key: str) -> None:
+        self._store, self._key = store, key
+        self._response: Any = None
+        self._etag: str | None = None
+        self._pos = 0
+        self._faults = 0
+
+    def open(self) -> None:
+        def get():
+            return self._store._get(self._key, self._pos, self._etag)
+
+        self._response = self._store._call("read", self._key, get)
+        self._etag = self._etag or self._response.headers.get("ETag", "").strip('"') or None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        while True:
+            try:
+                n = self._response.readinto(buffer)
+                self._pos += n
+                return n
+            except Exception as err:
+                self._faults += 1
+                if not is_transient(err) or self._faults >= self._store.policy.attempts:
+                    raise self._store._error(err, self._key, "read", self._faults) from err
+                self._release()
+                time.sleep(self._store.policy.delay(self._faults))
+                self.open()
+
+    def _release(self) -> None:
+        if self._response is not None:
+            with contextlib.suppress(Exception):
+                self._response.close()
+                self._response.release_conn()
+            self._response = None
+
+    def close(self) -> None:
+        self._release()
+        super().close()
