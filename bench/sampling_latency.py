@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lumos.checkpoints import save_checkpoint
 from lumos.diffusion.sampling import sample
 from lumos.encoders import EncodersConfig, VAEConfig
 from lumos.export.onnx_export import ExportConfig, _decoder_graph_class, export
@@ -36,7 +37,6 @@ from lumos.export.tensorrt import onnxruntime_providers, select_providers
 from lumos.heads import head_model_config
 from lumos.models.lumos_dit import LUMOS_SIZES, LumosDiT, lumos_dit_config
 from lumos.serving.onnx_pipeline import OnnxPipeline
-from lumos.training.checkpoint import save_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "sampling_latency.json"
 PATHS = ("pytorch-eager", "pytorch-compile", "pytorch-cudagraphs", "onnxruntime")

@@ -87,9 +87,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from lumos.checkpoints import read_checkpoint_meta
     from lumos.evaluation.evaluate import evaluate
     from lumos.serving.promote import promoted_baseline
-    from lumos.training.checkpoint import read_checkpoint_meta
 
     cfg = _config(args)
     baseline: dict[str, Any] = {}

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from lumos.checkpoints import load_checkpoint
 from lumos.diffusion.sampling import sample
 from lumos.encoders import FrozenEncoders
 from lumos.heads import relative_camera
 from lumos.serving.onnx_pipeline import OnnxPipeline
-from lumos.training.checkpoint import load_checkpoint
 
 # Per-call graph differences are ~1e-6 (fp32). An untrained model's samples are large (|x| ~ 500:
 # DPM-Solver++ divides by alpha_t ~ 0.006 at t = 999), so the bound is relative to their size:

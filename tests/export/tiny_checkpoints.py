@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from lumos.checkpoints import save_checkpoint
 from lumos.encoders import EncodersConfig, VAEConfig
 from lumos.heads import head_model_config
 from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
-from lumos.training.checkpoint import save_checkpoint
 
 TEXT_TOKENS = 8
 

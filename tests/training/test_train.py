@@ -15,15 +15,15 @@ from pydantic import ValidationError
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 import lumos.training.train as loop
-from lumos.models.lumos_dit import LumosDiT
-from lumos.storage import Storage
-from lumos.training.checkpoint import (
+from lumos.checkpoints import (
     CheckpointNotFound,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint_meta,
 )
+from lumos.models.lumos_dit import LumosDiT
+from lumos.storage import Storage
 from lumos.training.stopping import TrainingStopped
 from lumos.training.train import build_model_config, train, update_ema
 

@@ -8,8 +8,8 @@ from conftest import image_records, write_features
 from tiny import TINY_CONFIG
 from two_processes import assert_resumed_exactly, launch, run_processes
 
+from lumos.checkpoints import list_checkpoints, read_checkpoint_meta
 from lumos.storage import Storage
-from lumos.training.checkpoint import list_checkpoints, read_checkpoint_meta
 
 
 def test_two_processes_train_and_resume_exactly(images_features, tmp_path):

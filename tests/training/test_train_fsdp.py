@@ -7,7 +7,7 @@ import torch
 from tiny import TINY_CONFIG
 from two_processes import assert_resumed_exactly, launch
 
-from lumos.training.checkpoint import load_checkpoint, read_checkpoint_meta
+from lumos.checkpoints import load_checkpoint, read_checkpoint_meta
 from lumos.training.train import TrainConfig, train
 
 CONFIG = {

@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
+from lumos.checkpoints import load_checkpoint
 from lumos.storage import Storage
-from lumos.training.checkpoint import load_checkpoint
 from lumos.training.featurize import write_feature_part, write_features_spec
 from lumos.training.train import TrainConfig, train
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import Artifact
 
+from lumos.checkpoints import list_checkpoints
 from lumos.config import load_config
 from lumos.pipeline import steps
 from lumos.storage import Storage
-from lumos.training.checkpoint import list_checkpoints
 from lumos.training.stopping import TrainingStopped
 
 

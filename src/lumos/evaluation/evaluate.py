@@ -137,9 +137,9 @@ def evaluate(
     regresses more than `cfg.max_regression` below it. `baseline_version`: its registry version,
     recorded so that promotion can check it is still the current model.
     """
+    from lumos.checkpoints import load_checkpoint
     from lumos.encoders import EncodersConfig, FrozenEncoders
     from lumos.storage import Storage
-    from lumos.training.checkpoint import load_checkpoint
     from lumos.training.data import load_feature_table
 
     device = _device(cfg.device)

@@ -399,8 +399,8 @@ def export(cfg: ExportConfig, checkpoint_uri: str, out_uri: str) -> ExportResult
     import onnxruntime as ort
     import torch
 
+    from lumos.checkpoints import load_checkpoint
     from lumos.storage import Storage
-    from lumos.training.checkpoint import load_checkpoint
 
     if cfg.tensorrt == "require" and tensorrt_version() is None:
         # Fail before minutes of export, not after.

@@ -217,7 +217,7 @@ def _stage_command(head: str, cli_args: list[str]) -> list[str]:
 def _train_with_accelerate(config_json: str, head: str, cli_args: list[str], out_uri: str):
     """One process per local GPU under `accelerate launch`. A SIGTERM to this step (its pod
     preempted) reaches the training processes, which stop with a checkpoint."""
-    from lumos.training.checkpoint import latest_checkpoint, read_checkpoint_meta
+    from lumos.checkpoints import latest_checkpoint, read_checkpoint_meta
     from lumos.training.stopping import TrainingStopped, run_passing_sigterm_on
 
     cmd = [
@@ -244,8 +244,8 @@ def _train_as_trainjob(
 ) -> dict[str, Any]:
     """Run the same `lumos` command on N nodes x M GPUs as a Kubeflow Trainer TrainJob (the
     torch-distributed runtime starts it under torchrun), wait for it, and read its checkpoint."""
+    from lumos.checkpoints import read_checkpoint_meta
     from lumos.k8s.trainjob import launch_and_wait, render_trainjob
-    from lumos.training.checkpoint import read_checkpoint_meta
 
     dist = cfg.cluster.distributed
     assert dist is not None, "a TrainJob needs cluster.distributed"

@@ -1,6 +1,6 @@
-"""Featurize, the training loop, checkpoints and training metrics.
+"""Featurize, the training loop and training metrics.
 
 Import the stage modules directly (`lumos.training.train`, `lumos.training.featurize`): this
-package file stays empty of imports so `import lumos.training.checkpoint` does not pull the
-encoders in.
+package file stays empty of imports so that importing one stage does not pull the others in.
+Checkpoints have a package of their own, `lumos.checkpoints`.
 """

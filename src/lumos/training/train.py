@@ -70,12 +70,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
 
-from lumos.diffusion.gaussian import GaussianDiffusion
-from lumos.heads import HEADS, batch_to_model_inputs, head_model_config
-from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
-from lumos.models.transfer import transfer_weights
-from lumos.storage import Storage
-from lumos.training.checkpoint import (
+from lumos.checkpoints import (
     checkpoint_dirname,
     is_checkpoint,
     latest_checkpoint,
@@ -87,6 +82,11 @@ from lumos.training.checkpoint import (
     remove_stale_staging,
     save_checkpoint,
 )
+from lumos.diffusion.gaussian import GaussianDiffusion
+from lumos.heads import HEADS, batch_to_model_inputs, head_model_config
+from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
+from lumos.models.transfer import transfer_weights
+from lumos.storage import Storage
 from lumos.training.data import (
     MULTI_FRAME_HEADS,
     FeatureDataset,
