@@ -26,6 +26,7 @@ from components.ingest.component import ingest
 from components.ingest_merge.component import ingest_merge
 from components.ingest_partition.component import ingest_partition
 from components.ingest_plan.component import ingest_plan
+from components.new_data.component import new_data
 from components.pretrain.component import pretrain
 from components.promote.component import promote
 from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
@@ -96,7 +97,11 @@ def build_pipeline(cfg: PipelineConfig):
 
         sources = cpu(
             default_dataset(
-                config_json=config_json, runs_root=runs_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+                config_json=config_json,
+                runs_root=runs_root,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                # the cluster shape is compile-time: a run changing cluster.* is refused here
+                compiled_cluster_json=cfg.cluster.model_dump_json(),
             )
         ).set_display_name("sources")
         run_root = sources.outputs["run_root"]
@@ -132,69 +137,83 @@ def build_pipeline(cfg: PipelineConfig):
                 )
             ).set_display_name(f"ingest-{kind}")
 
-        # Images featurize in a fan-out over shard ranges (one GPU pod each), then a merge that
-        # writes features.json; views and clips are small: one step each.
-        featurize_work = cpu(
-            featurize_plan(config_json=config_json, dataset=datasets["images"].outputs["dataset"])
-        )
-        with dsl.ParallelFor(featurize_work.output) as work_item:
-            featurized = gpu(featurize_partition(config_json=config_json, work_item=work_item))
-        features = {"images": cpu(featurize_merge(work_items=dsl.Collected(featurized.output)))}
-        for kind in ("views", "clips"):
-            features[kind] = gpu(
-                featurize(config_json=config_json, dataset=datasets[kind].outputs["dataset"])
-            ).set_display_name(f"featurize-{kind}")
-
-        # As a TrainJob, pretraining runs in the TrainJob's pods: this step only launches it
-        # and waits (days), on a CPU pod, so it holds no GPU a TrainJob pod may need.
-        pretrain_resources = cpu if cfg.cluster.pretrain_as_trainjob() else gpu
-        i2i = resumable(
-            pretrain_resources(
-                pretrain(
-                    config_json=config_json, run_root=run_root, features=features["images"].output
-                )
+        # Nothing new since the last run (incremental ingest into data.datasets_root added no
+        # item): the run ends here, green, without training on what it already learned from.
+        fresh = cpu(
+            new_data(
+                images=datasets["images"].outputs["dataset"],
+                views=datasets["views"].outputs["dataset"],
+                clips=datasets["clips"].outputs["dataset"],
             )
         )
-        for head in FINETUNE_HEADS:
-            feats = features[HEAD_DATASET[head]].output
-            tuned = resumable(
-                gpu(
-                    finetune(
+        with dsl.If(fresh.output > 0, name="new-data"):
+            # Images featurize in a fan-out over shard ranges (one GPU pod each), then a merge that
+            # writes features.json; views and clips are small: one step each.
+            featurize_work = cpu(
+                featurize_plan(
+                    config_json=config_json, dataset=datasets["images"].outputs["dataset"]
+                )
+            )
+            with dsl.ParallelFor(featurize_work.output) as work_item:
+                featurized = gpu(featurize_partition(config_json=config_json, work_item=work_item))
+            features = {"images": cpu(featurize_merge(work_items=dsl.Collected(featurized.output)))}
+            for kind in ("views", "clips"):
+                features[kind] = gpu(
+                    featurize(config_json=config_json, dataset=datasets[kind].outputs["dataset"])
+                ).set_display_name(f"featurize-{kind}")
+
+            # As a TrainJob, pretraining runs in the TrainJob's pods: this step only launches it
+            # and waits (days), on a CPU pod, so it holds no GPU a TrainJob pod may need.
+            pretrain_resources = cpu if cfg.cluster.pretrain_as_trainjob() else gpu
+            i2i = resumable(
+                pretrain_resources(
+                    pretrain(
+                        config_json=config_json,
+                        run_root=run_root,
+                        features=features["images"].output,
+                    )
+                )
+            )
+            for head in FINETUNE_HEADS:
+                feats = features[HEAD_DATASET[head]].output
+                tuned = resumable(
+                    gpu(
+                        finetune(
+                            config_json=config_json,
+                            head=head,
+                            run_root=run_root,
+                            features=feats,
+                            pretrained=i2i.outputs["checkpoint"],
+                        )
+                    )
+                ).set_display_name(f"finetune-{head}")
+                judged = gpu(
+                    evaluate(
                         config_json=config_json,
                         head=head,
                         run_root=run_root,
+                        checkpoint=tuned.outputs["checkpoint"],
                         features=feats,
-                        pretrained=i2i.outputs["checkpoint"],
                     )
-                )
-            ).set_display_name(f"finetune-{head}")
-            judged = gpu(
-                evaluate(
-                    config_json=config_json,
-                    head=head,
-                    run_root=run_root,
-                    checkpoint=tuned.outputs["checkpoint"],
-                    features=feats,
-                )
-            ).set_display_name(f"evaluate-{head}")
-            exported = gpu(
-                export(
-                    config_json=config_json,
-                    head=head,
-                    run_root=run_root,
-                    checkpoint=tuned.outputs["checkpoint"],
-                )
-            ).set_display_name(f"export-{head}")
-            with dsl.If(judged.outputs["Output"] == True, name=f"gate-{head}"):  # noqa: E712
-                cpu(
-                    promote(
+                ).set_display_name(f"evaluate-{head}")
+                exported = gpu(
+                    export(
                         config_json=config_json,
                         head=head,
                         run_root=run_root,
-                        exported=exported.outputs["exported"],
-                        evaluation=judged.outputs["evaluation"],
+                        checkpoint=tuned.outputs["checkpoint"],
                     )
-                ).set_display_name(f"promote-{head}")
+                ).set_display_name(f"export-{head}")
+                with dsl.If(judged.outputs["Output"] == True, name=f"gate-{head}"):  # noqa: E712
+                    cpu(
+                        promote(
+                            config_json=config_json,
+                            head=head,
+                            run_root=run_root,
+                            exported=exported.outputs["exported"],
+                            evaluation=judged.outputs["evaluation"],
+                        )
+                    ).set_display_name(f"promote-{head}")
         return run_root
 
     return lumos_pipeline

@@ -39,6 +39,13 @@ def _docs(path):
     return list(yaml.safe_load_all(path.read_text()))
 
 
+def _all_tasks(pipeline_spec: dict) -> dict[str, dict]:
+    """Every task of the pipeline: the root DAG's and those inside conditions and loops."""
+    dags = [pipeline_spec["root"]["dag"]]
+    dags += [c["dag"] for c in pipeline_spec["components"].values() if "dag" in c]
+    return {name: task for dag in dags for name, task in dag["tasks"].items()}
+
+
 def test_gpu_steps_request_gpus_nodes_and_tolerations() -> None:
     cfg = load_config(preset=COMPILED_PRESET)
     pipeline_spec, platform = _docs(COMPILED_PATH)
@@ -106,11 +113,18 @@ def test_pipeline_shape_fan_out_parallel_heads_and_gate() -> None:
     assert "accelerator" in executors["exec-featurize-partition"]["container"]["resources"]
     for step in ("exec-featurize-plan", "exec-featurize-merge"):
         assert "accelerator" not in executors[step]["container"].get("resources", {}), step
-    loops = [t for t in root.values() if "parameterIterator" in t]
+    tasks = _all_tasks(pipeline_spec)
+    loops = [t for t in tasks.values() if "parameterIterator" in t]
     assert len(loops) == 2  # ingest and featurize
-    assert "featurize-merge" in root["pretrain"]["dependentTasks"]
+    assert "featurize-merge" in tasks["pretrain"]["dependentTasks"]
+    # Featurizing and training happen only when the run's ingest found new data.
+    [gate] = [t for t in root.values() if "triggerPolicy" in t]
+    assert "new-data" in gate["dependentTasks"]
+    condition = gate["triggerPolicy"]["condition"]
+    assert condition == "int(inputs.parameter_values['pipelinechannel--new-data-Output']) > 0"
+    assert "pretrain" not in root and "featurize-plan" not in root
     # fine-tunes depend on pretraining only, so they run in parallel
-    finetunes = [t for name, t in root.items() if name.startswith("finetune")]
+    finetunes = [t for name, t in tasks.items() if name.startswith("finetune")]
     assert len(finetunes) == 3
     for t in finetunes:
         assert "pretrain" in t["dependentTasks"]
@@ -122,8 +136,11 @@ def test_training_steps_are_retried_and_nothing_else() -> None:
     checkpoint; a failed evaluation or export would only fail again."""
     cfg = load_config(preset=COMPILED_PRESET)
     pipeline_spec, _ = _docs(COMPILED_PATH)
-    root = pipeline_spec["root"]["dag"]["tasks"]
-    retried = {name: t["retryPolicy"] for name, t in root.items() if "retryPolicy" in t}
+    retried = {
+        name: t["retryPolicy"]
+        for name, t in _all_tasks(pipeline_spec).items()
+        if "retryPolicy" in t
+    }
     assert sorted(retried) == ["finetune", "finetune-2", "finetune-3", "pretrain"]
     for policy in retried.values():
         assert policy["maxRetryCount"] == cfg.cluster.train_retries == 2

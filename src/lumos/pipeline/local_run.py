@@ -162,8 +162,9 @@ def run_local(
         raise_on_error=True,
     )
     # Cluster settings do not apply here; retries would only rerun a failed training as it was.
-    local_cluster = cfg.cluster.model_copy(update={"train_retries": 0})
-    pipeline = build_pipeline(cfg.model_copy(update={"cluster": local_cluster}))
+    # The run's config is the compiled one: its first step refuses a different cluster.*.
+    cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"train_retries": 0})})
+    pipeline = build_pipeline(cfg)
     print(f"lumos run: {run_dir} (step logs: {log_file})", flush=True)
     start = time.monotonic()
     error = None

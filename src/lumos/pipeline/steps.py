@@ -44,15 +44,22 @@ def described_result(artifact: KfpArtifact) -> dict[str, Any]:
     return json.loads(Path(artifact.path).read_text())["result"]
 
 
-def default_sources(config_json: str, runs_root: str, run_id: str) -> tuple[str, str, str, str]:
-    """This run's root, and the three raw sources: the configured ones, or the embedded default
-    dataset generated into the run root."""
+def default_sources(
+    config_json: str, runs_root: str, run_id: str, compiled_cluster_json: str = ""
+) -> tuple[str, str, str, str]:
+    """This run's root, and the three raw sources: the configured ones, or (not on a cluster) the
+    embedded default dataset generated into the run root. The run's first step: it refuses a
+    config whose `cluster.*` differs from the compiled pipeline's (`compiled_cluster_json`)."""
     from lumos.data.synthetic import generate_default_dataset
+    from lumos.pipeline.run_guard import check_cluster_unchanged, require_real_sources
 
     cfg = validate_config(config_json)
+    if compiled_cluster_json:
+        check_cluster_unchanged(cfg, compiled_cluster_json)
     run_root = join_uri(runs_root, run_id)
     layout = RunLayout(run_root)
     given = (cfg.data.images_uri, cfg.data.views_uri, cfg.data.clips_uri)
+    require_real_sources(given)
     if all(given):
         return (run_root, *given)
     if any(given):
@@ -131,6 +138,21 @@ def ingest_merge_step(
     dataset_uri = _dataset_uri(cfg, run_root, kind)
     result = merge_partitions(_ingest_config(cfg, kind), list(staging_uris), dataset_uri)
     describe(dataset, dataset_uri, result)
+
+
+def new_data_step(datasets: dict[str, KfpArtifact]) -> int:
+    """Items this run's ingests added, over every dataset; 0 ends the run here (the pipeline's
+    `dsl.If`), green, with nothing trained: there is nothing new to learn from."""
+    from lumos.pipeline.run_guard import new_items
+
+    counts = {kind: new_items(described_result(a)) for kind, a in datasets.items()}
+    total = sum(counts.values())
+    shown = ", ".join(f"{kind}: {n}" for kind, n in counts.items())
+    if total:
+        print(f"new data since the last run ({shown}): training", flush=True)
+    else:
+        print(f"nothing new since the last run ({shown}): skipping training", flush=True)
+    return total
 
 
 def featurize_step(config_json: str, dataset: KfpArtifact, features: KfpArtifact) -> None:
@@ -349,6 +371,7 @@ __all__ = [
     "ingest_partition_step",
     "ingest_plan_step",
     "ingest_step",
+    "new_data_step",
     "promote_step",
     "train_step",
 ]
