@@ -40,8 +40,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from PIL.JpegImagePlugin import JpegImageFile
 
+from lumos.configs.data import IngestConfig
 from lumos.data.decode import ImageRecipe, prepare_image
-from lumos.data.ingest import IngestConfig, ingest
+from lumos.data.ingest import ingest
 from lumos.data.reader import iter_samples
 
 RESULTS = Path(__file__).parent / "results" / "ingest_throughput.json"

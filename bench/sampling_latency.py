@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from lumos.checkpoints import save_checkpoint
+from lumos.configs.encoders import EncodersConfig, VAEConfig
+from lumos.configs.export import ExportConfig
 from lumos.diffusion.sampling import sample
-from lumos.encoders import EncodersConfig, VAEConfig
-from lumos.export.onnx_export import ExportConfig, _decoder_graph_class, export
+from lumos.export.onnx_export import _decoder_graph_class, export
 from lumos.export.tensorrt import onnxruntime_providers, select_providers
 from lumos.heads import head_model_config
 from lumos.models.lumos_dit import LUMOS_SIZES, LumosDiT, lumos_dit_config

@@ -30,7 +30,7 @@ from components.new_data.component import new_data
 from components.pretrain.component import pretrain
 from components.promote.component import promote
 from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
-from lumos.k8s.trainjob import FEATURE_CACHE_ENV, FEATURE_CACHE_PATH
+from lumos.configs.k8s import FEATURE_CACHE_ENV, FEATURE_CACHE_PATH
 from lumos.pipeline.layout import HEAD_DATASET
 
 COMPILED_PATH = Path(__file__).with_name("lumos_pipeline.yaml")

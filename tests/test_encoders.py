@@ -9,7 +9,8 @@ import pydantic
 import pytest
 import torch
 
-from lumos.encoders import EncodersConfig, FrozenEncoders, VAEConfig
+from lumos.configs.encoders import EncodersConfig, VAEConfig
+from lumos.encoders import FrozenEncoders
 
 
 def images(n: int = 2, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:

@@ -17,15 +17,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lumos.data.ingest import IngestConfig
-from lumos.data.synthetic import SynthConfig
-from lumos.evaluation.evaluate import EvaluateConfig
-from lumos.export.onnx_export import ExportConfig
-from lumos.k8s.resources import Toleration
-from lumos.k8s.trainjob import DistributedConfig
-from lumos.serving.promote import PromoteConfig
-from lumos.training.featurize import FeaturizeConfig
-from lumos.training.train import TrainConfig
+from lumos.configs.data import IngestConfig, SynthConfig
+from lumos.configs.evaluation import EvaluateConfig
+from lumos.configs.export import ExportConfig
+from lumos.configs.k8s import DistributedConfig, Toleration
+from lumos.configs.serving import PromoteConfig
+from lumos.configs.training import FeaturizeConfig, TrainConfig
 
 PRESETS = ("tiny", "xl")
 FINETUNE_HEADS = ("t2i", "novel_view", "video")

@@ -9,6 +9,7 @@ import pytest
 from ingest_corpus import bad_inputs, encode, good_images, png_bomb, scene
 from PIL import Image
 
+from lumos.configs.data import IngestConfig
 from lumos.data.decode import (
     PreparedImage,
     Rejection,
@@ -17,7 +18,6 @@ from lumos.data.decode import (
     resize_cover,
 )
 from lumos.data.dedup import DedupIndex, DuplicateMatch, hamming_distance, perceptual_hash
-from lumos.data.ingest import IngestConfig
 
 RECIPE = IngestConfig(resolution=32, image_format="png").recipe()
 

@@ -14,13 +14,8 @@ import pytest
 from ingest_corpus import CORPUS_REJECTIONS, build_corpus, encode, scene, write_local
 from PIL import Image
 
-from lumos.data.ingest import (
-    IngestConfig,
-    ingest,
-    ingest_partition,
-    merge_partitions,
-    plan_partitions,
-)
+from lumos.configs.data import IngestConfig
+from lumos.data.ingest import ingest, ingest_partition, merge_partitions, plan_partitions
 from lumos.data.ingest_run import is_paired
 from lumos.data.reader import load_all_samples
 from lumos.data.sources import Source, read_with_retries

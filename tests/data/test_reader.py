@@ -6,7 +6,8 @@ import pytest
 import torch
 from ingest_corpus import encode, scene, write_local
 
-from lumos.data.ingest import IngestConfig, ingest
+from lumos.configs.data import IngestConfig
+from lumos.data.ingest import ingest
 from lumos.data.reader import ShardDataset, collate_samples, iter_samples, load_all_samples
 
 

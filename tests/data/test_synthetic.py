@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from lumos.configs.data import SynthConfig
 from lumos.data.synthetic import (
     BACKGROUND,
     PALETTE,
@@ -18,7 +19,6 @@ from lumos.data.synthetic import (
     SHAPES,
     SIZES,
     TEXTURES,
-    SynthConfig,
     caption_for,
     generate_default_dataset,
 )

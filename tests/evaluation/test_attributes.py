@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lumos.data.synthetic import (
-    BACKGROUND,
-    ObjectSpec,
-    SynthConfig,
-    iter_default_dataset,
-    render_objects,
-)
+from lumos.configs.data import SynthConfig
+from lumos.data.synthetic import BACKGROUND, ObjectSpec, iter_default_dataset, render_objects
 from lumos.evaluation.attributes import attribute_accuracy, largest_component, measure
 
 

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from lumos.data.ingest import IngestConfig, ingest
-from lumos.data.synthetic import SynthConfig, generate_default_dataset
-from lumos.encoders import EncodersConfig
-from lumos.evaluation.evaluate import EvalResult, EvaluateConfig, evaluate
-from lumos.training.featurize import FeaturizeConfig, featurize
-from lumos.training.train import TrainConfig, train
+from lumos.configs.data import IngestConfig, SynthConfig
+from lumos.configs.encoders import EncodersConfig
+from lumos.configs.evaluation import EvaluateConfig
+from lumos.configs.training import FeaturizeConfig, TrainConfig
+from lumos.data.ingest import ingest
+from lumos.data.synthetic import generate_default_dataset
+from lumos.evaluation.evaluate import EvalResult, evaluate
+from lumos.training.featurize import featurize
+from lumos.training.train import train
 
 HEAD_DATA = {"i2i": "images", "t2i": "images", "novel_view": "views", "video": "clips"}
 TINY_MODEL = {"depth": 1, "hidden_size": 32, "num_heads": 2}

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import pytest
 from tiny_checkpoints import make_checkpoint
 
-from lumos.encoders import EncodersConfig
-from lumos.export.onnx_export import ExportConfig, ExportResult, export
+from lumos.configs.encoders import EncodersConfig
+from lumos.configs.export import ExportConfig
+from lumos.export.onnx_export import ExportResult, export
 
 
 @dataclass

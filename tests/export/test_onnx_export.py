@@ -14,9 +14,9 @@ import pytest
 import torch
 from tiny_checkpoints import make_checkpoint
 
+from lumos.configs.export import ExportConfig
 from lumos.export.onnx_export import (
     ExportCheckError,
-    ExportConfig,
     ExportResult,
     check_graph,
     denoiser_graph,

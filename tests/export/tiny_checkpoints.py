@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lumos.checkpoints import save_checkpoint
-from lumos.encoders import EncodersConfig, VAEConfig
+from lumos.configs.encoders import EncodersConfig, VAEConfig
 from lumos.heads import head_model_config
 from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
 

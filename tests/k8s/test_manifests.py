@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from lumos.config import PipelineConfig, load_config, validate_config
+from lumos.configs.k8s import DistributedConfig
+from lumos.configs.serving import PromoteConfig
 from lumos.k8s.crd_validation import validate_resource, validate_resources
 from lumos.k8s.pipeline_resources import (
     RETRAINING_OVERRIDES,
@@ -24,8 +26,7 @@ from lumos.k8s.pipeline_resources import (
     write_resources,
 )
 from lumos.k8s.resources import S3_SECRET_KEYS, S3_SECRET_OPTIONAL_KEYS
-from lumos.k8s.trainjob import DistributedConfig, render_trainjob
-from lumos.serving.promote import PromoteConfig
+from lumos.k8s.trainjob import render_trainjob
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO_ROOT / "manifests"

@@ -14,15 +14,9 @@ import pytest
 from pydantic import ValidationError
 
 from lumos.config import NAME_MAX_LENGTH, ConfigError, validate_config
+from lumos.configs.k8s import DistributedConfig, Toleration
 from lumos.k8s.crd_validation import ResourceValidationError, validate_resource
-from lumos.k8s.resources import Toleration
-from lumos.k8s.trainjob import (
-    POD_LABEL,
-    DistributedConfig,
-    TrainJobFailed,
-    launch_and_wait,
-    render_trainjob,
-)
+from lumos.k8s.trainjob import POD_LABEL, TrainJobFailed, launch_and_wait, render_trainjob
 from lumos.pipeline import steps
 from lumos.training.stopping import TrainingStopped
 

@@ -25,7 +25,8 @@ MODEL = "lumos"
 
 def tiny_export(root: Path, head: str) -> str:
     """A tiny pixel-space model of `head`, exported (8 x 8 images); returns the export dir."""
-    from lumos.export.onnx_export import ExportConfig, export
+    from lumos.configs.export import ExportConfig
+    from lumos.export.onnx_export import export
 
     uri, _ = make_checkpoint(root, head, vae=False)
     out = str(root / "export")

@@ -13,12 +13,12 @@ import yaml
 from onnx import TensorProto, helper
 from pydantic import ValidationError
 
-from lumos.encoders import EncodersConfig
+from lumos.configs.encoders import EncodersConfig
+from lumos.configs.serving import PromoteConfig
 from lumos.evaluation.evaluate import EvalResult
 from lumos.k8s.crd_validation import validate_resource
 from lumos.serving.promote import (
     SERVING_RUNTIME_BYTES,
-    PromoteConfig,
     PromotionError,
     current_promoted,
     promote,

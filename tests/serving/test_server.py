@@ -23,8 +23,9 @@ from kserve.errors import InvalidInput
 from local_servers import free_port
 from PIL import Image, ImageOps
 
+from lumos.configs.export import ExportConfig
 from lumos.encoders import FrozenEncoders
-from lumos.export.onnx_export import ExportConfig, export
+from lumos.export.onnx_export import export
 from lumos.serving.onnx_pipeline import OnnxPipeline
 from lumos.serving.server import (
     MAX_IMAGE_PIXELS,

@@ -12,13 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lumos.data.ingest import IngestConfig, ingest
+from lumos.configs.data import IngestConfig
+from lumos.configs.encoders import EncodersConfig
+from lumos.configs.evaluation import EvaluateConfig
+from lumos.configs.training import FeaturizeConfig
+from lumos.data.ingest import ingest
 from lumos.data.reader import load_all_samples
-from lumos.encoders import EncodersConfig, FrozenEncoders
-from lumos.evaluation.evaluate import EvaluateConfig, evaluate
+from lumos.encoders import FrozenEncoders
+from lumos.evaluation.evaluate import evaluate
 from lumos.storage import Storage
 from lumos.training.data import FeatureDataset, load_feature_table
-from lumos.training.featurize import FeaturizeConfig, featurize
+from lumos.training.featurize import featurize
 from lumos.training.train import train
 
 SQUARE, LANDSCAPE, PORTRAIT = (32, 32), (48, 32), (32, 48)  # source (width, height)

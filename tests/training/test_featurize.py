@@ -11,17 +11,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from lumos.configs.encoders import EncodersConfig
+from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import ShardWriter
-from lumos.encoders import EncodersConfig, FrozenEncoders
+from lumos.encoders import FrozenEncoders
 from lumos.storage import LocalStorage, Storage
 from lumos.training.data import FeatureDataset, load_feature_table
-from lumos.training.featurize import (
-    FeaturizeConfig,
-    featurize,
-    merge_featurize,
-    pack_text,
-    plan_featurize,
-)
+from lumos.training.featurize import featurize, merge_featurize, pack_text, plan_featurize
 from lumos.training.train import train
 
 SIZE = 16

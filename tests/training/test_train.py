@@ -201,7 +201,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def i2i_checkpoint(images_features, tmp_path_factory) -> str:
-    from lumos.training.train import TrainConfig
+    from lumos.configs.training import TrainConfig
 
     cfg = TrainConfig(
         model_size="tiny",

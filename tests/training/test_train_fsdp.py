@@ -8,7 +8,8 @@ from tiny import TINY_CONFIG
 from two_processes import assert_resumed_exactly, launch
 
 from lumos.checkpoints import load_checkpoint, read_checkpoint_meta
-from lumos.training.train import TrainConfig, train
+from lumos.configs.training import TrainConfig
+from lumos.training.train import train
 
 CONFIG = {
     **TINY_CONFIG,

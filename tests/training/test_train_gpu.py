@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from lumos.checkpoints import load_checkpoint
+from lumos.configs.training import TrainConfig
 from lumos.storage import Storage
 from lumos.training.featurize import write_feature_part, write_features_spec
-from lumos.training.train import TrainConfig, train
+from lumos.training.train import train
 
 pytestmark = [
     pytest.mark.gpu,

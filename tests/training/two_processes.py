@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
     import lumos.training.train as loop
-    from lumos.training.train import TrainConfig, train
+    from lumos.configs.training import TrainConfig
+    from lumos.training.train import train
 
     # LUMOS_TEST_SIGTERM=rank:step: that process sends itself SIGTERM during that step (as
     # Kubernetes would, preempting its node), before the step's EMA update.

@@ -23,11 +23,11 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from lumos.data.decode import ImageRecipe
+from lumos.configs.data import IngestConfig
 from lumos.data.dedup import DedupIndex, DuplicateMatch
 from lumos.data.ingest_run import (
     IngestRun,
@@ -52,7 +52,6 @@ from lumos.data.manifest import (
     next_shard_index,
     read_manifest,
 )
-from lumos.data.rgb import DEFAULT_BACKGROUND
 from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter, iter_shard_records
 from lumos.data.sources import Source, group_boundaries, group_items
@@ -62,114 +61,6 @@ log = logging.getLogger(__name__)
 
 PARTITION_FORMAT = "lumos-ingest-partition/1"
 PARTITION_DONE = "partition.json"
-
-# Settings that change what ends up in the shards; an incremental run must match the dataset's.
-_OUTPUT_SETTINGS = ("resolution", "aspect_buckets", "image_format", "jpeg_quality", "background")
-# Settings that do not change the result (left out of the up-to-date check).
-_RUNTIME_SETTINGS = ("workers", "incremental", "max_retries", "retry_backoff_s", "pushgateway_url")
-
-
-class IngestConfig(BaseModel):
-    """How raw images become a dataset. The defaults are the recipe for in-the-wild photos."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    resolution: int = Field(256, ge=8, description="Output side in pixels (square crops)")
-    aspect_buckets: list[tuple[int, int]] | None = Field(
-        None,
-        description="Output (width, height) sizes for multi-resolution training; each image goes "
-        "to the bucket closest in aspect ratio. None: square `resolution` only",
-    )
-    image_format: Literal["jpg", "png"] = Field(
-        "jpg", description="jpg for photos; png is lossless (tiny presets, exact colours)"
-    )
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    min_size: int | None = Field(
-        None,
-        ge=1,
-        description="Minimum shorter side of a source image; None: the output size (never upscale)",
-    )
-    max_aspect_ratio: float = Field(3.0, ge=1.0, description="Long side / short side limit")
-    max_pixels: int = Field(
-        8192 * 8192, ge=1, description="Width x height limit: the decompression-bomb guard"
-    )
-    background: tuple[int, int, int] = Field(
-        DEFAULT_BACKGROUND, description="RGB under transparent pixels (alpha is composited on it)"
-    )
-    near_duplicate_distance: int | None = Field(
-        4,
-        ge=0,
-        le=32,
-        description="Max Hamming distance of 64-bit perceptual hashes for a near duplicate; "
-        "None disables near-dup detection (multi-view and video frames are alike on purpose)",
-    )
-    shard_max_bytes: int = Field(1_000_000_000, ge=4096, description="Target shard size (~1 GB)")
-    paired_fraction: float = Field(
-        0.1, ge=0.0, le=1.0, description="Fraction of captioned images marked paired (T2I subset)"
-    )
-    seed: int = Field(0, description="Seeds the choice of the paired subset")
-    workers: int | None = Field(
-        None,
-        ge=1,
-        description="Decoding processes; None: one per usable CPU (affinity and cgroup limit); "
-        "1: in-process",
-    )
-    incremental: bool = Field(
-        False, description="Process only objects not seen by earlier runs into this dataset"
-    )
-    max_retries: int = Field(3, ge=0, description="Retries of a failed read (transient errors)")
-    retry_backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles each time")
-    pushgateway_url: str | None = Field(None, description="Push ingest metrics here when set")
-
-    @field_validator("aspect_buckets")
-    @classmethod
-    def _check_buckets(cls, buckets: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
-        if buckets is None:
-            return None
-        if not buckets:
-            raise ValueError("aspect_buckets must list at least one (width, height), or be None")
-        for w, h in buckets:
-            if w < 8 or h < 8 or w % 8 or h % 8:
-                raise ValueError(
-                    f"aspect bucket {w}x{h}: sides must be multiples of 8 and >= 8 "
-                    "(the VAE downsamples by 8)"
-                )
-        return buckets
-
-    @model_validator(mode="after")
-    def _check_buckets_fit_limit(self) -> IngestConfig:
-        for w, h in self.output_sizes:
-            if max(w, h) / min(w, h) > self.max_aspect_ratio:
-                raise ValueError(
-                    f"aspect bucket {w}x{h} is beyond max_aspect_ratio={self.max_aspect_ratio}: "
-                    "raise max_aspect_ratio or drop the bucket"
-                )
-        return self
-
-    @property
-    def output_sizes(self) -> tuple[tuple[int, int], ...]:
-        if self.aspect_buckets:
-            return tuple((int(w), int(h)) for w, h in self.aspect_buckets)
-        return ((self.resolution, self.resolution),)
-
-    def recipe(self) -> ImageRecipe:
-        sizes = self.output_sizes
-        return ImageRecipe(
-            sizes=sizes,
-            min_size=self.min_size or min(min(s) for s in sizes),
-            never_upscale=self.min_size is None,
-            max_aspect_ratio=self.max_aspect_ratio,
-            max_pixels=self.max_pixels,
-            background=self.background,
-            image_format=self.image_format,
-            jpeg_quality=self.jpeg_quality,
-        )
-
-    def output_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump(mode="json").items() if k in _OUTPUT_SETTINGS}
-
-    def result_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in _RUNTIME_SETTINGS}
 
 
 class IngestResult(BaseModel):

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 if TYPE_CHECKING:
-    from lumos.data.ingest import IngestConfig
+    from lumos.configs.data import IngestConfig
     from lumos.data.manifest import DatasetHistory
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from lumos.data.ingest import IngestConfig
+    from lumos.configs.data import IngestConfig
 
 DATASET_FORMAT = "lumos-dataset/1"
 MANIFEST = "manifest.json"

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from lumos.configs.data import SynthConfig
 
 # ---------------------------------------------------------------------------------------------
 # Ground truth of the object images. Colours are far apart in RGB (and from the background) so a
@@ -67,53 +69,6 @@ SUPERSAMPLE = 4
 # Clips: the object moves at least this far per frame (fraction of the image side), so every
 # frame differs from the one before even after resizing to a quarter of the resolution.
 MIN_CLIP_STEP = 0.08
-
-
-class SynthConfig(BaseModel):
-    """The embedded default dataset. Defaults fit the tiny local run (minutes on 2 CPU cores);
-    frames_per_clip and views_per_object become the video / novel-view heads' ``num_frames``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    resolution: int = Field(
-        64,
-        ge=16,
-        le=1024,
-        description="image side in pixels (ingest resizes to the training resolution)",
-    )
-    num_images: int = Field(
-        512, ge=0, description="single-object images with captions and attributes"
-    )
-    num_objects: int = Field(48, ge=0, description="multi-view objects (groups of views)")
-    views_per_object: int = Field(4, ge=2, description="views per object at evenly spaced azimuths")
-    elevation: float = Field(20.0, ge=-80.0, le=80.0, description="camera elevation in degrees")
-    radius: float = Field(
-        2.5, ge=1.6, le=10.0, description="camera distance from the object centre"
-    )
-    num_clips: int = Field(48, ge=0, description="clips of a moving object")
-    frames_per_clip: int = Field(4, ge=2, description="frames per clip")
-    eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="fraction of images / objects / clips marked split=eval"
-    )
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> SynthConfig:
-        if self.resolution % 8:
-            raise ValueError(
-                f"resolution must be a multiple of 8 (stripes and latents), got {self.resolution}"
-            )
-        if self.num_images + self.num_objects + self.num_clips == 0:
-            raise ValueError("nothing to generate: num_images, num_objects and num_clips are all 0")
-        # Each clip must fit its whole path inside the image at the minimum speed.
-        travel = MIN_CLIP_STEP * (self.frames_per_clip - 1)
-        if self.num_clips and travel > 1.0 - 2 * SIZES["small"] - 0.02:
-            raise ValueError(
-                f"frames_per_clip={self.frames_per_clip} is too many: an object moving "
-                f"{MIN_CLIP_STEP} of the image per frame leaves the image; use at most "
-                f"{int((1.0 - 2 * SIZES['small'] - 0.02) / MIN_CLIP_STEP) + 1} frames"
-            )
-        return self
 
 
 class SynthResult(BaseModel):

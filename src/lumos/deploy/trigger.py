@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from lumos.deploy.config import DeployError, Deployment
 
 if TYPE_CHECKING:
-    from lumos.data.ingest import IngestConfig
+    from lumos.configs.data import IngestConfig
 
 # backend/api/v2beta1/run.proto RuntimeState: a run in one of these is not finished.
 ACTIVE_STATES = {"PENDING", "RUNNING", "PAUSED", "CANCELING"}

@@ -1,21 +1,6 @@
-"""The frozen encoders (VAE or pixel space, DINO CLS, T5 tokens) and their config."""
+"""The frozen encoders (VAE or pixel space, DINO CLS, T5 tokens); their config is
+`lumos.configs.encoders`."""
 
-from lumos.encoders.config import (
-    EncodersConfig,
-    ImageEncoderConfig,
-    TextEncoderConfig,
-    TinyT5Config,
-    TinyViTConfig,
-    VAEConfig,
-)
 from lumos.encoders.frozen import FrozenEncoders
 
-__all__ = [
-    "EncodersConfig",
-    "FrozenEncoders",
-    "ImageEncoderConfig",
-    "TextEncoderConfig",
-    "TinyT5Config",
-    "TinyViTConfig",
-    "VAEConfig",
-]
+__all__ = ["FrozenEncoders"]

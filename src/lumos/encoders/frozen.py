@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lumos.encoders.config import EncodersConfig
+from lumos.configs.encoders import EncodersConfig
 from lumos.encoders.sizes import tiny_t5_config
 from lumos.encoders.weights import resolve_weights_dir
 

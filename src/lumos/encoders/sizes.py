@@ -16,7 +16,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import T5Config
 
-    from lumos.encoders.config import EncodersConfig, TinyT5Config
+    from lumos.configs.encoders import EncodersConfig, TinyT5Config
 
 Part = Literal["text_encoder", "image_encoder", "vae"]
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 
+from lumos.configs.evaluation import EVAL_HEADS, EvaluateConfig
 from lumos.evaluation.attributes import ATTRIBUTES, Measurement, attribute_accuracy, measure
 from lumos.evaluation.gate import decide
 from lumos.evaluation.image_metrics import color_histogram_similarity, psnr, ssim
@@ -40,56 +41,9 @@ from lumos.evaluation.report import HeadSection, SampleRow, render_report
 
 logger = logging.getLogger(__name__)
 
-EVAL_HEADS = ("i2i", "t2i", "novel_view", "video")
 # PSNR of identical images is infinite; metrics.json and the gate get this cap instead (JSON has
 # no infinity, and one perfect frame must not make a mean infinite).
 PSNR_CAP = 100.0
-
-
-def _default_thresholds() -> dict[str, dict[str, float]]:
-    # The real recipe's bar (an XL/2 model trained on the default data); presets lower it.
-    # Chance levels: colour 1/6, position 1/4. On the default dataset at 32 px, copying view 0
-    # scores 17.4 dB / SSIM 0.74 on the other views; for clips, copying the first frame scores
-    # 17.5 dB / 0.67 and an empty background 20.0 dB / 0.78: the thresholds ask for more.
-    return {
-        "t2i": {"color_accuracy": 0.8, "position_accuracy": 0.8},
-        "i2i": {"color_agreement": 0.8, "position_agreement": 0.8},
-        "novel_view": {"psnr": 20.0, "ssim": 0.8},
-        "video": {"psnr": 24.0, "ssim": 0.9},
-    }
-
-
-class EvaluateConfig(BaseModel):
-    """How a checkpoint is evaluated and gated."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_samples: int = Field(
-        64, ge=1, description="eval items per head (fewer if the split is smaller)"
-    )
-    sampling_steps: int = Field(20, ge=1, description="DPM-Solver++ steps (paper: 20)")
-    guidance_scale: float = Field(4.5, ge=1.0, description="classifier-free guidance (paper: 4.5)")
-    batch_size: int = Field(16, ge=1, description="items sampled together")
-    seed: int = Field(0, ge=0, description="fixes the initial noise: same checkpoint, same metrics")
-    thresholds: dict[str, dict[str, float]] = Field(
-        default_factory=_default_thresholds,
-        description="per head: metric -> minimum value for the gate",
-    )
-    max_regression: float = Field(
-        0.05, ge=0.0, lt=1.0, description="largest relative drop below the promoted model allowed"
-    )
-    report_samples: int = Field(12, ge=0, description="samples shown in report.html")
-    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'")
-
-    @field_validator("thresholds")
-    @classmethod
-    def _known_heads(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        unknown = sorted(set(value) - set(EVAL_HEADS))
-        if unknown:
-            raise ValueError(
-                f"thresholds for unknown heads {unknown}; heads are {list(EVAL_HEADS)}"
-            )
-        return value
 
 
 class EvalResult(BaseModel):
@@ -138,7 +92,8 @@ def evaluate(
     recorded so that promotion can check it is still the current model.
     """
     from lumos.checkpoints import load_checkpoint
-    from lumos.encoders import EncodersConfig, FrozenEncoders
+    from lumos.configs.encoders import EncodersConfig
+    from lumos.encoders import FrozenEncoders
     from lumos.storage import Storage
     from lumos.training.data import load_feature_table
 

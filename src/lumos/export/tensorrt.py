@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-TensorRTMode = Literal["auto", "off", "require"]
+from lumos.configs.export import TensorRTMode
 
 # Best first. onnxruntime falls back along this list for nodes a provider cannot run.
 PROVIDER_PREFERENCE = (

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lumos.configs.k8s import check_dns_label
 from lumos.k8s.crd_validation import validate_custom_resource
-from lumos.k8s.resources import check_dns_label
 
 if TYPE_CHECKING:
     from lumos.config import PipelineConfig

@@ -23,17 +23,16 @@ import time
 from types import FrameType
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from lumos.k8s.crd_validation import validate_custom_resource
-from lumos.k8s.resources import (
-    ComputeResources,
-    Strict,
-    Toleration,
+from lumos.configs.k8s import (
+    FEATURE_CACHE_ENV,
+    FEATURE_CACHE_PATH,
+    DistributedConfig,
     check_dns_label,
-    check_quantity,
-    secret_env,
 )
+from lumos.k8s.crd_validation import validate_custom_resource
+from lumos.k8s.resources import secret_env
 from lumos.training.stopping import TrainingStopped, handling_sigterm
 
 log = logging.getLogger(__name__)
@@ -45,84 +44,7 @@ RUNTIME_JOB_NAME = "node"  # the replicated job (and container) name in the torc
 PATCH_MANAGER = "lumos.dev/launcher"  # who owns our runtimePatches entry
 # TrainJob -> JobSet of the same name -> pods labelled with the JobSet (= TrainJob) name.
 POD_LABEL = "jobset.sigs.k8s.io/jobset-name"
-FEATURE_CACHE_ENV = "LUMOS_FEATURE_CACHE"  # lumos.training.data.CACHE_ENV
-FEATURE_CACHE_PATH = "/var/cache/lumos-features"
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
-
-
-class DistributedConfig(Strict):
-    """Where and how wide a distributed training run is. Defaults: two 8-GPU nodes."""
-
-    num_nodes: int = Field(2, ge=1)
-    gpus_per_node: int = Field(8, ge=0)
-    procs_per_node: int | None = Field(
-        None, ge=1, description="torchrun processes per node; None: one per GPU (1 on CPU nodes)"
-    )
-    image: str = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
-    runtime_ref: str = "torch-distributed"
-    runtime_kind: Literal["TrainingRuntime", "ClusterTrainingRuntime"] = "TrainingRuntime"
-    namespace: str = "lumos"
-    node_selector: dict[str, str] = Field(
-        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
-    )
-    tolerations: list[Toleration] = Field(
-        default_factory=lambda: [Toleration(key="nvidia.com/gpu")]
-    )
-    cpu: str = "32"
-    memory: str = "480Gi"
-    env_secret: str | None = Field(
-        "lumos-s3", description="Secret holding LUMOS_S3_ENDPOINT and AWS_* (None: no secret env)"
-    )
-    env: dict[str, str] = Field(
-        default_factory=dict,
-        description="extra plain env variables of the training container, one entry per name: "
-        f"one named like a variable from env_secret replaces it; {FEATURE_CACHE_ENV} is not "
-        "allowed (the cache volume's mount path is fixed: size it with feature_cache_gib)",
-    )
-    feature_cache_gib: int = Field(
-        500, ge=1, description="node-local disk (emptyDir) for the memory-mapped features"
-    )
-    active_deadline_s: int | None = Field(None, ge=1, description="kill the job after this long")
-    termination_grace_s: int = Field(
-        600,
-        ge=30,
-        description="after SIGTERM (a preempted or drained node, a deleted job), how long a pod "
-        "has to finish its step and write a checkpoint (lumos.training.stopping) before it is "
-        "killed; also torchrun's wait for its workers (an XL/2 checkpoint is about 13 GB)",
-    )
-    timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="how long launch_and_wait waits")
-    start_timeout_s: float | None = Field(
-        3600.0,
-        gt=0,
-        description="how long the TrainJob may take to start (a pod ready, or one finished): "
-        "after that launch_and_wait deletes it (it never trained) and fails, saying why its pods "
-        "are pending (Unschedulable, ImagePullBackOff, ...). The clock stops while the job is "
-        "suspended (queued by Kueue). None: no start deadline, only timeout_s",
-    )
-    poll_s: float = Field(30.0, gt=0)
-
-    @field_validator("namespace", "runtime_ref")
-    @classmethod
-    def _dns_label(cls, value: str) -> str:
-        return check_dns_label(value)
-
-    @field_validator("cpu", "memory")
-    @classmethod
-    def _quantity(cls, value: str) -> str:
-        return check_quantity(value)
-
-    @field_validator("env")
-    @classmethod
-    def _no_feature_cache_env(cls, value: dict[str, str]) -> dict[str, str]:
-        if FEATURE_CACHE_ENV in value:
-            raise ValueError(
-                f"env must not set {FEATURE_CACHE_ENV}: it points at the feature cache volume, "
-                f"mounted at {FEATURE_CACHE_PATH}; size that volume with feature_cache_gib instead"
-            )
-        return value
-
-    def resources(self) -> ComputeResources:
-        return ComputeResources(cpu=self.cpu, memory=self.memory, gpu=self.gpus_per_node)
 
 
 def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> dict[str, Any]:

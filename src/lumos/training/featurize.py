@@ -35,31 +35,22 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
+from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import iter_shard_records
-from lumos.encoders.config import EncodersConfig
 from lumos.storage import Storage
 from lumos.training.data import FEATURES_DIR, frame_tensors, is_eval_record
 
 FEATURES_FORMAT = "lumos-features/2"  # /2: unpadded text tokens
 DATASET_FORMAT = "lumos-dataset/1"
-
-
-class FeaturizeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    encoders: EncodersConfig = Field(default_factory=EncodersConfig)
-    batch_size: int = Field(64, ge=1, description="images per encoder call")
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
-    progress_bar: bool = True
 
 
 class FeaturizeResult(BaseModel):

@@ -1,0 +1,136 @@
+"""Featurize's and training's configs.
+
+    TrainConfig(head="t2i", model_size="B/2", steps=20_000, lr=2e-5)
+    FeaturizeConfig(encoders=EncodersConfig.tiny(), batch_size=16)
+
+Read by `lumos.training.featurize.featurize` and `lumos.training.train.train`. `TrainConfig`'s
+defaults are the pretraining recipe; the pipeline's fine-tunes change head and steps
+(`lumos.config.FINETUNE_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lumos.configs.encoders import EncodersConfig
+
+Head = Literal["i2i", "t2i", "novel_view", "video"]
+# Heads whose items are groups of frames (views of an object, frames of a clip).
+MULTI_FRAME_HEADS = ("novel_view", "video")
+
+# LumosDiT config keys set from the features (latent size and channels, embedding widths, caption
+# length, frames) and by the head: model_overrides may not set them.
+FROM_DATA_AND_HEAD = (
+    "input_size",
+    "in_channels",
+    "cond_kind",
+    "cond_dim",
+    "cond_tokens",
+    "micro_conditions",
+    "num_frames",
+    "frame_embed",
+    "concat_latent_channels",
+)
+
+
+class FeaturizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    encoders: EncodersConfig = Field(default_factory=EncodersConfig)
+    batch_size: int = Field(64, ge=1, description="images per encoder call")
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
+    progress_bar: bool = True
+
+
+class TrainConfig(BaseModel):
+    """One training run. The defaults are the pretraining recipe (PixArt-alpha's, see the method)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    head: Head = "i2i"
+    model_size: str = "XL/2"  # a key of lumos.models.lumos_dit.LUMOS_SIZES
+    # LumosDiT config overrides (e.g. {"depth": 1}); data dims (latent size, embedding widths)
+    # come from the features, conditioning from the head: `FROM_DATA_AND_HEAD` is an error here.
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    steps: int = Field(400_000, ge=0, description="optimizer steps (ours: not published)")
+    batch_size: int = Field(64, ge=1, description="per process and micro-step (PixArt: 64/GPU)")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.03, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-10, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    warmup_steps: int = Field(500, ge=0, description="linear warm-up, then constant LR")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    # EMA decay min(ema_decay, (1 + step) / (10 + step)) (diffusers' EMA warm-up): a 0.9999 EMA
+    # of a short fine-tune would still be mostly its initialisation.
+    ema_warmup: bool = True
+    # "bf16": fp32 weights, the forward and backward under bf16 autocast.
+    # "bf16-weights": bf16 weights and activations (no autocast); the optimizer keeps fp32 master
+    #   weights, which the EMA follows and the checkpoints hold (bench/train_throughput.py's
+    #   `lumos-bf16w`). Gradients are bf16, so with grad_accum they also accumulate in bf16.
+    #   Not with distributed "fsdp", whose "bf16" already keeps fp32 sharded masters.
+    # "no": fp32 throughout.
+    mixed_precision: Literal["bf16", "bf16-weights", "no"] = "bf16"
+    compile: bool = True  # torch.compile the model for the training step
+    num_frames: int | None = Field(
+        None, ge=2, description="frames per item for novel_view / video (default 4)"
+    )
+    init_from_ema: bool = True  # fine-tunes start from the I2I checkpoint's EMA weights
+    checkpoint_every: int = Field(5_000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept in out_uri")
+    log_every: int = Field(100, ge=1)
+    # With several processes: steps between their agreement on a SIGTERM (one small all-reduce);
+    # the run stops, with a checkpoint, at the first such step after the signal. One process
+    # checks after every step.
+    stop_check_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0, lt=2**32)
+    pushgateway_url: str | None = None  # e.g. http://prometheus-pushgateway:9091
+    progress_bar: bool = True
+    # "ddp": every process holds the whole model (replicas); "fsdp": the processes shard model,
+    # gradients, optimizer state and EMA (ZeRO-3), for sizes whose replicas do not fit.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Several nodes: node i of N fetches and trains on feature parts i, i+N, ... (`node_parts`)
+    # instead of every part; its processes split its parts' items. A node then downloads and
+    # caches 1/N of the features (at the paper's scale, terabytes) and each epoch of a node
+    # covers its own parts. One node: no effect. For i2i and t2i: a multi-frame group's frames
+    # may span parts.
+    shard_features_by_node: bool = False
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _overrides_are_not_data(cls, value: dict[str, Any]) -> dict[str, Any]:
+        derived = sorted(set(value) & set(FROM_DATA_AND_HEAD))
+        if derived:
+            raise ValueError(
+                f"model_overrides may not set {derived}: they come from the features (latent "
+                "size and channels, embedding widths, caption length, frames: see "
+                "features.json) and from the head; set num_frames for the frames of a "
+                "multi-frame head"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _frames_match_head(self) -> TrainConfig:
+        if self.head in MULTI_FRAME_HEADS and self.num_frames is None:
+            self.num_frames = 4
+        if self.head not in MULTI_FRAME_HEADS and self.num_frames is not None:
+            raise ValueError(f"num_frames is for novel_view / video, not head {self.head!r}")
+        if self.head in MULTI_FRAME_HEADS and self.shard_features_by_node:
+            raise ValueError(
+                f"shard_features_by_node is for i2i and t2i, not head {self.head!r}: a group's "
+                "frames may span feature parts, which would then be on different nodes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_weights_are_replicated(self) -> TrainConfig:
+        if self.mixed_precision == "bf16-weights" and self.distributed == "fsdp":
+            raise ValueError(
+                "mixed_precision 'bf16-weights' is for distributed 'ddp' (or one process); "
+                "with distributed 'fsdp' use mixed_precision 'bf16': FSDP then already keeps "
+                "the sharded master weights in fp32 and computes with bf16 copies of them"
+            )
+        return self
