@@ -8,9 +8,46 @@ InferenceService.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from lumos.configs.k8s import ComputeResources, Strict, Toleration, check_dns_label
+
+
+class RolloutConfig(Strict):
+    """How a promoted model goes live through the Kubernetes API (KServe serverless mode)."""
+
+    apply: bool = Field(
+        False,
+        description="apply the InferenceService and wait for it (canary, soak, promote or roll "
+        "back) before the registry's current record changes; False: only write the manifest",
+    )
+    canary_traffic_percent: int = Field(
+        10, ge=1, le=99, description="share of the traffic the challenger takes during the soak"
+    )
+    soak_s: float = Field(
+        900.0, gt=0, description="how long the canary serves before its metrics are judged"
+    )
+    ready_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="how long a new revision may take to become ready (image pull, weights, "
+        "first sample); after that it is rolled back (or, for a first model, promotion fails)",
+    )
+    poll_s: float = Field(10.0, gt=0, description="how often the InferenceService is read")
+    min_requests: int = Field(
+        50, ge=1, description="requests the canary must serve during the soak to be judged at all"
+    )
+    max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="model errors (bad output, internal) per request"
+    )
+    max_p95_latency_s: float = Field(
+        30.0, gt=0, description="95th percentile of the canary's request latency, queue included"
+    )
+    max_bad_output_rate: float = Field(
+        0.01, ge=0, le=1, description="generated images failing the output check per request"
+    )
 
 
 class PromoteConfig(Strict):
@@ -37,6 +74,35 @@ class PromoteConfig(Strict):
     validate_manifest: bool = Field(
         True, description="validate the InferenceService against the CRD"
     )
+    # Throughput (docs/benchmarks.md, "Serving load" has the figures behind these defaults).
+    max_batch_size: int = Field(
+        8, ge=1, description="instances per model call: the server batches concurrent requests"
+    )
+    max_batch_wait_ms: float = Field(
+        10.0, ge=0, description="how long a batch's first request waits for others to join it"
+    )
+    max_queue: int = Field(
+        64,
+        ge=16,
+        description="queued instances per pod beyond which requests get 429 with Retry-After "
+        "(at least 16: one request may carry 16 instances)",
+    )
+    container_concurrency: int = Field(
+        16,
+        ge=0,
+        description="requests one pod takes at once (Knative's hard limit; the activator queues "
+        "the rest): two batches, one running and one gathering. 0: unlimited",
+    )
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = Field(
+        "concurrency", description="what KServe's autoscaler scales the predictor on"
+    )
+    scale_target: int = Field(
+        8,
+        ge=1,
+        description="per-pod target of scale_metric: one full batch in flight per pod, so a new "
+        "pod starts before requests wait behind a second batch",
+    )
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @field_validator("namespace", "service_account", "runtime", "model_name_prefix")
     @classmethod

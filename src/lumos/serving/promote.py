@@ -31,7 +31,7 @@ import datetime as dt
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +40,9 @@ from lumos.configs.serving import PromoteConfig
 from lumos.k8s.crd_validation import validate_custom_resource
 from lumos.k8s.resources import quantity_value
 from lumos.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
+
+if TYPE_CHECKING:
+    from lumos.serving.rollout import Cluster
 
 EXPORT_JSON = "export.json"  # written by lumos.export.onnx_export
 RECORD_FORMAT = "lumos-registry-record/1"
@@ -262,11 +265,20 @@ def render_inference_service(
         "runtime": cfg.runtime,
         "storageUri": model_uri,
         "resources": cfg.resources.to_k8s(),
+        # appended to the ServingRuntime's args (lumos.serving.server's micro-batching)
+        "args": [
+            f"--max_batch_size={cfg.max_batch_size}",
+            f"--max_batch_wait_ms={cfg.max_batch_wait_ms:g}",
+            f"--max_queue={cfg.max_queue}",
+        ],
     }
     predictor: dict[str, Any] = {
         "serviceAccountName": cfg.service_account,
         "minReplicas": cfg.min_replicas,
         "maxReplicas": cfg.max_replicas,
+        "containerConcurrency": cfg.container_concurrency,
+        "scaleMetric": cfg.scale_metric,
+        "scaleTarget": cfg.scale_target,
         "model": model,
     }
     if cfg.node_selector:
@@ -299,8 +311,14 @@ def promote(
     export_uri: str,
     eval_result: Mapping[str, Any] | EvalResultLike | BaseModel,
     out_uri: str,
+    cluster: Cluster | None = None,
 ) -> PromoteResult:
-    """Register and render the serving manifest of a model that passed its gate (module docstring)."""
+    """Register and render the serving manifest of a model that passed its gate (module docstring).
+
+    With `cfg.rollout.apply` the InferenceService is rolled out first (lumos.serving.rollout,
+    through `cluster`, by default the kubernetes client's): current.json changes only once the
+    model serves all traffic; a canary rolled back leaves it as it was (promoted=False, reasons).
+    """
     ev = _eval_dict(eval_result)
     head = ev["head"]
     out = Storage.from_uri(out_uri)
@@ -396,6 +414,31 @@ def promote(
     except BaseException:
         registry.delete(record_key)  # nothing was promoted: the version is free again
         raise
+    if cfg.rollout.apply:
+        from lumos.serving.rollout import roll_out
+
+        try:
+            outcome = roll_out(cfg, isvc, cluster)
+        except BaseException:
+            registry.delete(record_key)  # nothing was promoted: the version is free again
+            raise
+        record["rollout"] = outcome.model_dump(mode="json")
+        registry.write_json(record_key, record)  # both outcomes, with their evidence
+        if outcome.outcome == "rolled_back":
+            result = PromoteResult(
+                head=head,
+                promoted=False,
+                reasons=[f"the canary was rolled back: {r}" for r in outcome.reasons],
+                version=version,
+                model_uri=model_uri,
+                record_uri=record_uri,
+                inference_service_name=isvc["metadata"]["name"],
+                inference_service_uri=isvc_uri,
+                previous_version=record["previous_version"],
+                warnings=warnings,
+            )
+            out.write_json(RESULT_FILE, result.model_dump(mode="json"))
+            return result
     try:  # current.json, only if no other promotion has replaced it since it was read above
         current = {**record, "record_uri": record_uri}
         registry.write_json(current_key, current, if_version=seen, if_absent=seen is None)
