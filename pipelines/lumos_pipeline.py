@@ -30,7 +30,7 @@ from components.new_data.component import new_data
 from components.pretrain.component import pretrain
 from components.promote.component import promote
 from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
-from lumos.configs.k8s import FEATURE_CACHE_ENV, FEATURE_CACHE_PATH
+from lumos.configs.k8s import FEATURE_CACHE_ENV, FEATURE_CACHE_PATH, IMAGE_UID
 from lumos.pipeline.layout import HEAD_DATASET
 
 COMPILED_PATH = Path(__file__).with_name("lumos_pipeline.yaml")
@@ -38,15 +38,39 @@ COMPILED_PRESET = "xl"
 S3_ENV_KEYS = ("LUMOS_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
+def step_kind(component: str, cfg: PipelineConfig) -> str:
+    """The kind of step (`cluster.steps`) a component's task is: what it needs to run."""
+    if component == "pretrain" and cfg.cluster.pretrain_as_trainjob():
+        return "control"  # it launches a TrainJob and waits: the TrainJob's pods train
+    for kind in ("ingest", "featurize", "pretrain", "finetune", "evaluate", "export"):
+        if component == kind or component.startswith(f"{kind}-"):
+            return (
+                "control" if component.endswith("-plan") or component == "featurize-merge" else kind
+            )
+    return "control"  # sources, plans, featurize's merge, the new-data check, promote
+
+
 def _on_cluster(task: dsl.PipelineTask, cfg: PipelineConfig, gpu: bool) -> dsl.PipelineTask:
-    """Image, object-store credentials and, for GPU steps, the accelerator and its nodes."""
+    """Image, object-store credentials, the requests and limits of the task's kind of step
+    (`cluster.steps`, by component name), the image's non-root user and, for steps with GPUs,
+    the accelerator and its nodes. KFP (2.17+, backend/src/v2/compiler/argocompiler/
+    security_context.go) itself drops every capability, forbids privilege escalation and sets
+    the RuntimeDefault seccomp profile on a step's containers; runAsNonRoot it leaves to the
+    pipeline, set here: with it the step's pod meets the Restricted Pod Security profile.
+    `gpu` only documents the call site: the GPUs come from the step kind's `gpus`."""
     cluster = cfg.cluster
     task.set_container_image(cluster.image)
     kubernetes.use_secret_as_env(
         task, secret_name=cluster.s3_secret, secret_key_to_env={k: k for k in S3_ENV_KEYS}
     )
-    if gpu and cluster.gpus_per_step > 0:
-        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(cluster.gpus_per_step)
+    kubernetes.set_security_context(
+        task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True
+    )
+    res = cluster.steps.resolve(step_kind(task.component_spec.name, cfg), cluster.gpus_per_step)
+    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu_limit)
+    task.set_memory_request(res.memory).set_memory_limit(res.memory_limit)
+    if res.gpus > 0:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(res.gpus)
         for key, value in cluster.gpu_node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for tol in cluster.gpu_tolerations:

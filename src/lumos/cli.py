@@ -74,12 +74,18 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lumos.training.world import check_launched_world
+
+    check_launched_world()  # in a TrainJob: refuse to train outside the world it configured
     from lumos.training.train import train
 
     _print_result(train(_config(args).pretrain, args.dataset, args.out))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from lumos.training.world import check_launched_world
+
+    check_launched_world()
     from lumos.training.train import train
 
     train_cfg = getattr(_config(args).finetune, args.head)

@@ -4,7 +4,7 @@ The manifests also agree with the code that uses them (names, runtime, secret ke
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,43 +12,35 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lumos.config import PipelineConfig, load_config, validate_config
+from lumos.config import load_config, validate_config
 from lumos.configs.k8s import DistributedConfig
 from lumos.configs.serving import PromoteConfig
 from lumos.k8s.crd_validation import validate_resource, validate_resources
-from lumos.k8s.pipeline_resources import (
-    RETRAINING_OVERRIDES,
-    load_config_map,
-    main,
-    render_from_config_map,
-    render_overlay_patch,
-    write_overlay_patch,
-    write_resources,
-)
+from lumos.k8s.pipeline_resources import render_from_config_map, write_resources
 from lumos.k8s.resources import S3_SECRET_KEYS, S3_SECRET_OPTIONAL_KEYS
 from lumos.k8s.trainjob import render_trainjob
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO_ROOT / "manifests"
 BASE_CONFIG_MAP = Path("base") / "pipeline-config.yaml"
-BASE_PIPELINE = Path("base") / "pipeline.yaml"
+# Pipeline / PipelineVersion resources, for KFP's Kubernetes-native API mode only
+NATIVE_PIPELINE = Path("overlays") / "kubernetes-native" / "pipeline.yaml"
 OVERLAY = Path("overlays") / "gpu-cluster"
 OVERLAY_CONFIG_MAP = OVERLAY / "pipeline-config.yaml"
-OVERLAY_PATCH = OVERLAY / "pipeline-patch" / "kustomization.yaml"
 
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The manifests as checked in; when the pipeline resources have not been generated yet, a
-    copy with them generated from the ConfigMaps (what `make compile` does)."""
-    if (MANIFESTS / BASE_PIPELINE).exists() and (MANIFESTS / OVERLAY_PATCH).exists():
+    """The manifests as checked in; when the Kubernetes-native overlay's pipeline resources have
+    not been generated yet, a copy with them generated from the base's ConfigMap (`make compile`)."""
+    if (MANIFESTS / NATIVE_PIPELINE).exists():
         return MANIFESTS
     copy = tmp_path_factory.mktemp("manifests") / "manifests"
     shutil.copytree(MANIFESTS, copy)
-    base_config_map, overlay_config_map = copy / BASE_CONFIG_MAP, copy / OVERLAY_CONFIG_MAP
-    write_resources(render_from_config_map(base_config_map), copy / BASE_PIPELINE, base_config_map)
-    component = render_overlay_patch(overlay_config_map, copy / BASE_PIPELINE)
-    write_overlay_patch(component, copy / OVERLAY_PATCH, overlay_config_map, copy / BASE_PIPELINE)
+    base_config_map = copy / BASE_CONFIG_MAP
+    write_resources(
+        render_from_config_map(base_config_map), copy / NATIVE_PIPELINE, base_config_map
+    )
     return copy
 
 
@@ -74,15 +66,75 @@ def test_base_renders_and_validates(base: list[dict], crds_dir: Path) -> None:
     validate_resources(base, crds_dir)
     kinds = {r["kind"] for r in base}
     assert kinds >= {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
-                     "ServingRuntime", "TrainingRuntime", "PodMonitor", "Pipeline",
-                     "PipelineVersion", "ScheduledWorkflow", "Deployment", "Service"}  # fmt: skip
+                     "ServingRuntime", "TrainingRuntime", "PodMonitor", "Job", "CronJob",
+                     "Deployment", "Service"}  # fmt: skip
+    # KFP's API registers the pipeline and its recurring run (the lumos-deploy Job): a
+    # ScheduledWorkflow applied with kubectl would never run (lumos.deploy.kfp_api)
+    assert not kinds & {"Pipeline", "PipelineVersion", "ScheduledWorkflow"}
     assert "Secret" not in kinds, "credentials must not be part of the kustomization"
     assert all(r["metadata"].get("namespace") == "lumos" for r in base if r["kind"] != "Namespace")
 
 
-def test_overlay_renders_and_validates(manifests: Path, crds_dir: Path) -> None:
+OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if p.is_dir())
+
+
+def test_every_overlay_is_tested() -> None:
+    assert set(OVERLAYS) >= {"gpu-cluster", "standalone-kfp", "kubeflow-multi-user"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_renders_and_validates(manifests: Path, crds_dir: Path, overlay: str) -> None:
+    """Offline: `kubectl kustomize`, core kinds strictly, custom resources against the CRDs."""
+    rendered = kustomize(manifests / "overlays" / overlay)
+    validate_resources(rendered, crds_dir)
+    namespaces = {r["metadata"].get("namespace") for r in rendered if r["kind"] != "Namespace"}
+    assert len(namespaces) == 1, namespaces
+    # RoleBinding subjects name accounts in the namespace the overlay installs into
+    for binding in by_kind(rendered, "RoleBinding").values():
+        assert {s["namespace"] for s in binding["subjects"]} == namespaces
+
+
+def test_standalone_kfp_overlay(manifests: Path) -> None:
+    """Standalone KFP runs pipelines in its own namespace with its pipeline-runner account; its
+    default (database) API mode has no Pipeline/PipelineVersion CRDs, and its namespace is
+    KFP's (not created or relabelled here); kfp-launcher and mlpipeline-minio-artifact ship with
+    KFP there."""
+    rendered = kustomize(manifests / "overlays" / "standalone-kfp")
+    assert {r["metadata"]["namespace"] for r in rendered} == {"kubeflow"}
+    kinds = {r["kind"] for r in rendered}
+    assert "Namespace" not in kinds and not kinds & {"Pipeline", "PipelineVersion"}
+    [binding] = by_kind(rendered, "RoleBinding").values()
+    assert {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"} in (
+        binding["subjects"]
+    )
+    assert {"TrainingRuntime", "ServingRuntime", "Deployment", "NetworkPolicy"} <= kinds
+
+
+def test_multi_user_overlay_targets_the_profile_namespace(manifests: Path) -> None:
+    """Multi-user Kubeflow: everything in the Profile's namespace (the Profile, an example file,
+    creates it; KFP's profile controller puts kfp-launcher and the artifact secret there), the
+    TrainJob and Pushgateway pods without Istio sidecars."""
+    directory = manifests / "overlays" / "kubeflow-multi-user"
+    rendered = kustomize(directory)
+    profile = yaml.safe_load((directory / "profile.example.yaml").read_text())
+    assert profile["kind"] == "Profile" and profile["spec"]["owner"]["kind"] == "User"
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert "profile.example.yaml" not in kustomization["resources"]
+    assert {r["metadata"]["namespace"] for r in rendered} == {profile["metadata"]["name"]}
+    kinds = {r["kind"] for r in rendered}
+    assert "Namespace" not in kinds and not kinds & {"Pipeline", "PipelineVersion"}
+    [role] = by_kind(rendered, "Role").values()
+    names = {n for rule in role["rules"] for n in rule.get("resourceNames", [])}
+    assert {"kfp-launcher", "mlpipeline-minio-artifact"} <= names
+    runtime = by_kind(rendered, "TrainingRuntime")["torch-distributed"]
+    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert node["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    gateway = by_kind(rendered, "Deployment")["lumos-pushgateway"]
+    assert gateway["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+
+
+def test_gpu_overlay_patches_keep_the_rest(manifests: Path) -> None:
     overlay = kustomize(manifests / "overlays" / "gpu-cluster")
-    validate_resources(overlay, crds_dir)
     runtime = by_kind(overlay, "TrainingRuntime")["torch-distributed"]
     pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
         "spec"
@@ -92,15 +144,22 @@ def test_overlay_renders_and_validates(manifests: Path, crds_dir: Path) -> None:
         "the JSON patch must keep the rest of the container"
     )
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    [swf] = by_kind(overlay, "ScheduledWorkflow").values()
-    assert len(swf["spec"]["trigger"]["cronSchedule"]["cron"].split()) == 6
 
 
-def test_example_secret_has_the_keys_storage_reads() -> None:
-    secret = yaml.safe_load((MANIFESTS / "base" / "s3-secret.example.yaml").read_text())
-    validate_resource(secret)
-    assert set(secret["stringData"]) == set(S3_SECRET_KEYS) | set(S3_SECRET_OPTIONAL_KEYS)
-    assert "serving.kserve.io/s3-endpoint" in secret["metadata"]["annotations"]
+def test_example_secrets_have_the_keys_storage_reads() -> None:
+    """A read-write key for the pipeline and training, a read-only one for serving."""
+    docs = yaml.safe_load_all((MANIFESTS / "base" / "s3-secret.example.yaml").read_text())
+    secrets = {d["metadata"]["name"]: d for d in docs if d}
+    assert set(secrets) == {"lumos-s3", "lumos-s3-readonly"}
+    for secret in secrets.values():
+        validate_resource(secret)
+        assert set(secret["stringData"]) == set(S3_SECRET_KEYS) | set(S3_SECRET_OPTIONAL_KEYS)
+    readonly = secrets["lumos-s3-readonly"]
+    assert "serving.kserve.io/s3-endpoint" in readonly["metadata"]["annotations"]
+    assert (
+        readonly["stringData"]["AWS_ACCESS_KEY_ID"]
+        != secrets["lumos-s3"]["stringData"]["AWS_ACCESS_KEY_ID"]
+    )
     kustomization = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())
     assert "s3-secret.example.yaml" not in kustomization["resources"]
 
@@ -122,8 +181,13 @@ def test_serving_runtime_and_account_match_promotion(base: list[dict]) -> None:
     cfg = PromoteConfig()
     runtime = by_kind(base, "ServingRuntime")[cfg.runtime]
     assert cfg.model_format in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    # Serving reads the models with the read-only key only: the storage initializer through the
+    # account's secrets, the predictor through the runtime's env.
     account = by_kind(base, "ServiceAccount")[cfg.service_account]
-    assert {"name": "lumos-s3"} in account["secrets"]
+    assert account["secrets"] == [{"name": "lumos-s3-readonly"}]
+    assert account["automountServiceAccountToken"] is False
+    [container] = runtime["spec"]["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "lumos-s3-readonly"}}]
 
 
 def test_serving_runtime_args_are_server_args(base: list[dict]) -> None:
@@ -136,21 +200,79 @@ def test_serving_runtime_args_are_server_args(base: list[dict]) -> None:
     assert args.export_uri == "/mnt/models" and args.http_port == 8080
 
 
-def test_role_grants_what_the_pipeline_does(base: list[dict]) -> None:
+# What KFP runs in every step's pod besides our code, with the pipeline's account: Argo's executor
+# reports outputs as WorkflowTaskResults; KFP's launcher reads its ConfigMap and the artifact
+# store's secret (kubeflow/pipelines backend/src/v2: config.FetchLauncherConfigMap, objectstore).
+KFP_EXECUTOR_NEEDS = {
+    ("argoproj.io", "workflowtaskresults", "create", None),
+    ("argoproj.io", "workflowtaskresults", "patch", None),
+    ("", "configmaps", "get", "kfp-launcher"),
+    ("", "secrets", "get", "mlpipeline-minio-artifact"),
+}
+_CALL = re.compile(r"\.(create|get|read|delete|patch|replace|list|apply)_namespaced_(\w+?)\(")
+# A server-side apply is a PATCH, and a create when the object does not exist yet.
+_VERBS = {"create": ["create"], "get": ["get"], "read": ["get"], "delete": ["delete"],
+          "patch": ["patch"], "replace": ["update"], "list": ["list"],
+          "apply": ["patch", "create"]}  # fmt: skip
+_CORE = {"pod": "pods", "pod_log": "pods/log", "config_map": "configmaps", "secret": "secrets",
+         "event": "events", "service": "services"}  # fmt: skip
+_CUSTOM = {"trainjobs": "trainer.kubeflow.org", "trainingruntimes": "trainer.kubeflow.org",
+           "inferenceservices": "serving.kserve.io"}  # fmt: skip
+
+
+def kubernetes_api_calls() -> set[tuple[str, str, str, None]]:
+    """(API group, resource, verb) of every Kubernetes API call in src/lumos (the kubernetes
+    client's `<verb>_namespaced_<kind>` methods); a custom-object call counts for the plurals
+    its module names."""
+    calls = set()
+    for path in (REPO_ROOT / "src" / "lumos").rglob("*.py"):
+        text = path.read_text()
+        plurals = [p for p in _CUSTOM if f'"{p}"' in text]
+        for verb, kind in _CALL.findall(text):
+            if kind == "custom_object":
+                assert plurals, f"{path}: a custom-object call on a plural this test does not know"
+                calls |= {(_CUSTOM[p], p, v, None) for p in plurals for v in _VERBS[verb]}
+            else:
+                assert kind in _CORE, f"{path}: {verb}_namespaced_{kind} is new to this test"
+                calls |= {("", _CORE[kind], v, None) for v in _VERBS[verb]}
+    return calls
+
+
+def test_role_grants_only_what_the_code_calls(base: list[dict]) -> None:
+    """The pipeline's Role is exactly the API calls in the code plus what KFP's executor needs:
+    a verb the code never uses is not granted, and a new call fails here until the Role has it."""
     [role] = by_kind(base, "Role").values()
     [binding] = by_kind(base, "RoleBinding").values()
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"][0]["name"] == "lumos-pipeline"
+    assert [s["name"] for s in binding["subjects"]] == ["lumos-pipeline"]
+    granted = {
+        (group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or [None]
+    }
+    calls = kubernetes_api_calls()
+    assert ("trainer.kubeflow.org", "trainjobs", "create", None) in calls  # the scan works
+    assert granted == calls | KFP_EXECUTOR_NEEDS
 
-    def allowed(group: str, resource: str, verb: str) -> bool:
-        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
-                   for r in role["rules"])  # fmt: skip
 
-    assert allowed("trainer.kubeflow.org", "trainjobs", "create")  # launch_and_wait
-    assert allowed("trainer.kubeflow.org", "trainjobs", "get")
-    assert allowed("", "pods", "list") and allowed("", "pods/log", "get")
-    assert allowed("serving.kserve.io", "inferenceservices", "create")  # deploy a promotion
-    assert allowed("serving.kserve.io", "inferenceservices", "patch")
+def test_training_and_serving_accounts_have_no_api_token(base: list[dict]) -> None:
+    """Training and the predictor never call the Kubernetes API: their accounts mount no token
+    and no RoleBinding names them (a training pod cannot create TrainJobs)."""
+    accounts = by_kind(base, "ServiceAccount")
+    bound = {s["name"] for b in by_kind(base, "RoleBinding").values() for s in b["subjects"]}
+    for name in ("lumos-trainer", "lumos-serving"):
+        assert accounts[name]["automountServiceAccountToken"] is False
+        assert name not in bound
+    runtime = by_kind(base, "TrainingRuntime")["torch-distributed"]
+    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert node["spec"]["serviceAccountName"] == "lumos-trainer"
+    job = render_trainjob(DistributedConfig(), ["lumos", "pretrain"], "pretrain")
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+    pod = patch["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "lumos-trainer"
 
 
 @pytest.mark.parametrize("where", ["base", "overlays/gpu-cluster"])
@@ -167,74 +289,98 @@ def test_pipeline_config_overrides_are_a_valid_config(manifests: Path, where: st
     validate_config(deep_merge(preset, overrides))
 
 
-def _config_json(value: str) -> PipelineConfig:
-    return validate_config(json.loads(value))
-
-
-def test_generated_pipeline_manifest_is_current() -> None:
-    """base/pipeline.yaml is what `make compile` renders from the base's ConfigMap."""
-    checked_in = MANIFESTS / BASE_PIPELINE
-    assert checked_in.exists(), "run `make compile` to generate manifests/base/pipeline.yaml"
+def test_kubernetes_native_pipeline_is_current(manifests: Path, crds_dir: Path) -> None:
+    """overlays/kubernetes-native/pipeline.yaml is what `make compile` renders from the base's
+    ConfigMap, and that overlay adds exactly those resources to the base."""
+    checked_in = MANIFESTS / NATIVE_PIPELINE
+    assert checked_in.exists(), f"run `make compile` to generate manifests/{NATIVE_PIPELINE}"
     docs = [d for d in yaml.safe_load_all(checked_in.read_text()) if d]
     version = docs[0]["metadata"]["labels"]["app.kubernetes.io/version"]
     expected = render_from_config_map(
         MANIFESTS / BASE_CONFIG_MAP, docs[0]["metadata"]["name"], version
     )
     assert docs == expected, "stale: edit the ConfigMap, then run `make compile`"
-    scheduled = _config_json(docs[2]["spec"]["workflow"]["parameters"][0]["value"])
-    assert scheduled == load_config_map(MANIFESTS / BASE_CONFIG_MAP, RETRAINING_OVERRIDES)
-    assert scheduled.ingest.incremental is True
+    native = kustomize(manifests / NATIVE_PIPELINE.parent)
+    validate_resources(native, crds_dir)
+    assert {r["kind"] for r in native} - {r["kind"] for r in kustomize(manifests / "base")} == {
+        "Pipeline",
+        "PipelineVersion",
+    }
 
 
-def test_generated_overlay_patch_is_current(tmp_path: Path) -> None:
-    """The overlay's pipeline-patch/ is what `make compile` renders from its ConfigMap."""
-    checked_in = MANIFESTS / OVERLAY_PATCH
-    assert checked_in.exists(), f"run `make compile` to generate manifests/{OVERLAY_PATCH}"
-    fresh = tmp_path / "kustomization.yaml"
-    main(["--config-map", str(MANIFESTS / OVERLAY_CONFIG_MAP),
-          "--as-patch-of", str(MANIFESTS / BASE_PIPELINE), "--out", str(fresh)])  # fmt: skip
-    assert fresh.read_text() == checked_in.read_text(), (
-        f"manifests/{OVERLAY_PATCH} is stale: run `make compile`"
-    )
-    kustomization = yaml.safe_load((MANIFESTS / OVERLAY / "kustomization.yaml").read_text())
-    assert OVERLAY_PATCH.parent.name in kustomization.get("components", [])
+def _mounted(config_map: dict, directory: Path) -> Path:
+    """The ConfigMap as a pod sees it mounted: one file per data key."""
+    directory.mkdir(parents=True)
+    for key, value in config_map["data"].items():
+        (directory / key).write_text(value)
+    return directory
 
 
-def test_overlay_pipeline_runs_the_overlays_config(manifests: Path, crds_dir: Path) -> None:
-    """What `kubectl apply -k` creates for the overlay: the scheduled runs' config, the pipeline's
-    images and GPU settings and its default config are the overlay ConfigMap's (as rendered)."""
-    overlay = kustomize(manifests / OVERLAY)
-    validate_resources(overlay, crds_dir)
-    [config_map] = by_kind(overlay, "ConfigMap").values()
+@pytest.mark.parametrize("where", ["base", "overlays/gpu-cluster"])
+def test_deploy_job_and_trigger_read_the_mounted_config(
+    manifests: Path, where: str, tmp_path: Path
+) -> None:
+    """The lumos-deploy Job and the lumos-trigger CronJob run the CLI on the ConfigMap mounted at
+    /etc/lumos; what they read there is the deployment the ConfigMap's file describes."""
+    from lumos.cli import build_parser
+    from lumos.deploy.commands import cmd_deploy, cmd_trigger
+    from lumos.deploy.config import load_deployment
+
+    rendered = kustomize(manifests / where)
+    [config_map] = by_kind(rendered, "ConfigMap").values()
+    job = by_kind(rendered, "Job")["lumos-deploy"]["spec"]["template"]["spec"]
+    cron = by_kind(rendered, "CronJob")["lumos-trigger"]["spec"]["jobTemplate"]["spec"]
+    for pod, func in ((job, cmd_deploy), (cron["template"]["spec"], cmd_trigger)):
+        [container] = pod["containers"]
+        assert container["command"][0] == "lumos"
+        args = build_parser().parse_args(container["command"][1:])
+        assert args.func is func
+        mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        config_volume = next(n for n, p in mount.items() if p == args.config_dir)
+        assert volumes[config_volume]["configMap"]["name"] == config_map["metadata"]["name"]
+        # multi-user KFP authenticates the projected token kfp.Client reads from this path
+        token = volumes[next(n for n, p in mount.items() if p.endswith("kubeflow/pipelines"))]
+        [source] = token["projected"]["sources"]
+        assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+        assert pod["automountServiceAccountToken"] is False
+    assert cron["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "lumos-s3-readonly"}}
+    ]
+    mounted = load_deployment(config_dir=_mounted(config_map, tmp_path / "etc-lumos"))
     data = config_map["data"]
-    cfg = load_config(preset=data["preset"], config_text=("overlay", data["overrides.yaml"]))
-    assert cfg.cluster.image != load_config_map(manifests / BASE_CONFIG_MAP).cluster.image
+    cfg = load_config(preset=data["preset"], config_text=("rendered", data["overrides.yaml"]))
+    assert mounted.pipeline == cfg
+    # Scheduled retraining needs the real sources and the datasets that persist across runs.
+    assert cfg.data.images_uri.startswith("s3://") and cfg.data.datasets_root.startswith("s3://")
+    assert mounted.deploy.recurring_run is not None
 
-    [schedule] = by_kind(overlay, "ScheduledWorkflow").values()
-    [parameter] = schedule["spec"]["workflow"]["parameters"]
-    scheduled = _config_json(parameter["value"])
-    assert cfg.cluster.distributed is not None and scheduled.cluster.distributed is not None
-    assert scheduled.cluster.image == cfg.cluster.image
-    assert scheduled.cluster.distributed.num_nodes == cfg.cluster.distributed.num_nodes
-    assert scheduled.promote.registry_uri == cfg.promote.registry_uri
-    assert scheduled.ingest.incremental is True
-    assert scheduled.model_copy(update={"ingest": cfg.ingest}) == cfg  # nothing else differs
 
-    [version] = by_kind(overlay, "PipelineVersion").values()
-    pipeline_spec = version["spec"]["pipelineSpec"]
+def test_gpu_overlay_deploys_its_own_config(manifests: Path, tmp_path: Path) -> None:
+    """What the overlay's lumos-deploy Job registers: the pipeline compiled from the overlay's
+    ConfigMap (its images, node pool and default config), on the overlay's schedule (weekly: an
+    XL run takes days)."""
+    from lumos.deploy.config import load_deployment
+    from lumos.deploy.kfp_api import compile_for_deployment
+
+    overlay = kustomize(manifests / OVERLAY)
+    [config_map] = by_kind(overlay, "ConfigMap").values()
+    deployment = load_deployment(config_dir=_mounted(config_map, tmp_path / "etc-lumos"))
+    cfg = deployment.pipeline
+    base = load_deployment(config_map=manifests / BASE_CONFIG_MAP).pipeline
+    assert cfg.cluster.image != base.cluster.image
+    assert deployment.deploy.recurring_run is not None
+    assert deployment.deploy.recurring_run.cron.split()[5] != "*"  # a day of the week: weekly
+
+    path, version = compile_for_deployment(cfg, tmp_path, "lumos")
+    pipeline_spec, platform = list(yaml.safe_load_all(path.read_text()))
     executors = pipeline_spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {cfg.cluster.image}
-    finetune = executors["exec-finetune"]["container"]["resources"]["accelerator"]
-    assert int(finetune["resourceCount"]) == cfg.cluster.gpus_per_step
-    platform = version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]
-    node_selector = platform["executors"]["exec-finetune"]["nodeSelector"]["labels"]
-    assert node_selector == cfg.cluster.gpu_node_selector
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-finetune"]["nodeSelector"]["labels"] == cfg.cluster.gpu_node_selector
     inputs = pipeline_spec["root"]["inputDefinitions"]["parameters"]
-    assert _config_json(inputs["config_json"]["defaultValue"]) == cfg
-    # the schedule runs this same pipeline, with the overlay's cron
-    assert next(yaml.safe_load_all(schedule["spec"]["workflow"]["spec"])) == pipeline_spec
-    assert schedule["spec"]["pipelineName"] == version["metadata"]["name"]
-    assert schedule["spec"]["trigger"]["cronSchedule"]["cron"] == "0 0 2 * * *"
+    assert validate_config(inputs["config_json"]["defaultValue"]) == cfg
+    assert version.startswith("lumos-v")
 
     # TrainJobs set their image from the config; the runtime's is the default for others
     runtime = by_kind(overlay, "TrainingRuntime")["torch-distributed"]

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from lumos.config import NAME_MAX_LENGTH, ConfigError, validate_config
 from lumos.configs.k8s import DistributedConfig, Toleration
+from lumos.errors import LumosError
 from lumos.k8s.crd_validation import ResourceValidationError, validate_resource
 from lumos.k8s.trainjob import POD_LABEL, TrainJobFailed, launch_and_wait, render_trainjob
 from lumos.pipeline import steps
@@ -31,8 +32,15 @@ def test_render_default_is_valid_and_complete(crds_dir: Path) -> None:
     assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
                                   "name": "torch-distributed"}  # fmt: skip
     trainer = spec["trainer"]
-    assert trainer["command"] == COMMAND and trainer["numNodes"] == 4
-    assert trainer["numProcPerNode"] == 8
+    # Trainer runs trainer.command verbatim, with the PET_* variables that torchrun reads
+    # (kubeflow/trainer pkg/runtime/framework/plugins/torch/torch.go): the launcher is ours.
+    assert trainer["command"] == ["torchrun", "--no-python", *COMMAND]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    # Guaranteed QoS: CPU and memory limited to what is requested.
+    assert (
+        trainer["resourcesPerNode"]["limits"]["cpu"]
+        == trainer["resourcesPerNode"]["requests"]["cpu"]
+    )
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
     assert trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"] == "8"
     env = {e["name"]: e for e in trainer["env"]}
@@ -40,17 +48,25 @@ def test_render_default_is_valid_and_complete(crds_dir: Path) -> None:
         "name": "lumos-s3", "key": "AWS_ACCESS_KEY_ID"}  # fmt: skip
     assert env["LUMOS_S3_REGION"]["valueFrom"]["secretKeyRef"]["optional"] is True
     assert env["NCCL_DEBUG"] == {"name": "NCCL_DEBUG", "value": "WARN"}
+    assert env["LUMOS_EXPECTED_WORLD"] == {"name": "LUMOS_EXPECTED_WORLD", "value": "4x8"}
+    assert "ACCELERATE_USE_CPU" not in env  # GPU nodes
     [patch] = spec["runtimePatches"]
     [job_patch] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     assert job_patch["name"] == "node"
     pod = job_patch["template"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # A token-less identity (training never calls the API) under the Restricted profile.
+    assert pod["serviceAccountName"] == "lumos-trainer"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                    "effect": "NoSchedule"}]  # fmt: skip
     # Node-local disk for the memory-mapped features, where lumos.training.data looks for it.
     assert pod["volumes"] == [{"name": "feature-cache", "emptyDir": {"sizeLimit": "500Gi"}}]
     [container] = pod["containers"]
     assert container["name"] == "node"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     [mount] = container["volumeMounts"]
     assert env["LUMOS_FEATURE_CACHE"]["value"] == mount["mountPath"]
     # After SIGTERM a pod has 10 minutes to checkpoint (lumos.training.stopping); torchrun
@@ -68,11 +84,17 @@ def test_cpu_only_cluster_runtime_without_placement(crds_dir: Path) -> None:
     [patch] = job["spec"]["runtimePatches"]
     [job_patch] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = job_patch["template"]["spec"]["template"]["spec"]
-    # The feature cache and the grace period only: no placement.
-    assert sorted(pod) == ["containers", "terminationGracePeriodSeconds", "volumes"]
+    # Identity, security, the feature cache and the grace period only: no placement.
+    assert sorted(pod) == [
+        "containers", "securityContext", "serviceAccountName", "terminationGracePeriodSeconds",
+        "volumes",
+    ]  # fmt: skip
     env = job["spec"]["trainer"]["env"]
     assert env == [
         {"name": "LUMOS_FEATURE_CACHE", "value": "/var/cache/lumos-features"},
+        {"name": "LUMOS_EXPECTED_WORLD", "value": "1x1"},
+        # CPU nodes: accelerate joins torchrun's gloo world only when told to use the CPU.
+        {"name": "ACCELERATE_USE_CPU", "value": "1"},
         {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "590"},
     ]
     assert job["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
@@ -89,6 +111,14 @@ def test_bad_inputs_fail_loudly(crds_dir: Path) -> None:
         render_trainjob(cfg, COMMAND, "1-pretrain")
     with pytest.raises(ValueError, match="non-empty list"):
         render_trainjob(cfg, [], "pretrain")
+    with pytest.raises(LumosError, match="puts torchrun --no-python in front of it"):
+        render_trainjob(cfg, ["torchrun", *COMMAND], "pretrain")
+    # The Trainer's webhook rejects a TrainJob whose trainer.env sets a PET_* variable
+    # (TorchRunReservedEnvNames, kubeflow/trainer pkg/constants/constants.go).
+    with pytest.raises(ValidationError, match="must not set PET_NNODES.*Kubeflow Trainer"):
+        DistributedConfig(env={"PET_NNODES": "3"})
+    with pytest.raises(ValidationError, match="must not set LUMOS_EXPECTED_WORLD"):
+        DistributedConfig(env={"LUMOS_EXPECTED_WORLD": "3x1"})
     with pytest.raises(ValidationError, match="extra"):
         DistributedConfig(num_node=2)
     with pytest.raises(ValidationError, match="Kubernetes quantity"):

@@ -88,7 +88,8 @@ def test_pretrain_launching_a_trainjob_holds_no_gpu(tmp_path) -> None:
     container, k8s = _pretrain_executor(COMPILED_PATH)
     assert "accelerator" not in container.get("resources", {})
     assert "env" not in container  # no LUMOS_FEATURE_CACHE: there is no cache volume
-    assert sorted(k8s) == ["secretAsEnv"]
+    assert sorted(k8s) == ["secretAsEnv", "securityContext"]  # and the image's non-root user
+    assert container["resources"]["cpuRequest"] == 0.5  # cluster.steps.control
     assert k8s["secretAsEnv"][0]["secretName"] == cfg.cluster.s3_secret
 
     single_node = cfg.model_copy(

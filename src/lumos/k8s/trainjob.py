@@ -5,10 +5,20 @@
 
 The TrainJob points (`runtimeRef`) at the `torch-distributed` runtime that `manifests/base` installs:
 a TrainingRuntime in the job's namespace by default, or the ClusterTrainingRuntime of the same name
-that Kubeflow Trainer ships. The runtime runs `torchrun` with the PET_* rendezvous variables the
-Trainer injects; `trainer.numNodes` and `numProcPerNode` override its defaults, `resourcesPerNode`
-requests the GPUs. Node selector and tolerations are not fields of `trainer`: the CRD takes them as
-a `runtimePatches` entry on the runtime's `node` job, which is what is written here.
+that Kubeflow Trainer ships. Kubeflow Trainer's torch plugin (kubeflow/trainer
+`pkg/runtime/framework/plugins/torch/torch.go`) launches nothing itself: it only injects PET_NNODES,
+PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT into the `node` container,
+whose command becomes `trainer.command` verbatim (`plugins/jobset/builder.go`). So the command
+rendered here is `torchrun --no-python <command>`: torchrun reads the PET_* variables and starts
+`numProcPerNode` processes per node, all in one world. The job also sets LUMOS_EXPECTED_WORLD
+(nodes x processes): training refuses to start in any other world (lumos.training.world), so a
+command edited to drop torchrun fails at once instead of training N separate models into one output.
+`trainer.numNodes` and `numProcPerNode` override the runtime's defaults, `resourcesPerNode`
+requests the GPUs. Node selector, tolerations, the pod's identity and its security context are not
+fields of `trainer`: the CRD takes them as a `runtimePatches` entry on the runtime's `node` job,
+which is what is written here. The pods run as `service_account` (by default `lumos-trainer`, which
+mounts no API token: training never calls the Kubernetes API) under the Restricted Pod Security
+profile (non-root, no privilege escalation, no capabilities, the runtime's seccomp profile).
 
 `launch_and_wait` owns the job while it waits: one that has not started within
 `start_timeout_s` (pods unschedulable, an image that cannot be pulled) is deleted with the reason,
@@ -28,12 +38,15 @@ from pydantic import BaseModel, Field
 from lumos.configs.k8s import (
     FEATURE_CACHE_ENV,
     FEATURE_CACHE_PATH,
+    IMAGE_UID,
     DistributedConfig,
     check_dns_label,
 )
+from lumos.errors import LumosError
 from lumos.k8s.crd_validation import validate_custom_resource
 from lumos.k8s.resources import secret_env
 from lumos.training.stopping import TrainingStopped, handling_sigterm
+from lumos.training.world import EXPECTED_WORLD_ENV, expected_world_value
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +58,61 @@ PATCH_MANAGER = "lumos.dev/launcher"  # who owns our runtimePatches entry
 # TrainJob -> JobSet of the same name -> pods labelled with the JobSet (= TrainJob) name.
 POD_LABEL = "jobset.sigs.k8s.io/jobset-name"
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+# The launcher in front of the command: torchrun reads its rendezvous from the PET_* variables
+# (torch.distributed.run: every option defaults to the variable PET_<OPTION>); --no-python runs
+# the command as an executable (the image's `lumos` entry point) instead of a Python script.
+LAUNCHER = ("torchrun", "--no-python")
+
+
+class TrainJobConfigError(LumosError, ValueError):
+    """A TrainJob that cannot be rendered from this configuration or command."""
+
+
+def restricted_pod_security(uid: int = IMAGE_UID) -> dict[str, Any]:
+    """The pod-level securityContext of the Restricted Pod Security profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def restricted_container_security() -> dict[str, Any]:
+    """The container-level securityContext of the Restricted Pod Security profile."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> dict[str, Any]:
-    """A TrainJob running `command` on every node (under torchrun), validated against the CRD."""
+    """A TrainJob running `command` under torchrun on every node, validated against the CRD.
+
+    `command` is what one training process runs (e.g. `lumos pretrain ...`), an executable on the
+    image's PATH: the TrainJob's command is `torchrun --no-python` followed by it."""
     if not command or not all(isinstance(c, str) and c for c in command):
-        raise ValueError(f"command must be a non-empty list of non-empty strings, got {command!r}")
+        raise TrainJobConfigError(
+            f"command must be a non-empty list of non-empty strings, got {command!r}"
+        )
+    if command[0] == "torchrun" or "torch.distributed.run" in command:
+        raise TrainJobConfigError(
+            f"command {command!r} must be the training command itself (e.g. lumos pretrain ...): "
+            f"render_trainjob puts {' '.join(LAUNCHER)} in front of it"
+        )
     check_dns_label(name, "TrainJob name")
     if not name[0].isalpha():
-        raise ValueError(f"TrainJob name {name!r} must start with a letter (RFC 1035 label)")
+        raise TrainJobConfigError(
+            f"TrainJob name {name!r} must start with a letter (RFC 1035 label)"
+        )
     # The JobSet webhook requires every pod name, `<name>-node-0-<node index>-<5 random chars>`,
     # to be a DNS-1035 label: the last node's is the longest.
     longest_pod_suffix = f"-{RUNTIME_JOB_NAME}-0-{cfg.num_nodes - 1}-xxxxx"
     if len(name) + len(longest_pod_suffix) > 63:
-        raise ValueError(
+        raise TrainJobConfigError(
             f"TrainJob name {name!r} is too long for {cfg.num_nodes} nodes: its last pod's name "
             f"{name + longest_pod_suffix!r} must be at most 63 characters (a DNS-1035 label); "
             f"use a name of at most {63 - len(longest_pod_suffix)} characters"
@@ -72,13 +126,23 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     )
     env += [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
     env.append({"name": FEATURE_CACHE_ENV, "value": FEATURE_CACHE_PATH})  # cfg.env may not set it
+    env.append(
+        {
+            "name": EXPECTED_WORLD_ENV,
+            "value": expected_world_value(cfg.num_nodes, cfg.processes_per_node()),
+        }
+    )
+    if cfg.gpus_per_node == 0 and "ACCELERATE_USE_CPU" not in cfg.env:
+        # CPU nodes: without it accelerate looks for GPUs under torchrun and does not join the
+        # gloo world (lumos.training.train refuses to train then).
+        env.append({"name": "ACCELERATE_USE_CPU", "value": "1"})
     if SHUTDOWN_TIMEOUT_ENV not in cfg.env:  # torchrun's wait before it kills its workers
         env.append({"name": SHUTDOWN_TIMEOUT_ENV, "value": str(cfg.termination_grace_s - 10)})
     trainer: dict[str, Any] = {
         "image": cfg.image,
-        "command": list(command),
+        "command": [*LAUNCHER, *command],
         "numNodes": cfg.num_nodes,
-        "numProcPerNode": cfg.procs_per_node or max(cfg.gpus_per_node, 1),
+        "numProcPerNode": cfg.processes_per_node(),
         "resourcesPerNode": cfg.resources().to_k8s(),
     }
     if env:
@@ -96,6 +160,8 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     # The features of a dataset in the object store are copied to node-local disk once and
     # memory-mapped from there (lumos.training.data): an emptyDir shared by the node's processes.
     pod_patch: dict[str, Any] = {
+        "serviceAccountName": cfg.service_account,
+        "securityContext": restricted_pod_security(),
         "terminationGracePeriodSeconds": cfg.termination_grace_s,
         "volumes": [
             {"name": "feature-cache", "emptyDir": {"sizeLimit": f"{cfg.feature_cache_gib}Gi"}}
@@ -103,6 +169,7 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
         "containers": [
             {
                 "name": RUNTIME_JOB_NAME,
+                "securityContext": restricted_container_security(),
                 "volumeMounts": [{"name": "feature-cache", "mountPath": FEATURE_CACHE_PATH}],
             }
         ],
