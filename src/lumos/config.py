@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lumos.configs.data import IngestConfig, SynthConfig
 from lumos.configs.evaluation import EvaluateConfig
 from lumos.configs.export import ExportConfig
-from lumos.configs.k8s import DistributedConfig, Toleration
+from lumos.configs.k8s import DistributedConfig, StepsResources, Toleration
 from lumos.configs.serving import PromoteConfig
 from lumos.configs.training import FeaturizeConfig, TrainConfig
 
@@ -46,7 +46,12 @@ class ClusterConfig(Strict):
 
     image: str = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
     gpus_per_step: int = Field(
-        1, ge=0, description="GPUs for featurize/train/evaluate/export steps"
+        1, ge=0, description="GPUs of the pretrain (without a TrainJob) and finetune steps"
+    )
+    steps: StepsResources = Field(
+        default_factory=StepsResources,
+        description="CPU / memory requests and limits and GPUs per kind of step (featurize, "
+        "evaluate and export use one GPU; unset fields take each kind's default)",
     )
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
@@ -73,10 +78,10 @@ class ClusterConfig(Strict):
     )
 
     def pretrain_as_trainjob(self) -> bool:
-        """Whether the pretrain step runs as a TrainJob (`distributed` set, more than one GPU in
-        all): the step itself then only launches it and waits."""
+        """Whether the pretrain step runs as a TrainJob (`distributed` set, more than one process
+        in all: GPUs, or CPU nodes): the step itself then only launches it and waits."""
         dist = self.distributed
-        return dist is not None and dist.num_nodes * dist.gpus_per_node > 1
+        return dist is not None and dist.world_size() > 1
 
 
 class DataConfig(Strict):

@@ -16,12 +16,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lumos.training.world import EXPECTED_WORLD_ENV
+
 # A Kubernetes resource quantity: "4", "500m", "32Gi", "1.5", "2e3".
 QUANTITY = re.compile(r"^(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?\d+))?$")
 _LABEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 FEATURE_CACHE_ENV = "LUMOS_FEATURE_CACHE"  # lumos.training.data.CACHE_ENV
 FEATURE_CACHE_PATH = "/var/cache/lumos-features"
+# Names the Trainer's torch plugin reserves (TorchRunReservedEnvNames in kubeflow/trainer
+# pkg/constants/constants.go): its webhook rejects a TrainJob whose trainer.env sets one.
+PET_ENV = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+)
+# Set by render_trainjob itself: env may not set them.
+RENDERED_ENV = (FEATURE_CACHE_ENV, EXPECTED_WORLD_ENV, *PET_ENV)
+TRAINER_SERVICE_ACCOUNT = "lumos-trainer"  # manifests/base/rbac.yaml: no API token mounted
+# The user of the project's images (docker/train.Dockerfile, serve.Dockerfile: USER 1000).
+IMAGE_UID = 1000
 
 
 class Strict(BaseModel):
@@ -101,6 +117,11 @@ class DistributedConfig(Strict):
         None, ge=1, description="torchrun processes per node; None: one per GPU (1 on CPU nodes)"
     )
     image: str = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
+    service_account: str = Field(
+        TRAINER_SERVICE_ACCOUNT,
+        description="the training pods' service account: lumos-trainer mounts no API token "
+        "(training never calls the Kubernetes API, and must not be able to create TrainJobs)",
+    )
     runtime_ref: str = "torch-distributed"
     runtime_kind: Literal["TrainingRuntime", "ClusterTrainingRuntime"] = "TrainingRuntime"
     namespace: str = "lumos"
@@ -118,8 +139,9 @@ class DistributedConfig(Strict):
     env: dict[str, str] = Field(
         default_factory=dict,
         description="extra plain env variables of the training container, one entry per name: "
-        f"one named like a variable from env_secret replaces it; {FEATURE_CACHE_ENV} is not "
-        "allowed (the cache volume's mount path is fixed: size it with feature_cache_gib)",
+        f"one named like a variable from env_secret replaces it; {', '.join(RENDERED_ENV)} are "
+        "not allowed (the cache volume's mount path is fixed: size it with feature_cache_gib; "
+        "the PET_* variables are the Trainer's, the expected world is num_nodes x processes)",
     )
     feature_cache_gib: int = Field(
         500, ge=1, description="node-local disk (emptyDir) for the memory-mapped features"
@@ -143,7 +165,7 @@ class DistributedConfig(Strict):
     )
     poll_s: float = Field(30.0, gt=0)
 
-    @field_validator("namespace", "runtime_ref")
+    @field_validator("namespace", "runtime_ref", "service_account")
     @classmethod
     def _dns_label(cls, value: str) -> str:
         return check_dns_label(value)
@@ -161,7 +183,105 @@ class DistributedConfig(Strict):
                 f"env must not set {FEATURE_CACHE_ENV}: it points at the feature cache volume, "
                 f"mounted at {FEATURE_CACHE_PATH}; size that volume with feature_cache_gib instead"
             )
+        reserved = sorted(set(value) & {EXPECTED_WORLD_ENV, *PET_ENV})
+        if reserved:
+            raise ValueError(
+                f"env must not set {', '.join(reserved)}: Kubeflow Trainer injects the PET_* "
+                f"variables (its webhook rejects a TrainJob that sets them) and {EXPECTED_WORLD_ENV}"
+                " is num_nodes x the processes per node"
+            )
         return value
 
+    def processes_per_node(self) -> int:
+        """torchrun processes per node: procs_per_node, else one per GPU (1 on CPU nodes)."""
+        return self.procs_per_node or max(self.gpus_per_node, 1)
+
+    def world_size(self) -> int:
+        return self.num_nodes * self.processes_per_node()
+
     def resources(self) -> ComputeResources:
-        return ComputeResources(cpu=self.cpu, memory=self.memory, gpu=self.gpus_per_node)
+        # CPU limited to what is requested too: with memory alike, the training pods are in the
+        # Guaranteed QoS class, so the kubelet's static CPU manager can give them whole cores.
+        return ComputeResources(
+            cpu=self.cpu, memory=self.memory, gpu=self.gpus_per_node, cpu_limit=self.cpu
+        )
+
+
+# The pipeline's steps by what they need: CPU steps that only plan, merge, promote or launch a
+# TrainJob ("control"); ingest (decoding images); and the GPU steps. featurize, evaluate and
+# export use one GPU; pretrain and finetune use cluster.gpus_per_step (gpus None here).
+STEP_KINDS = ("control", "ingest", "featurize", "pretrain", "finetune", "evaluate", "export")
+_STEP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "control": {"cpu": "500m", "memory": "1Gi", "gpus": 0},
+    "ingest": {"cpu": "4", "memory": "16Gi", "gpus": 0},
+    "featurize": {"cpu": "8", "memory": "64Gi", "gpus": 1},
+    "pretrain": {"cpu": "32", "memory": "480Gi", "gpus": None},
+    "finetune": {"cpu": "32", "memory": "480Gi", "gpus": None},
+    "evaluate": {"cpu": "8", "memory": "64Gi", "gpus": 1},
+    "export": {"cpu": "8", "memory": "64Gi", "gpus": 1},
+}
+
+
+class StepResources(Strict):
+    """One kind of step's requests and limits; an unset field takes the kind's default
+    (`StepsResources.resolve`). Limits default to the requests (Guaranteed QoS: the step is
+    neither throttled below nor evicted above what the scheduler reserved)."""
+
+    cpu: str | None = Field(None, description="CPU request (a quantity, e.g. '8', '500m')")
+    memory: str | None = Field(None, description="memory request (e.g. '64Gi')")
+    cpu_limit: str | None = Field(None, description="CPU limit; unset: the request")
+    memory_limit: str | None = Field(None, description="memory limit; unset: the request")
+    gpus: int | None = Field(
+        None, ge=0, description="GPUs (nvidia.com/gpu); 0: a CPU pod on any node"
+    )
+
+    @field_validator("cpu", "memory", "cpu_limit", "memory_limit")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        return value if value is None else check_quantity(value)
+
+
+class ResolvedStepResources(Strict):
+    cpu: str
+    memory: str
+    cpu_limit: str
+    memory_limit: str
+    gpus: int
+
+
+class StepsResources(Strict):
+    """CPU, memory and GPUs per kind of pipeline step (`cluster.steps.<kind>.<field>`)."""
+
+    control: StepResources = Field(
+        default_factory=StepResources,
+        description="sources, plans, merges, promote, pretrain launching a TrainJob: 500m, 1Gi",
+    )
+    ingest: StepResources = Field(
+        default_factory=StepResources, description="ingest steps: 4 CPUs, 16Gi"
+    )
+    featurize: StepResources = Field(
+        default_factory=StepResources, description="featurize steps: 8 CPUs, 64Gi, 1 GPU"
+    )
+    pretrain: StepResources = Field(
+        default_factory=StepResources,
+        description="pretrain in a step (no TrainJob): 32 CPUs, 480Gi, gpus_per_step GPUs",
+    )
+    finetune: StepResources = Field(
+        default_factory=StepResources, description="fine-tuning: 32 CPUs, 480Gi, gpus_per_step"
+    )
+    evaluate: StepResources = Field(
+        default_factory=StepResources, description="evaluation: 8 CPUs, 64Gi, 1 GPU"
+    )
+    export: StepResources = Field(
+        default_factory=StepResources, description="ONNX / TensorRT export: 8 CPUs, 64Gi, 1 GPU"
+    )
+
+    def resolve(self, kind: str, gpus_per_step: int) -> ResolvedStepResources:
+        """The requests and limits of `kind`: its settings over its defaults; a training step
+        without a GPU count gets `gpus_per_step`."""
+        merged = {**_STEP_DEFAULTS[kind], **getattr(self, kind).model_dump(exclude_none=True)}
+        if merged["gpus"] is None:
+            merged["gpus"] = gpus_per_step
+        merged.setdefault("cpu_limit", merged["cpu"])
+        merged.setdefault("memory_limit", merged["memory"])
+        return ResolvedStepResources(**merged)
