@@ -1,4 +1,4 @@
-"""Training input rate: batches of cached features out of `lumos.training.data`, per process.
+"""Training input rate: batches of cached features out of `lumos.features`, per process.
 
     python bench/feature_reader.py                      # 200k images, 200 parts, batch 64
     python bench/feature_reader.py --images 1000000 --t2i-images 0 --dir /mnt/nvme/bench
@@ -46,9 +46,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lumos.features.items import FeatureDataset
+from lumos.features.table import load_feature_table
 from lumos.storage import Storage
-from lumos.training.data import FeatureDataset, ResumableSampler, load_feature_table
 from lumos.training.featurize import write_feature_part, write_features_spec
+from lumos.training.sampler import ResumableSampler
 
 RESULTS = Path(__file__).parent / "results" / "feature_reader.json"
 XL2_TRAIN_IMG_S = 542.3  # Lumos-XL/2 training step on an H200 (docs/benchmarks.md)

@@ -85,7 +85,7 @@ def _on_cluster(task: dsl.PipelineTask, cfg: PipelineConfig, gpu: bool) -> dsl.P
             size_limit=f"{cluster.shm_size_gib}Gi",
         )
         # Features of a dataset in the object store: copied once to node-local disk and
-        # memory-mapped from there (lumos.training.data).
+        # memory-mapped from there (lumos.features.cache).
         kubernetes.empty_dir_mount(
             task,
             volume_name="feature-cache",

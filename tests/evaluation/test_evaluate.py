@@ -102,7 +102,8 @@ def test_t2i_eval_items_read_only_the_parts_they_need() -> None:
     import torch
 
     from lumos.evaluation.evaluate import _eval_items
-    from lumos.training.data import FeaturePart, FeatureTable
+    from lumos.features.format import FeaturePart
+    from lumos.features.table import FeatureTable
 
     def unread() -> list[dict]:
         raise AssertionError("a later part's records were read")

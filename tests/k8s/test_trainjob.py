@@ -61,7 +61,7 @@ def test_render_default_is_valid_and_complete(crds_dir: Path) -> None:
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                    "effect": "NoSchedule"}]  # fmt: skip
-    # Node-local disk for the memory-mapped features, where lumos.training.data looks for it.
+    # Node-local disk for the memory-mapped features, where lumos.features.cache looks for it.
     assert pod["volumes"] == [{"name": "feature-cache", "emptyDir": {"sizeLimit": "500Gi"}}]
     [container] = pod["containers"]
     assert container["name"] == "node"

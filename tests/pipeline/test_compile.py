@@ -62,7 +62,7 @@ def test_gpu_steps_request_gpus_nodes_and_tolerations() -> None:
     mounts = {m["volumeName"]: m for m in pre["emptyDirMounts"]}
     assert mounts["dshm"]["mountPath"] == "/dev/shm"
     # Node-local disk for the features of a dataset in the object store, and the variable that
-    # points lumos.training.data at it.
+    # points lumos.features.cache at it.
     cache = mounts["feature-cache"]
     assert cache["sizeLimit"] == f"{cfg.cluster.feature_cache_gib}Gi"
     env = {e["name"]: e["value"] for e in train["env"]}

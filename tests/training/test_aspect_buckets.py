@@ -20,8 +20,9 @@ from lumos.data.ingest import ingest
 from lumos.data.reader import load_all_samples
 from lumos.encoders import FrozenEncoders
 from lumos.evaluation.evaluate import evaluate
+from lumos.features.items import FeatureDataset
+from lumos.features.table import load_feature_table
 from lumos.storage import Storage
-from lumos.training.data import FeatureDataset, load_feature_table
 from lumos.training.featurize import featurize
 from lumos.training.train import train
 

@@ -17,17 +17,12 @@ from conftest import _group_records, write_features
 from safetensors import safe_open
 from safetensors.torch import save
 
+from lumos.features.cache import FeaturesChanged
+from lumos.features.format import FeaturesNotFound
+from lumos.features.items import FeatureDataset
+from lumos.features.table import FeatureTable, load_feature_table, node_parts, pad_text
 from lumos.storage import S3Storage, Storage
-from lumos.training.data import (
-    FeatureDataset,
-    FeaturesChanged,
-    FeaturesNotFound,
-    FeatureTable,
-    ResumableSampler,
-    load_feature_table,
-    node_parts,
-    pad_text,
-)
+from lumos.training.sampler import ResumableSampler
 
 
 def test_train_split_leaves_out_eval_samples(images_features):

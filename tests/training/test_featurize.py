@@ -15,8 +15,9 @@ from lumos.configs.encoders import EncodersConfig
 from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import ShardWriter
 from lumos.encoders import FrozenEncoders
+from lumos.features.items import FeatureDataset
+from lumos.features.table import load_feature_table
 from lumos.storage import LocalStorage, Storage
-from lumos.training.data import FeatureDataset, load_feature_table
 from lumos.training.featurize import featurize, merge_featurize, pack_text, plan_featurize
 from lumos.training.train import train
 

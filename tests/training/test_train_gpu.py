@@ -141,7 +141,8 @@ def timed_run(tmp_path, data: str, **config) -> None:
 def test_batches_are_assembled_in_pinned_memory(images_features, views_features):
     """With pin_memory (the loop sets it on CUDA), every tensor of a batch is page-locked: one
     pageable tensor would make its copy to the GPU wait for the previous step again."""
-    from lumos.training.data import FeatureDataset, load_feature_table
+    from lumos.features.items import FeatureDataset
+    from lumos.features.table import load_feature_table
 
     for dataset, head, frames in ((images_features, "t2i", 1), (views_features, "novel_view", 3)):
         items = FeatureDataset.for_head(load_feature_table(dataset), head, num_frames=frames)

@@ -22,7 +22,7 @@ from lumos.training.world import EXPECTED_WORLD_ENV
 QUANTITY = re.compile(r"^(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?\d+))?$")
 _LABEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
-FEATURE_CACHE_ENV = "LUMOS_FEATURE_CACHE"  # lumos.training.data.CACHE_ENV
+FEATURE_CACHE_ENV = "LUMOS_FEATURE_CACHE"  # lumos.features.cache.CACHE_ENV
 FEATURE_CACHE_PATH = "/var/cache/lumos-features"
 # Names the Trainer's torch plugin reserves (TorchRunReservedEnvNames in kubeflow/trainer
 # pkg/constants/constants.go): its webhook rejects a TrainJob whose trainer.env sets one.

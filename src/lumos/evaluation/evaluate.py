@@ -94,8 +94,8 @@ def evaluate(
     from lumos.checkpoints import load_checkpoint
     from lumos.configs.encoders import EncodersConfig
     from lumos.encoders import FrozenEncoders
+    from lumos.features.table import load_feature_table
     from lumos.storage import Storage
-    from lumos.training.data import load_feature_table
 
     device = _device(cfg.device)
     ckpt = load_checkpoint(checkpoint_uri, device=device, raw=False)
@@ -204,7 +204,7 @@ def _encoders_spec(meta: dict[str, Any], uri: str) -> dict[str, Any]:
 def _eval_items(table, head: str, model, num_samples: int) -> list[list[int]]:
     """Rows of the eval table per item: one row (single-image heads) or the first `num_frames`
     frames of a group (multi-frame heads: view 0 / the first frame is the condition)."""
-    from lumos.training.data import FeatureDataset
+    from lumos.features.items import FeatureDataset
 
     if head == "t2i":
         # Every captioned eval image, paired or not: the caption is embedded at evaluation time
@@ -272,8 +272,8 @@ def _generate(cfg, model, encoders, table, head, items, device) -> list[list[np.
     import torch
 
     from lumos.diffusion.sampling import sample
+    from lumos.features.items import FeatureDataset
     from lumos.heads import batch_to_model_inputs
-    from lumos.training.data import FeatureDataset
 
     dataset = FeatureDataset(table=table, head=head, num_frames=len(items[0]), items=items)
     # Batches of one image size (aspect buckets), in item order within each size.

@@ -158,7 +158,7 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     if cfg.active_deadline_s:
         spec["activeDeadlineSeconds"] = cfg.active_deadline_s
     # The features of a dataset in the object store are copied to node-local disk once and
-    # memory-mapped from there (lumos.training.data): an emptyDir shared by the node's processes.
+    # memory-mapped from there (lumos.features.cache): an emptyDir shared by the node's processes.
     pod_patch: dict[str, Any] = {
         "serviceAccountName": cfg.service_account,
         "securityContext": restricted_pod_security(),

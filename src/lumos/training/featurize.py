@@ -14,7 +14,7 @@ Text is stored unpadded: caption m's T5 tokens are `text_tokens[text_offsets[m]:
 the tokens before its padding (T5 pads on the right; padded positions are masked out in the model,
 so they are never needed). A typical caption fills a quarter of T5's 120 positions, and a padded
 row of T5-XXL tokens is about 1 MB. Features written before this (`lumos-features/1`) stored
-`text_embeds (M,L,Dt)` and `text_mask (M,L)`; `lumos.training.data` reads both.
+`text_embeds (M,L,Dt)` and `text_mask (M,L)`; `lumos.features.format` reads both.
 
 Datasets ingested with aspect buckets hold several image sizes. A part with more than one then
 stores, per latent size, `latents_{h}x{w}` (n, C, h, w) and `rows_{h}x{w}` (n,) int64: which of
@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import iter_shard_records
+from lumos.features.format import FEATURES_DIR, frame_tensors, is_eval_record
 from lumos.storage import Storage
-from lumos.training.data import FEATURES_DIR, frame_tensors, is_eval_record
 
 FEATURES_FORMAT = "lumos-features/2"  # /2: unpadded text tokens
 DATASET_FORMAT = "lumos-dataset/1"

@@ -84,20 +84,16 @@ from lumos.checkpoints import (
 )
 from lumos.configs.training import TrainConfig
 from lumos.diffusion.gaussian import GaussianDiffusion
+from lumos.features.format import read_features_spec
+from lumos.features.items import FeatureDataset
+from lumos.features.table import load_feature_table, node_parts, pad_text
 from lumos.heads import HEADS, batch_to_model_inputs, head_model_config
 from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
 from lumos.models.transfer import transfer_weights
 from lumos.storage import Storage
-from lumos.training.data import (
-    FeatureDataset,
-    ResumableSampler,
-    load_feature_table,
-    node_parts,
-    pad_text,
-    read_features_spec,
-)
 from lumos.training.monitoring import TrainingMetrics
 from lumos.training.optim import MasterWeightAdamW
+from lumos.training.sampler import ResumableSampler
 from lumos.training.stopping import StopSignal, TrainingStopped
 
 logger = logging.getLogger(__name__)
