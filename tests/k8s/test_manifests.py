@@ -123,7 +123,7 @@ def test_multi_user_overlay_targets_the_profile_namespace(manifests: Path) -> No
     assert {r["metadata"]["namespace"] for r in rendered} == {profile["metadata"]["name"]}
     kinds = {r["kind"] for r in rendered}
     assert "Namespace" not in kinds and not kinds & {"Pipeline", "PipelineVersion"}
-    [role] = by_kind(rendered, "Role").values()
+    role = by_kind(rendered, "Role")["lumos-pipeline-runner"]
     names = {n for rule in role["rules"] for n in rule.get("resourceNames", [])}
     assert {"kfp-launcher", "mlpipeline-minio-artifact"} <= names
     runtime = by_kind(rendered, "TrainingRuntime")["torch-distributed"]
@@ -131,6 +131,51 @@ def test_multi_user_overlay_targets_the_profile_namespace(manifests: Path) -> No
     assert node["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
     gateway = by_kind(rendered, "Deployment")["lumos-pushgateway"]
     assert gateway["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+
+
+# What each kfp.Client method the deploy code calls asks of KFP's API server in multi-user mode
+# (kubeflow/pipelines backend/src/apiserver/server/*_server.go: resourceAttributes of the
+# SubjectAccessReview; create_experiment looks the experiment up by name first).
+KFP_CLIENT_AUTHZ = {
+    "list_pipelines": {("pipelines", "list")},
+    "list_pipeline_versions": {("pipelines", "list")},
+    "upload_pipeline": {("pipelines", "create")},
+    "upload_pipeline_version": {("pipelines", "create"), ("pipelines", "get")},
+    "create_experiment": {("experiments", "list"), ("experiments", "get"),
+                          ("experiments", "create")},
+    "list_recurring_runs": {("jobs", "list")},
+    "create_recurring_run": {("jobs", "create")},
+    "delete_recurring_run": {("jobs", "delete")},
+    "get_recurring_run": {("jobs", "get")},
+    "run_pipeline": {("runs", "create")},
+    "list_runs": {("runs", "list")},
+    "get_run": {("runs", "get")},
+}  # fmt: skip
+
+
+def test_multi_user_deployer_may_call_what_deploy_calls(manifests: Path) -> None:
+    """The lumos-deployer account may make, in its Profile namespace, every KFP API call of
+    lumos.deploy, and nothing else."""
+    calls = set()
+    for path in (REPO_ROOT / "src" / "lumos" / "deploy").glob("*.py"):
+        calls |= set(re.findall(r"client\.([a-z_]+)\(", path.read_text()))
+    unknown = calls - set(KFP_CLIENT_AUTHZ)
+    assert not unknown, f"kfp.Client methods new to this test: {unknown}"
+    needed = {("pipelines.kubeflow.org", *rv) for call in calls for rv in KFP_CLIENT_AUTHZ[call]}
+    rendered = kustomize(manifests / "overlays" / "kubeflow-multi-user")
+    role = by_kind(rendered, "Role")["lumos-deployer-kfp"]
+    binding = by_kind(rendered, "RoleBinding")["lumos-deployer-kfp"]
+    assert binding["roleRef"]["name"] == "lumos-deployer-kfp"
+    assert [s["name"] for s in binding["subjects"]] == ["lumos-deployer"]
+    assert "lumos-deployer" in by_kind(rendered, "ServiceAccount")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == needed, (granted - needed, needed - granted)
 
 
 def test_gpu_overlay_patches_keep_the_rest(manifests: Path) -> None:
