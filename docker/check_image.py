@@ -31,8 +31,8 @@ def main(kind: str) -> None:
             problems.append(f"onnxruntime has no CUDA provider: {ort.get_available_providers()}")
     import torch
 
-    if kind == "train" and torch.version.cuda is None:
-        problems.append(f"torch {torch.__version__} is a CPU build: the training image needs CUDA")
+    if torch.version.cuda is None:  # training, and the serving image's encoders on the GPU
+        problems.append(f"torch {torch.__version__} is a CPU build: the {kind} image needs CUDA")
     if kind == "serve" and not installed("kserve"):
         problems.append("kserve is not installed")
     import lumos  # noqa: F401  the project itself

@@ -170,18 +170,37 @@ def test_image_packages_agree_with_pyproject(image: str, req_file: str) -> None:
     assert str(image_reqs["torch"].specifier) == "==2.13.0"
 
 
-def test_cuda_index_for_training_and_cpu_index_for_serving() -> None:
-    def index(image: str) -> str:
-        [arg] = [
-            a
-            for kw, a in instructions(IMAGES[image])
-            if kw == "ARG" and a.startswith("TORCH_INDEX=")
-        ]
-        return arg.split("=", 1)[1]
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_both_images_carry_cuda_torch(image: str) -> None:
+    """Training and serving use their GPU: the serving image runs the frozen encoders (T5 in
+    bfloat16) on it, so it needs the CUDA build of torch as much as training does."""
 
-    assert re.search(r"/whl/cu\d+$", index("train"))
-    assert index("serve").endswith("/whl/cpu")
-    base = [
-        a for kw, a in instructions(IMAGES["train"]) if kw == "ARG" and a.startswith("BASE_IMAGE=")
-    ]
-    assert "cuda" in base[0] and "2.13.0" in base[0], "the base image must carry CUDA torch 2.13.0"
+    def arg(name: str) -> str:
+        [value] = [
+            a.split("=", 1)[1]
+            for kw, a in instructions(IMAGES[image])
+            if kw == "ARG" and a.startswith(f"{name}=")
+        ]
+        return value
+
+    assert re.search(r"/whl/cu\d+$", arg("TORCH_INDEX"))
+    base = arg("BASE_IMAGE")
+    assert "cuda" in base and "2.13.0" in base, "the base image must carry CUDA torch 2.13.0"
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_build_checks_one_onnxruntime_and_cuda(image: str) -> None:
+    """The build runs check_image.py for its kind, and that check fails a build with the CPU
+    onnxruntime beside onnxruntime-gpu (one `onnxruntime` module) or a CPU torch."""
+    runs = [a for kw, a in instructions(IMAGES[image]) if kw == "RUN"]
+    assert any(f"check_image.py {image}" in r for r in runs)
+    check = (DOCKER / "check_image.py").read_text()
+    assert 'installed("onnxruntime")' in check and "CUDAExecutionProvider" in check
+    assert "if torch.version.cuda is None:" in check  # for both kinds
+
+
+def test_serving_image_caches_encoder_weights_where_the_runtime_mounts_them() -> None:
+    env = " ".join(a for kw, a in instructions(IMAGES["serve"]) if kw == "ENV")
+    runtime = (REPO_ROOT / "manifests" / "base" / "serving-runtime.yaml").read_text()
+    cache = re.search(r"LUMOS_CACHE_DIR=(\S+)", env)
+    assert cache and f"value: {cache.group(1)}" in runtime

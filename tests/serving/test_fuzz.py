@@ -14,6 +14,7 @@ import urllib.request
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,6 +204,19 @@ def test_malformed_requests_get_4xx_and_the_server_survives(server: str) -> None
     # V1 and V2 give the same image for the same fields.
     _, v1_answer, _ = post(server + V1, good_v1(cameras=CAMERAS, seed=0))
     assert outputs["image_b64"]["data"][:VIEWS] == v1_answer["predictions"][0]["images_b64"]
+
+
+def test_probe_endpoints_of_the_serving_runtime_answer(server: str) -> None:
+    """The ServingRuntime's probes (manifests/base/serving-runtime.yaml) name endpoints that
+    answer 200 on a ready server: this one became ready only after its first sample."""
+    import yaml
+
+    runtime = Path(__file__).resolve().parents[2] / "manifests" / "base" / "serving-runtime.yaml"
+    [container] = yaml.safe_load(runtime.read_text())["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        path = container[probe]["httpGet"]["path"]
+        with urllib.request.urlopen(server + path, timeout=10) as resp:
+            assert resp.status == 200, (probe, path)
 
 
 def test_reasons_name_the_problem(server: str) -> None:
