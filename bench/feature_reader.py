@@ -46,10 +46,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lumos.features.format import write_feature_part, write_features_spec
 from lumos.features.items import FeatureDataset
 from lumos.features.table import load_feature_table
 from lumos.storage import Storage
-from lumos.training.featurize import write_feature_part, write_features_spec
 from lumos.training.sampler import ResumableSampler
 
 RESULTS = Path(__file__).parent / "results" / "feature_reader.json"

@@ -15,8 +15,8 @@ import torch
 from tiny import TINY_CONFIG
 
 from lumos.configs.training import TrainConfig
+from lumos.features.format import write_feature_part, write_features_spec
 from lumos.storage import Storage
-from lumos.training.featurize import write_feature_part, write_features_spec
 
 LATENT = (3, 8, 8)  # pixel-space latents of 8x8 images
 EMBED_DIM = 16

@@ -15,10 +15,11 @@ from lumos.configs.encoders import EncodersConfig
 from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import ShardWriter
 from lumos.encoders import FrozenEncoders
+from lumos.features.format import pack_text
 from lumos.features.items import FeatureDataset
 from lumos.features.table import load_feature_table
 from lumos.storage import LocalStorage, Storage
-from lumos.training.featurize import featurize, merge_featurize, pack_text, plan_featurize
+from lumos.training.featurize import featurize, merge_featurize, plan_featurize
 from lumos.training.train import train
 
 SIZE = 16

@@ -13,8 +13,8 @@ import torch
 
 from lumos.checkpoints import load_checkpoint
 from lumos.configs.training import TrainConfig
+from lumos.features.format import write_feature_part, write_features_spec
 from lumos.storage import Storage
-from lumos.training.featurize import write_feature_part, write_features_spec
 from lumos.training.train import train
 
 pytestmark = [

@@ -9,8 +9,15 @@
                       /part-00000.json              keys, meta (the per-sample json of the shard)
                       /features.json                written last: encoders, counts, shapes
 
-docs/architecture.md ("Features layout") gives every field. This module reads one part at a
-time, memory-mapped: `map_part` (latents of one size or of several, the frame arrays when the
+docs/architecture.md ("Features layout") gives every field. Featurize writes a part with
+`write_feature_part` (its json last: the json marks the part complete) and `features.json` with
+`write_features_spec` once every part is done. Text is stored unpadded (`pack_text`): caption m's
+T5 tokens are `text_tokens[text_offsets[m]:text_offsets[m+1]]`, the tokens before its padding (T5
+pads on the right and the model masks the padding). A part holding several image sizes (aspect
+buckets) stores, per latent size, `latents_{h}x{w}` (n, C, h, w) and `rows_{h}x{w}` (n,) int64:
+which of the part's rows they are, ascending.
+
+The readers map one part at a time: `map_part` (latents of one size or of several, the frame arrays when the
 part has them) and `map_text`, which also reads the padded text layout of features written
 before the unpadded one (`lumos-features/1`: `text_embeds (M,L,Dt)`, `text_mask (M,L)`).
 `lumos.features.table` joins the parts of a dataset into one table of samples,
@@ -24,16 +31,19 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
 
 from lumos.storage import Storage
 
 FEATURES_DIR = "features"
+FEATURES_FORMAT = "lumos-features/2"  # /2: unpadded text tokens
 # Sample indices: 4 bytes each (2^31 samples at most) keep the per-process index of a 190M-image
 # set near 2 GB (row in part, item, training order) instead of twice that.
 ROW_DTYPE = np.int32
@@ -249,3 +259,144 @@ def frame_tensors(records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     except ValueError:
         pass
     return out
+
+
+# --- the writer (featurize) ---------------------------------------------------------------------
+
+
+def write_feature_part(
+    features: Storage,
+    name: str,
+    records: list[dict[str, Any]],
+    latents: torch.Tensor | Sequence[torch.Tensor],
+    image_embeds: torch.Tensor,
+    text_rows: torch.Tensor | None = None,
+    text_embeds: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    shard: dict[str, Any] | None = None,
+    encoders: dict[str, Any] | None = None,
+    image_size: list[int] | None = None,
+) -> None:
+    """Write one part in the contract layout; its json last (the json marks the part complete).
+
+    `latents` is (N, C, h, w), or one (C, h, w) per row when the rows differ in size: they are
+    then stored per size, with their rows (the records give each size's image height, width)."""
+    n = len(records)
+    assert len(latents) == n and image_embeds.shape[0] == n, "one feature row per record"
+    tensors = {"image_embeds": image_embeds.to(torch.float16).contiguous()}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    if not isinstance(latents, torch.Tensor):
+        for row, latent in enumerate(latents):
+            groups.setdefault(tuple(latent.shape), []).append(row)
+    if len(groups) <= 1:  # one size: one (N, C, h, w) tensor
+        stacked = latents if isinstance(latents, torch.Tensor) else torch.stack(list(latents))
+        tensors["latents"] = stacked.to(torch.float16).contiguous()
+        latent_shape = list(stacked.shape[1:])
+        sizes = [{"image": image_size or latent_shape[1:], "latents": latent_shape, "count": n}]
+    else:
+        sizes = []
+        for shape, rows in sorted(groups.items()):
+            h, w = shape[1:]
+            tensors[f"latents_{h}x{w}"] = torch.stack([latents[r] for r in rows]).half()
+            tensors[f"rows_{h}x{w}"] = torch.tensor(rows, dtype=torch.int64)
+            first = records[rows[0]]  # ingest's record: the image's output size
+            sizes.append({"image": [first["height"], first["width"]], "latents": list(shape),
+                          "count": len(rows)})  # fmt: skip
+    tensors.update(frame_tensors(records))  # views / clips: their groups, frames and cameras
+    # A part rewritten in place (other encoders) is incomplete until its new json lands: an old
+    # json beside new tensors would let a rerun with the old encoders skip the part.
+    features.delete(f"{name}.json")
+    features.write_bytes(f"{name}.safetensors", save_safetensors(tensors))
+    paired = 0 if text_rows is None else len(text_rows)
+    if paired:
+        assert text_rows is not None and text_embeds is not None and text_mask is not None
+        assert text_embeds.shape[0] == text_mask.shape[0] == paired, "one text row per paired row"
+        tokens, offsets = pack_text(text_embeds, text_mask)
+        features.write_bytes(
+            f"{name}.text.safetensors",
+            save_safetensors(
+                {
+                    "rows": text_rows.to(torch.int64).contiguous(),
+                    "text_offsets": offsets,
+                    "text_tokens": tokens.to(torch.float16).contiguous(),
+                }
+            ),
+        )
+    else:
+        features.delete(f"{name}.text.safetensors")  # a stale one from other encoders
+    features.write_json(
+        f"{name}.json",
+        {
+            "keys": [r["key"] for r in records],
+            "meta": records,
+            # Beyond the contract's keys: what makes a rerun able to skip this part.
+            "shard": shard,
+            "encoders": encoders,
+            "count": n,
+            "paired": paired,
+            "sizes": sizes,
+            "shapes": {
+                # One image size: its image and latent shapes; several: see "sizes".
+                "image": sizes[0]["image"] if len(sizes) == 1 else None,
+                "latents": sizes[0]["latents"] if len(sizes) == 1 else None,
+                "image_embeds": list(image_embeds.shape[1:]),
+                "text_embeds": list(text_embeds.shape[1:])
+                if paired and text_embeds is not None
+                else None,
+            },
+        },
+    )
+
+
+def pack_text(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token embeddings (M, L, Dt) and their mask (M, L) -> the unpadded tokens of every
+    row, concatenated (T, Dt), and each row's start in them plus the end (M+1,) int64."""
+    mask = mask.to(torch.bool)
+    lengths = mask.sum(dim=1)  # (M,)
+    right_padded = torch.arange(mask.shape[1]) < lengths[:, None]  # (M, L)
+    if not torch.equal(mask, right_padded):
+        row = int((mask != right_padded).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"text row {row}'s padding mask is not right-padded (tokens first, then padding): "
+            f"{mask[row].int().tolist()}; set the tokenizer's padding_side to 'right'"
+        )
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, dim=0)
+    return embeds[mask], offsets  # boolean indexing keeps row-major order: row 0's tokens first
+
+
+def write_features_spec(
+    features: Storage,
+    parts: list[dict[str, Any]],
+    shapes: dict[str, list[int] | None],
+    encoders: dict[str, Any],
+    manifest_sha256: str | None,
+    resolution: int | None,
+    dataset_uri: str,
+    sizes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """`features.json`, written last: a reader that finds it finds every part complete.
+
+    `shapes` gives the base image and latent shapes; `sizes` every image size with its count
+    (default: the base size only)."""
+    image_shape, latent_shape = shapes["image"], shapes["latents"]
+    assert image_shape and latent_shape, "features.json needs the image and latent shapes"
+    image_h, latent_h = image_shape[0], latent_shape[-2]
+    total = sum(p["count"] for p in parts)
+    sizes = sizes or [{"image": image_shape, "latents": latent_shape, "count": total}]
+    spec = {
+        "format": FEATURES_FORMAT,
+        "dataset_uri": dataset_uri,
+        "manifest_sha256": manifest_sha256,
+        "encoders": encoders,
+        "resolution": resolution,
+        # Pixels per latent cell (8 for the SD VAE, 1 in pixel space): T2I's size condition.
+        "latent_downsample": image_h // latent_h,
+        "parts": parts,
+        "counts": {"samples": total, "paired": sum(p["paired"] for p in parts)},
+        "shapes": shapes,
+        "sizes": sizes,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    features.write_json("features.json", spec)
+    return spec

@@ -1,25 +1,15 @@
 """Featurize: run the frozen encoders once per image and store the features with the dataset.
 
 The VAE, DINO and T5 never change during training, and the SD VAE encoder alone is slower than
-an XL/2 training step, so the loop reads cached features instead of images:
+an XL/2 training step, so the loop reads cached features instead of images. The files and their
+layout are `lumos.features.format`'s (its writer and readers together); this stage computes them.
 
-    <dataset>/features/part-00000.safetensors       latents (N,C,h,w) f16 scaled, image_embeds (N,D) f16
-                                                    (several sizes: latents_{h}x{w}, rows_{h}x{w})
-                      /part-00000.text.safetensors  rows (M,): the captioned rows,
-                                                    text_offsets (M+1,), text_tokens (T,Dt) f16
-                      /part-00000.json              keys, meta (the per-sample json of the shard)
-                      /features.json                written last: encoders, counts, shapes
+    result = featurize(FeaturizeConfig(), "s3://lumos/datasets/images")  # -> <dataset>/features/
 
-Text is stored unpadded: caption m's T5 tokens are `text_tokens[text_offsets[m]:text_offsets[m+1]]`,
-the tokens before its padding (T5 pads on the right; padded positions are masked out in the model,
-so they are never needed). A typical caption fills a quarter of T5's 120 positions, and a padded
-row of T5-XXL tokens is about 1 MB. Features written before this (`lumos-features/1`) stored
-`text_embeds (M,L,Dt)` and `text_mask (M,L)`; `lumos.features.format` reads both.
-
-Datasets ingested with aspect buckets hold several image sizes. A part with more than one then
-stores, per latent size, `latents_{h}x{w}` (n, C, h, w) and `rows_{h}x{w}` (n,) int64: which of
-the part's rows they are, ascending. Training batches one size at a time (PixArt's multi-aspect
-training; the model takes any grid and conditions T2I on the image size).
+Text is stored unpadded: a typical caption fills a quarter of T5's 120 positions, and a padded
+row of T5-XXL tokens is about 1 MB. Datasets ingested with aspect buckets hold several image
+sizes; images are encoded in batches of one size, and training batches one size at a time
+(PixArt's multi-aspect training; the model takes any grid and conditions T2I on the image size).
 
 One part per shard. A part's json is written after its tensors and records the encoders and the
 shard it came from, so a rerun (a retried pipeline step) skips every part already featurized with
@@ -33,23 +23,25 @@ import io
 import itertools
 import json
 import time
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import iter_shard_records
-from lumos.features.format import FEATURES_DIR, frame_tensors, is_eval_record
+from lumos.features.format import (
+    FEATURES_DIR,
+    is_eval_record,
+    write_feature_part,
+    write_features_spec,
+)
 from lumos.storage import Storage
 
-FEATURES_FORMAT = "lumos-features/2"  # /2: unpadded text tokens
 DATASET_FORMAT = "lumos-dataset/1"
 
 
@@ -361,107 +353,6 @@ def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str
     }
 
 
-def write_feature_part(
-    features: Storage,
-    name: str,
-    records: list[dict[str, Any]],
-    latents: torch.Tensor | Sequence[torch.Tensor],
-    image_embeds: torch.Tensor,
-    text_rows: torch.Tensor | None = None,
-    text_embeds: torch.Tensor | None = None,
-    text_mask: torch.Tensor | None = None,
-    shard: dict[str, Any] | None = None,
-    encoders: dict[str, Any] | None = None,
-    image_size: list[int] | None = None,
-) -> None:
-    """Write one part in the contract layout; its json last (the json marks the part complete).
-
-    `latents` is (N, C, h, w), or one (C, h, w) per row when the rows differ in size: they are
-    then stored per size, with their rows (the records give each size's image height, width)."""
-    n = len(records)
-    assert len(latents) == n and image_embeds.shape[0] == n, "one feature row per record"
-    tensors = {"image_embeds": image_embeds.to(torch.float16).contiguous()}
-    groups: dict[tuple[int, ...], list[int]] = {}
-    if not isinstance(latents, torch.Tensor):
-        for row, latent in enumerate(latents):
-            groups.setdefault(tuple(latent.shape), []).append(row)
-    if len(groups) <= 1:  # one size: one (N, C, h, w) tensor
-        stacked = latents if isinstance(latents, torch.Tensor) else torch.stack(list(latents))
-        tensors["latents"] = stacked.to(torch.float16).contiguous()
-        latent_shape = list(stacked.shape[1:])
-        sizes = [{"image": image_size or latent_shape[1:], "latents": latent_shape, "count": n}]
-    else:
-        sizes = []
-        for shape, rows in sorted(groups.items()):
-            h, w = shape[1:]
-            tensors[f"latents_{h}x{w}"] = torch.stack([latents[r] for r in rows]).half()
-            tensors[f"rows_{h}x{w}"] = torch.tensor(rows, dtype=torch.int64)
-            first = records[rows[0]]  # ingest's record: the image's output size
-            sizes.append({"image": [first["height"], first["width"]], "latents": list(shape),
-                          "count": len(rows)})  # fmt: skip
-    tensors.update(frame_tensors(records))  # views / clips: their groups, frames and cameras
-    # A part rewritten in place (other encoders) is incomplete until its new json lands: an old
-    # json beside new tensors would let a rerun with the old encoders skip the part.
-    features.delete(f"{name}.json")
-    features.write_bytes(f"{name}.safetensors", save_safetensors(tensors))
-    paired = 0 if text_rows is None else len(text_rows)
-    if paired:
-        assert text_rows is not None and text_embeds is not None and text_mask is not None
-        assert text_embeds.shape[0] == text_mask.shape[0] == paired, "one text row per paired row"
-        tokens, offsets = pack_text(text_embeds, text_mask)
-        features.write_bytes(
-            f"{name}.text.safetensors",
-            save_safetensors(
-                {
-                    "rows": text_rows.to(torch.int64).contiguous(),
-                    "text_offsets": offsets,
-                    "text_tokens": tokens.to(torch.float16).contiguous(),
-                }
-            ),
-        )
-    else:
-        features.delete(f"{name}.text.safetensors")  # a stale one from other encoders
-    features.write_json(
-        f"{name}.json",
-        {
-            "keys": [r["key"] for r in records],
-            "meta": records,
-            # Beyond the contract's keys: what makes a rerun able to skip this part.
-            "shard": shard,
-            "encoders": encoders,
-            "count": n,
-            "paired": paired,
-            "sizes": sizes,
-            "shapes": {
-                # One image size: its image and latent shapes; several: see "sizes".
-                "image": sizes[0]["image"] if len(sizes) == 1 else None,
-                "latents": sizes[0]["latents"] if len(sizes) == 1 else None,
-                "image_embeds": list(image_embeds.shape[1:]),
-                "text_embeds": list(text_embeds.shape[1:])
-                if paired and text_embeds is not None
-                else None,
-            },
-        },
-    )
-
-
-def pack_text(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded token embeddings (M, L, Dt) and their mask (M, L) -> the unpadded tokens of every
-    row, concatenated (T, Dt), and each row's start in them plus the end (M+1,) int64."""
-    mask = mask.to(torch.bool)
-    lengths = mask.sum(dim=1)  # (M,)
-    right_padded = torch.arange(mask.shape[1]) < lengths[:, None]  # (M, L)
-    if not torch.equal(mask, right_padded):
-        row = int((mask != right_padded).any(dim=1).nonzero()[0])
-        raise ValueError(
-            f"text row {row}'s padding mask is not right-padded (tokens first, then padding): "
-            f"{mask[row].int().tolist()}; set the tokenizer's padding_side to 'right'"
-        )
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, dim=0)
-    return embeds[mask], offsets  # boolean indexing keeps row-major order: row 0's tokens first
-
-
 def _existing_part(
     features: Storage, name: str, shard: dict[str, Any], encoders: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -518,40 +409,3 @@ def _base_shapes(
         "image": [resolution, resolution],
         "latents": [channels.pop(), resolution // f, resolution // f],
     }
-
-
-def write_features_spec(
-    features: Storage,
-    parts: list[dict[str, Any]],
-    shapes: dict[str, list[int] | None],
-    encoders: dict[str, Any],
-    manifest_sha256: str | None,
-    resolution: int | None,
-    dataset_uri: str,
-    sizes: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """`features.json`, written last: a reader that finds it finds every part complete.
-
-    `shapes` gives the base image and latent shapes; `sizes` every image size with its count
-    (default: the base size only)."""
-    image_shape, latent_shape = shapes["image"], shapes["latents"]
-    assert image_shape and latent_shape, "features.json needs the image and latent shapes"
-    image_h, latent_h = image_shape[0], latent_shape[-2]
-    total = sum(p["count"] for p in parts)
-    sizes = sizes or [{"image": image_shape, "latents": latent_shape, "count": total}]
-    spec = {
-        "format": FEATURES_FORMAT,
-        "dataset_uri": dataset_uri,
-        "manifest_sha256": manifest_sha256,
-        "encoders": encoders,
-        "resolution": resolution,
-        # Pixels per latent cell (8 for the SD VAE, 1 in pixel space): T2I's size condition.
-        "latent_downsample": image_h // latent_h,
-        "parts": parts,
-        "counts": {"samples": total, "paired": sum(p["paired"] for p in parts)},
-        "shapes": shapes,
-        "sizes": sizes,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    features.write_json("features.json", spec)
-    return spec
