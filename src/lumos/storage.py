@@ -54,6 +54,59 @@ class PreconditionFailed(StorageError):
     object changed, gone or present: another writer got there first."""
 
 
+class DiskFull(StorageError):
+    """A local write ran out of disk space. The message names the path, the bytes the write
+    needed and the bytes free; nothing partial was left under the name a reader trusts."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC as Python raises it, and as torch.save (RuntimeError) and safetensors (its own
+    error type) word it."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def disk_full_error(path: str | Path, needed: int | None, err: BaseException) -> DiskFull:
+    """The `DiskFull` for `err` raised writing `path` (`needed` bytes, None if unknown)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+        free = f"{_human(st.f_bavail * st.f_frsize)} free"
+    except OSError:
+        free = "free space unknown"
+    need = f"{_human(needed)} needed" if needed is not None else "size needed unknown"
+    return DiskFull(
+        f"no space left on device writing {path}: {need}, {free} on the filesystem of {probe}; "
+        "free space there or point the output elsewhere"
+    )
+
+
+@contextlib.contextmanager
+def reporting_disk_full(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a disk-full error raised inside into a `DiskFull` naming `path` and `needed` bytes."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as err:
+        if _is_disk_full(err):
+            raise disk_full_error(path, needed, err) from err
+        raise
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str  # relative to the store's root, "/"-separated
@@ -84,6 +137,13 @@ def _check_key(key: str) -> str:
             "without '.', '..' or empty parts"
         )
     return key
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _join(prefix: str, key: str) -> str:
@@ -342,6 +402,8 @@ class LocalStorage(Storage):
         except OSError as err:
             with contextlib.suppress(OSError):  # e.g. path's parent is a file: report that
                 tmp.unlink(missing_ok=True)
+            if _is_disk_full(err):
+                raise disk_full_error(path, len(data), err) from err
             raise StorageError(f"cannot write {path}: {err}") from err
 
     def read_versioned(self, key: str) -> tuple[bytes, str]:
@@ -422,6 +484,8 @@ class LocalStorage(Storage):
         except OSError as err:
             with contextlib.suppress(OSError):  # e.g. dst's parent is a file: report that
                 tmp.unlink(missing_ok=True)
+            if _is_disk_full(err):
+                raise disk_full_error(dst, _size(src), err) from err
             raise StorageError(f"cannot {what} {src} to {dst}: {err}") from err
 
 
@@ -838,14 +902,16 @@ class S3Storage(Storage):
         # Every GET carries the version as If-Match: `if_version`, else the ETag the first answer
         # had, so a retry resumes (ranged GET from the bytes kept) only on the same object.
         etag = if_version
+        size = 0  # the object's, once an answer says it
 
         def fetch() -> None:
-            nonlocal etag
+            nonlocal etag, size
             offset = tmp.stat().st_size if tmp.exists() else 0
             response = self._get(key, offset, etag)
             try:
                 etag = etag or response.headers.get("ETag", "").strip('"') or None
-                with open(tmp, "ab") as out:
+                size = size or offset + int(response.headers.get("Content-Length") or 0)
+                with reporting_disk_full(local_path, size or None), open(tmp, "ab") as out:
                     for chunk in response.stream(1 << 20):
                         out.write(chunk)
             finally:

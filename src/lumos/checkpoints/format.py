@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lumos.models.lumos_dit import LumosDiT
-from lumos.storage import LocalStorage, Storage
+from lumos.storage import LocalStorage, Storage, reporting_disk_full
 
 CHECKPOINT_FORMAT = "lumos-checkpoint/1"
 META_FILE = "lumos_checkpoint.json"
@@ -116,7 +116,13 @@ def save_checkpoint(
     transfer_report); `training_state` maps file names under `training_state/` to their bytes.
     """
     store = Storage.from_uri(checkpoint_uri)
-    with store.staging_dir() as tmp:
+    # A full disk fails naming the checkpoint and its size; the staging directory goes with it,
+    # so the step never appears and the previous checkpoint stays the latest.
+    needed = sum(
+        t.numel() * t.element_size() for m in (model, ema_model) for t in m.state_dict().values()
+    )
+    needed += sum(len(data) for data in (training_state or {}).values())
+    with reporting_disk_full(store.uri, needed), store.staging_dir() as tmp:
         model.save_pretrained(Path(tmp) / "transformer")
         ema_model.save_pretrained(Path(tmp) / "transformer_ema")
         for name, data in (training_state or {}).items():
