@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lumos.data.rgb import DEFAULT_BACKGROUND
-
 if TYPE_CHECKING:
     from lumos.data.decode import ImageRecipe
+
+# RGB under transparent pixels: IngestConfig.background's default, and what the server uses
+# (lumos.data.rgb.to_rgb composites alpha on it).
+DEFAULT_BACKGROUND = (255, 255, 255)
 
 
 class SynthConfig(BaseModel):

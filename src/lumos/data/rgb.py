@@ -7,9 +7,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-# RGB under transparent pixels: IngestConfig.background's default, and what the server uses.
-DEFAULT_BACKGROUND = (255, 255, 255)
-
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Convert any supported mode to 8-bit RGB; alpha is composited on `background`.

@@ -56,7 +56,8 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from lumos.data.rgb import DEFAULT_BACKGROUND, to_rgb
+from lumos.configs.data import DEFAULT_BACKGROUND
+from lumos.data.rgb import to_rgb
 from lumos.serving.batching import MicroBatcher, Overloaded
 from lumos.serving.metrics import PREDICTOR_METRICS
 from lumos.serving.onnx_pipeline import OnnxPipeline, served_encoders, to_uint8
