@@ -77,8 +77,11 @@ def _human(n: int) -> str:
     return f"{size:.1f} GiB"
 
 
-def disk_full_error(path: str | Path, needed: int | None, err: BaseException) -> DiskFull:
-    """The `DiskFull` for `err` raised writing `path` (`needed` bytes, None if unknown)."""
+def disk_full_error(
+    path: str | Path, needed: int | None, err: BaseException, at_least: bool = False
+) -> DiskFull:
+    """The `DiskFull` for `err` raised writing `path` (`needed` bytes, None if unknown; with
+    `at_least`, a lower bound)."""
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -87,7 +90,9 @@ def disk_full_error(path: str | Path, needed: int | None, err: BaseException) ->
         free = f"{_human(st.f_bavail * st.f_frsize)} free"
     except OSError:
         free = "free space unknown"
-    need = f"{_human(needed)} needed" if needed is not None else "size needed unknown"
+    need = f"{'at least ' if at_least else ''}{_human(needed)} needed"
+    if needed is None:
+        need = "size needed unknown"
     return DiskFull(
         f"no space left on device writing {path}: {need}, {free} on the filesystem of {probe}; "
         "free space there or point the output elsewhere"
@@ -95,7 +100,9 @@ def disk_full_error(path: str | Path, needed: int | None, err: BaseException) ->
 
 
 @contextlib.contextmanager
-def reporting_disk_full(path: str | Path, needed: int | None = None) -> Iterator[None]:
+def reporting_disk_full(
+    path: str | Path, needed: int | None = None, at_least: bool = False
+) -> Iterator[None]:
     """Turn a disk-full error raised inside into a `DiskFull` naming `path` and `needed` bytes."""
     try:
         yield
@@ -103,7 +110,7 @@ def reporting_disk_full(path: str | Path, needed: int | None = None) -> Iterator
         raise
     except Exception as err:
         if _is_disk_full(err):
-            raise disk_full_error(path, needed, err) from err
+            raise disk_full_error(path, needed, err, at_least) from err
         raise
 
 

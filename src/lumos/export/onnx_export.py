@@ -372,7 +372,7 @@ def export(cfg: ExportConfig, checkpoint_uri: str, out_uri: str) -> ExportResult
     import torch
 
     from lumos.checkpoints import load_checkpoint
-    from lumos.storage import Storage
+    from lumos.storage import Storage, reporting_disk_full
 
     if cfg.tensorrt == "require" and tensorrt_version() is None:
         # Fail before minutes of export, not after.
@@ -389,7 +389,12 @@ def export(cfg: ExportConfig, checkpoint_uri: str, out_uri: str) -> ExportResult
 
     graphs: dict[str, GraphReport] = {}
     decoder_status = "off: export.export_decoder is false"
-    with tempfile.TemporaryDirectory(prefix="lumos-export-") as tmp:
+    # The graphs hold at least the float32 weights: a full temporary disk says so, naming it.
+    weights = sum(t.numel() * 4 for t in ema.state_dict().values())
+    with (
+        tempfile.TemporaryDirectory(prefix="lumos-export-") as tmp,
+        reporting_disk_full(tmp, weights, at_least=True),
+    ):
         tmp_dir = Path(tmp)
         denoiser = denoiser_graph(ema, model_config)
         graphs["denoiser"] = _export_and_check(
