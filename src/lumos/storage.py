@@ -90,9 +90,9 @@ def disk_full_error(
         free = f"{_human(st.f_bavail * st.f_frsize)} free"
     except OSError:
         free = "free space unknown"
-    need = f"{'at least ' if at_least else ''}{_human(needed)} needed"
-    if needed is None:
-        need = "size needed unknown"
+    need = "size needed unknown"
+    if needed is not None:
+        need = f"{'at least ' if at_least else ''}{_human(needed)} needed"
     return DiskFull(
         f"no space left on device writing {path}: {need}, {free} on the filesystem of {probe}; "
         "free space there or point the output elsewhere"
