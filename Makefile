@@ -32,15 +32,13 @@ lint: setup
 	$(BIN)/ruff check src components pipelines tests bench
 	$(BIN)/mypy
 
-# The KFP UI's pipeline (xl preset), then each kustomization's pipeline resources from its
-# ConfigMap: the base's, and the overlay's as a patch of the base's. Rerun after editing either.
-OVERLAY := manifests/overlays/gpu-cluster
+# The xl preset's compiled pipeline (kept fresh by a test), and the Pipeline/PipelineVersion
+# resources of the base's ConfigMap for KFP's Kubernetes-native mode. Rerun after editing either.
+# (On a cluster the lumos-deploy Job compiles the deployment's own config: nothing to generate.)
 compile: setup
 	$(BIN)/python -m pipelines.lumos_pipeline
 	$(BIN)/python -m lumos.k8s.pipeline_resources --config-map manifests/base/pipeline-config.yaml \
-	  --out manifests/base/pipeline.yaml
-	$(BIN)/python -m lumos.k8s.pipeline_resources --config-map $(OVERLAY)/pipeline-config.yaml \
-	  --as-patch-of manifests/base/pipeline.yaml --out $(OVERLAY)/pipeline-patch/kustomization.yaml
+	  --out manifests/overlays/kubernetes-native/pipeline.yaml
 
 clean:
 	rm -rf runs .pytest_cache

@@ -23,6 +23,9 @@ RUN python -m pip install --extra-index-url ${TORCH_INDEX} -r /tmp/requirements.
 
 COPY pyproject.toml README.md ./
 COPY src ./src
+# The KFP wiring: `lumos deploy` and `lumos trigger` compile the pipeline in this image.
+COPY components ./components
+COPY pipelines ./pipelines
 COPY docker/check_image.py /usr/local/share/lumos/check_image.py
 RUN python -m pip install --no-deps . \
  && python /usr/local/share/lumos/check_image.py train

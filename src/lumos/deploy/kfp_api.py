@@ -26,11 +26,9 @@ resource_manager.go) writes when the API creates it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as metadata
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -114,12 +112,11 @@ def _equals(key: str, value: str) -> str:
 
 def compile_for_deployment(cfg: PipelineConfig, directory: Path, name: str) -> tuple[Path, str]:
     """The compiled pipeline, and its version name (project version and the spec's hash)."""
+    from lumos.k8s.pipeline_resources import version_name
     from pipelines.lumos_pipeline import compile_pipeline  # the KFP wiring (imports kfp)
 
     path = compile_pipeline(cfg, directory / f"{name}.yaml")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-    version = re.sub(r"[^a-z0-9-]", "-", f"{name}-v{metadata.version('lumos')}-{digest}".lower())
-    return path, version
+    return path, version_name(name, metadata.version("lumos"), path.read_bytes())
 
 
 def run_parameters(cfg: PipelineConfig) -> dict[str, Any]:
