@@ -5,4 +5,7 @@ imported inside each body (that is what runs in the step's container).
 """
 
 # The image every step runs in (docker/train.Dockerfile); the pipeline overrides it from config.
-LUMOS_IMAGE = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
+# lumos.configs.k8s imports only pydantic and the standard library.
+from lumos.configs.k8s import TRAIN_IMAGE as LUMOS_IMAGE
+
+__all__ = ["LUMOS_IMAGE"]

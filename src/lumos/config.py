@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lumos.configs.data import IngestConfig, SynthConfig
 from lumos.configs.evaluation import EvaluateConfig
 from lumos.configs.export import ExportConfig
-from lumos.configs.k8s import DistributedConfig, StepsResources, Toleration
+from lumos.configs.k8s import TRAIN_IMAGE, DistributedConfig, StepsResources, Toleration
 from lumos.configs.serving import PromoteConfig
 from lumos.configs.training import FeaturizeConfig, TrainConfig
 
@@ -44,7 +44,7 @@ class Strict(BaseModel):
 class ClusterConfig(Strict):
     """Where the pipeline's steps run on Kubernetes (ignored by the local runner)."""
 
-    image: str = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
+    image: str = Field(TRAIN_IMAGE, description="the image every step runs in")
     gpus_per_step: int = Field(
         1, ge=0, description="GPUs of the pretrain (without a TrainJob) and finetune steps"
     )

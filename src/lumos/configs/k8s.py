@@ -12,11 +12,20 @@ config is read, not when the cluster rejects the resource.
 from __future__ import annotations
 
 import re
+from importlib import metadata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lumos.training.world import EXPECTED_WORLD_ENV
+
+# The images are tagged with the package's version (pyproject.toml): the one place a tag is
+# written. Manifests, Dockerfiles and the compiled pipeline are checked against these
+# (tests/test_image_tag.py).
+VERSION = metadata.version("lumos")
+IMAGE_REPOSITORY = "ghcr.io/lumos-mlops"
+TRAIN_IMAGE = f"{IMAGE_REPOSITORY}/lumos-train:{VERSION}"  # docker/train.Dockerfile
+SERVE_IMAGE = f"{IMAGE_REPOSITORY}/lumos-serve:{VERSION}"  # docker/serve.Dockerfile
 
 # A Kubernetes resource quantity: "4", "500m", "32Gi", "1.5", "2e3".
 QUANTITY = re.compile(r"^(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?\d+))?$")
@@ -116,7 +125,7 @@ class DistributedConfig(Strict):
     procs_per_node: int | None = Field(
         None, ge=1, description="torchrun processes per node; None: one per GPU (1 on CPU nodes)"
     )
-    image: str = "ghcr.io/lumos-mlops/lumos-train:0.1.0"
+    image: str = Field(TRAIN_IMAGE, description="the training image of every node")
     service_account: str = Field(
         TRAINER_SERVICE_ACCOUNT,
         description="the training pods' service account: lumos-trainer mounts no API token "
