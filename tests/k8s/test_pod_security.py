@@ -29,6 +29,7 @@ from pod_security import pod_specs, restricted_violations
 
 from lumos.config import load_config
 from lumos.configs.k8s import DistributedConfig
+from lumos.k8s.resources import quantity_value
 from lumos.k8s.trainjob import render_trainjob
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -101,9 +102,54 @@ def test_the_check_catches_each_control() -> None:
 def test_every_rendered_pod_is_restricted(rendered: dict[str, list[dict]], where: str) -> None:
     specs = [spec for obj in rendered[where] for spec in pod_specs(obj)]
     kinds = {name.split("/")[0] for name, _ in specs}
-    assert {"Deployment", "ServingRuntime", "TrainingRuntime"} <= kinds, kinds
+    assert {"Deployment", "Job", "CronJob", "ServingRuntime", "TrainingRuntime"} <= kinds, kinds
     for name, spec in specs:
-        assert restricted_violations(spec) == [], name
+        # A ServingRuntime's resources are defaults the InferenceService's override: the
+        # predictor's are checked merged, below.
+        full = not name.startswith("ServingRuntime/")
+        assert restricted_violations(spec, require_resources=full) == [], name
+
+
+def merged_predictor(runtime: dict, isvc: dict) -> dict:
+    """The predictor pod's spec as KServe builds it (kserve/kserve pkg/controller/v1beta1/
+    inferenceservice/utils/utils.go: MergeRuntimeContainers, a strategic merge of the
+    InferenceService's model container into the runtime's, args appended; MergePodSpec)."""
+    from kubeflow_trainer import strategic_merge
+
+    predictor = isvc["spec"]["predictor"]
+    [container] = runtime["spec"]["containers"]
+    model = {k: v for k, v in predictor["model"].items() if k in ("resources", "env", "args")}
+    merged = strategic_merge(container, {k: v for k, v in model.items() if k != "args"})
+    merged["args"] = [*container.get("args", []), *model.get("args", [])]
+    pod_fields = ("serviceAccountName", "nodeSelector", "tolerations", "securityContext")
+    return {
+        **{k: predictor[k] for k in pod_fields if k in predictor},
+        "containers": [merged],
+        "volumes": runtime["spec"].get("volumes", []),
+    }
+
+
+@pytest.mark.parametrize("preset", ["tiny", "xl"])
+def test_predictor_pod_is_restricted_and_schedulable(
+    rendered: dict[str, list[dict]], preset: str
+) -> None:
+    """The predictor container (our runtime's, with the InferenceService promotion renders)
+    is Restricted, requests CPU and memory, is limited in memory, and no request exceeds its
+    limit (the API server refuses such a pod). No CPU limit unless PromoteConfig sets one:
+    CFS throttling would add latency to every request."""
+    from lumos.serving.promote import render_inference_service
+
+    cfg = load_config(preset=preset).promote.model_copy(update={"validate_manifest": False})
+    isvc = render_inference_service(cfg, "t2i", "s3://b/m", "v1", "s3://b/r.json")
+    [runtime] = [r for r in rendered["base"] if r["kind"] == "ServingRuntime"]
+    pod = merged_predictor(runtime, isvc)
+    violations = restricted_violations(pod, require_resources=False)
+    assert violations == []
+    resources = pod["containers"][0]["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    for key, limit in resources["limits"].items():
+        request = resources["requests"].get(key, limit)
+        assert quantity_value(str(request)) <= quantity_value(str(limit)), (key, request, limit)
 
 
 @pytest.mark.parametrize("where", ["base", "overlays/gpu-cluster"])
