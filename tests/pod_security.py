@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lumos.k8s.resources import quantity_value
+
 # Baseline "Capabilities": what a container may add (Restricted narrows it to NET_BIND_SERVICE).
 RESTRICTED_ADD_CAPABILITIES = {"NET_BIND_SERVICE"}
 # Restricted "Volume Types": the only volume sources allowed.
@@ -125,6 +127,11 @@ def restricted_violations(spec: dict[str, Any], *, require_resources: bool = Tru
                 missing = {"cpu", "memory"} - set(resources.get(kind) or {})
                 if missing:
                     bad.append(f"Resources: {where} has no {kind} for {sorted(missing)}")
+        # The API server refuses a container whose request exceeds its limit.
+        requests = (c.get("resources") or {}).get("requests") or {}
+        for key, limit in ((c.get("resources") or {}).get("limits") or {}).items():
+            if key in requests and quantity_value(str(requests[key])) > quantity_value(str(limit)):
+                bad.append(f"Resources: {where} requests {key} {requests[key]} > limit {limit}")
     return bad
 
 

@@ -91,6 +91,9 @@ def test_the_check_catches_each_control() -> None:
         "Host Ports": lambda p: p["containers"][0].update(ports=[{"hostPort": 80}]),
         "Sysctls": lambda p: p["securityContext"].update(sysctls=[{"name": "kernel.msgmax"}]),
         "Resources": lambda p: p["containers"][0]["resources"].pop("limits"),
+        "Resources: containers[c] requests": lambda p: p["containers"][0]["resources"][
+            "requests"
+        ].update(cpu="2"),
     }
     for control, change in breaks.items():
         pod = copy.deepcopy(good)
@@ -183,7 +186,8 @@ def test_trainjob_pods_are_restricted(rendered: dict[str, list[dict]], where: st
     """The TrainJob's node pods, as the Trainer builds them from the runtime each kustomization
     installs and the TrainJob's runtime patch."""
     [runtime] = [r for r in rendered[where] if r["kind"] == "TrainingRuntime"]
-    for cfg in (DistributedConfig(), DistributedConfig(gpus_per_node=0, node_selector={})):
+    small = DistributedConfig(gpus_per_node=0, node_selector={}, cpu="2", memory="8Gi")
+    for cfg in (DistributedConfig(), small):
         job = render_trainjob(cfg, ["lumos", "pretrain"], "pretrain")
         for pod in node_pods(job, runtime):
             assert restricted_violations(pod) == []
