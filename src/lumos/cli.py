@@ -11,6 +11,7 @@
     lumos evaluate --checkpoint URI --dataset URI --out URI
     lumos export --checkpoint URI --out URI
     lumos promote --export URI --evaluation URI --out URI
+    lumos rollback --head t2i                   # the previous promoted version serves again
 
 Each takes --preset (tiny | xl), --config FILE and --set key.path=value (repeatable); the config is
 validated before any work starts.
@@ -123,6 +124,12 @@ def cmd_promote(args: argparse.Namespace) -> None:
     _print_result(promote(cfg.promote, args.export, eval_result, args.out))
 
 
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from lumos.serving.rollout import rollback
+
+    _print_result(rollback(_config(args).promote, args.head))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from lumos.pipeline.local_run import run_local
 
@@ -207,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", required=True, help="the evaluate step's output URI")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser(
+        "rollback", parents=[common], help="serve the head's previous promoted version again"
+    )
+    p.add_argument("--head", required=True, choices=["t2i", "i2i", "novel_view", "video"])
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("run", parents=[common], help="the whole pipeline through kfp.local")
     p.add_argument("--run-dir", help="where everything goes (default runs/<timestamp>)")

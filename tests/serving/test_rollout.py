@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,6 @@ from kserve_standin import KServeStandIn
 from predictor_process import post, serve, tiny_export
 
 from lumos.configs.serving import PromoteConfig, RolloutConfig
-from lumos.evaluation.evaluate import EvalResult
 from lumos.serving.promote import current_promoted, promote
 from lumos.serving.rollout import FIELD_MANAGER, Cluster, rollback
 
@@ -40,14 +41,14 @@ def export_and_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
         yield export_dir, url
 
 
-def eval_result(baseline_version: str | None) -> EvalResult:
-    return EvalResult(
-        head="t2i", metrics={"clip_attribute_accuracy": 0.8, "fid_proxy": 12.5}, passed=True,
-        reasons=[], num_samples=16, report_uri="/r/report.html", metrics_uri="/r/metrics.json",
-        out_uri="/r", checkpoint_uri="/r/ckpt", checkpoint_step=10, dataset_uri="/r/data",
-        thresholds={}, baseline={"fid_proxy": 12.5} if baseline_version else None,
-        baseline_version=baseline_version,
-    )  # fmt: skip
+def eval_result(baseline_version: str | None) -> dict:
+    """What promote needs of an evaluation (a passed gate against the current version)."""
+    return {
+        "head": "t2i", "passed": True, "reasons": [],
+        "metrics": {"clip_attribute_accuracy": 0.8, "fid_proxy": 12.5},
+        "baseline": {"fid_proxy": 12.5} if baseline_version else None,
+        "baseline_version": baseline_version,
+    }  # fmt: skip
 
 
 class LiveTraffic:
@@ -178,3 +179,13 @@ def test_promotion_canary_rollback_and_the_registry(
     assert isvc()["status"]["components"]["predictor"]["traffic"][0]["percent"] == 100
     with pytest.raises(Exception, match="no earlier version to roll back to"):
         rollback(cfg, "t2i", cluster)
+
+
+def test_rollback_command_says_what_is_wrong(tmp_path: Path) -> None:
+    """`lumos rollback --head t2i` is one command; with nothing promoted it says so in one line."""
+    command = [sys.executable, "-m", "lumos.cli", "rollback", "--head", "t2i",
+               "--set", f"promote.registry_uri={tmp_path / 'registry'}"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no model of head 't2i' is promoted" in lines[0], out.stderr
