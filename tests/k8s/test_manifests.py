@@ -361,7 +361,10 @@ def _mounted(config_map: dict, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("where", ["base", "overlays/gpu-cluster"])
+@pytest.mark.parametrize(
+    "where",
+    ["base", "overlays/gpu-cluster", "overlays/standalone-kfp", "overlays/kubeflow-multi-user"],
+)
 def test_deploy_job_and_trigger_read_the_mounted_config(
     manifests: Path, where: str, tmp_path: Path
 ) -> None:
@@ -399,6 +402,10 @@ def test_deploy_job_and_trigger_read_the_mounted_config(
     # Scheduled retraining needs the real sources and the datasets that persist across runs.
     assert cfg.data.images_uri.startswith("s3://") and cfg.data.datasets_root.startswith("s3://")
     assert mounted.deploy.recurring_run is not None
+    # Multi-user KFP files the pipeline and its runs in a namespace, the Profile's (ours); a
+    # standalone KFP in its own
+    multi_user = where.endswith("multi-user")
+    assert mounted.deploy.namespace == (config_map["metadata"]["namespace"] if multi_user else "")
 
 
 def test_gpu_overlay_deploys_its_own_config(manifests: Path, tmp_path: Path) -> None:
