@@ -6,6 +6,7 @@ python docker/check_image.py train|serve
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import shutil
 import sys
 
 
@@ -35,6 +36,10 @@ def main(kind: str) -> None:
         problems.append(f"torch {torch.__version__} is a CPU build: the {kind} image needs CUDA")
     if kind == "serve" and not installed("kserve"):
         problems.append("kserve is not installed")
+    # A TrainJob's command is `torchrun --no-python lumos ...` (lumos.k8s.trainjob.LAUNCHER).
+    for command in ("torchrun", "lumos") if kind == "train" else ():
+        if shutil.which(command) is None:
+            problems.append(f"{command} is not on PATH: TrainJobs run `torchrun --no-python lumos`")
     import lumos  # noqa: F401  the project itself
 
     if problems:
