@@ -498,3 +498,24 @@ def test_sigterm_deletes_the_trainjob(job: dict) -> None:
     assert api.deleted == [("pretrain-7", "Background")]
     assert received_by_previous == []  # launch_and_wait handled it
     assert clock.now == 61.0 and api.gets == 3  # acted on at once, not after the 30 s sleep
+
+
+def test_training_refuses_a_world_other_than_the_trainjobs() -> None:
+    """lumos.training.world: the TrainJob's LUMOS_EXPECTED_WORLD against what torchrun set."""
+    from lumos.training.world import WorldMismatch, check_launched_world
+
+    check_launched_world({})  # not in a TrainJob: nothing to check
+    job = render_trainjob(DistributedConfig(num_nodes=2, gpus_per_node=8), COMMAND, "pretrain")
+    expected = {e["name"]: e["value"] for e in job["spec"]["trainer"]["env"] if "value" in e}
+    env = {"LUMOS_EXPECTED_WORLD": expected["LUMOS_EXPECTED_WORLD"]}
+    check_launched_world({**env, "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"})
+    with pytest.raises(WorldMismatch, match="not started by torchrun"):
+        check_launched_world(env)
+    # numNodes edited to 4 after rendering: torchrun's world is 32
+    with pytest.raises(WorldMismatch, match="2 nodes x 8 processes.*WORLD_SIZE=32"):
+        check_launched_world({**env, "WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8"})
+    with pytest.raises(WorldMismatch, match="LOCAL_WORLD_SIZE=4"):  # numProcPerNode edited
+        check_launched_world({**env, "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "4"})
+    with pytest.raises(WorldMismatch, match="not NODESxPROCESSES"):
+        check_launched_world({"LUMOS_EXPECTED_WORLD": "16"})
+    assert issubclass(WorldMismatch, LumosError)
