@@ -69,19 +69,3 @@ def test_errors() -> None:
         psnr(np.zeros((4, 4)), np.zeros((4, 5)))
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(np.zeros((8, 8)), np.zeros((8, 8)))
-
-
-def test_color_histogram_similarity() -> None:
-    from lumos.evaluation.image_metrics import color_histogram_similarity
-
-    rng = np.random.default_rng(0)
-    grey = [np.full((16, 16, 3), 235, np.uint8) for _ in range(4)]
-    red = [np.zeros((16, 16, 3), np.uint8) + np.array([220, 30, 30], np.uint8) for _ in range(4)]
-    noise = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)]
-    assert color_histogram_similarity(grey, grey) == pytest.approx(1.0)
-    assert color_histogram_similarity(grey, red) == pytest.approx(0.0)
-    assert color_histogram_similarity(noise, grey) < 0.1
-    half = [grey[0], red[0]]
-    assert color_histogram_similarity(half, grey) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="non-empty"):
-        color_histogram_similarity([], grey)

@@ -64,7 +64,7 @@ def eval_result(head: str = "t2i", passed: bool = True, **kw) -> EvalResult:
         reasons=[] if passed else ["fid_proxy 55.0 > threshold 40.0"], num_samples=16,
         report_uri="/r/report.html", metrics_uri="/r/metrics.json", out_uri="/r",
         checkpoint_uri=f"s3://lumos/runs/r1/checkpoints/{head}", checkpoint_step=500,
-        dataset_uri="s3://lumos/runs/r1/datasets/images", thresholds={"fid_proxy": 40.0},
+        dataset_uri="s3://lumos/runs/r1/datasets/images", gates={"fid_proxy": {"margin": 1.0}},
         baseline=None,
     )  # fmt: skip
     fields.update(kw)

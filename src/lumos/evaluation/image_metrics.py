@@ -9,7 +9,6 @@ gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -75,29 +74,3 @@ def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndar
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     """Mean structural similarity of two images (1.0 when identical)."""
     return float(np.mean(ssim_map(a, b, data_range)))
-
-
-def color_histogram_similarity(
-    generated: Sequence[np.ndarray], reference: Sequence[np.ndarray], levels: int = 4
-) -> float:
-    """How alike the colour distributions of two image sets are, in [0, 1] (1: identical).
-
-    The histogram intersection of the sets' pooled pixel histograms over `levels`^3 RGB bins. A
-    distribution-level check (like FID, without a feature network): it says whether a model
-    draws images like the data, not whether each image matches its condition."""
-    if not generated or not reference:
-        raise ValueError("color_histogram_similarity needs two non-empty image sets")
-
-    def histogram(images: Sequence[np.ndarray]) -> np.ndarray:
-        counts = np.zeros(levels**3, dtype=np.float64)
-        for image in images:
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(
-                    f"expected uint8 (H, W, 3) images, got {image.dtype} {image.shape}"
-                )
-            q = (image.astype(np.int64) * levels) // 256  # (H, W, 3) in [0, levels)
-            bins = (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]  # (H, W)
-            counts += np.bincount(bins.ravel(), minlength=levels**3)
-        return counts / counts.sum()
-
-    return float(np.minimum(histogram(generated), histogram(reference)).sum())

@@ -1,9 +1,10 @@
 """A self-contained HTML evaluation report (images inlined as base64 PNG).
 
 Kubeflow's UI shows it as an HTML artifact, so the page needs no external file, script or font.
-Per head: the gate verdict and its reasons, the metrics table (with thresholds and the promoted
-model's values), and a grid of samples: the condition (caption, input view or first frame), the
-generated images and the ground truth side by side.
+Per head: the gate verdict and its reasons, the metrics table (each metric with its bootstrap
+interval, beside the trivial baselines scored on the same items, the margin over the best of
+them and what the gate asks, and the promoted model's value), and a grid of samples: the
+condition (caption, input view or first frame), the generated images and the ground truth.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ class HeadSection:
     metrics: Mapping[str, float]
     passed: bool
     reasons: Sequence[str]
-    thresholds: Mapping[str, float] = field(default_factory=dict)
-    baseline: Mapping[str, float] | None = None
+    # metric -> `MetricSummary.to_dict()` (interval, baselines, best baseline, margin).
+    comparison: Mapping[str, Mapping] = field(default_factory=dict)
+    # The gated metrics: metric -> {"margin", "relative", "required" (in the metric's units),
+    # "passed"} (`lumos.evaluation.gate.gate_checks`).
+    gates: Mapping[str, Mapping] = field(default_factory=dict)
+    baseline: Mapping[str, float] | None = None  # the promoted model's metrics
     rows: Sequence[SampleRow] = field(default_factory=list)
     description: str = ""
 
@@ -69,26 +74,57 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+BASELINE_COLUMNS = ("blank", "random_train", "shuffled", "copy_input")
+
+
+def _interval(pair: Sequence[float] | None) -> str:
+    return "" if pair is None else f'<span class="ci">[{_fmt(pair[0])}, {_fmt(pair[1])}]</span>'
+
+
 def _metrics_table(section: HeadSection) -> str:
+    shown = [
+        b
+        for b in BASELINE_COLUMNS
+        if any(b in (c.get("baselines") or {}) for c in section.comparison.values())
+    ]
     rows = []
-    for name in sorted(section.metrics):
+    for name in sorted(
+        section.metrics, key=lambda n: (n not in section.gates, n not in section.comparison, n)
+    ):
         value = float(section.metrics[name])
-        minimum = section.thresholds.get(name)
+        c = section.comparison.get(name, {})
+        baselines = c.get("baselines") or {}
+        against = c.get("against") or []
+        cells = []
+        for b in shown:
+            mark = " best" if b == c.get("best_baseline") else ("" if b in against else " ref")
+            cells.append(f'<td class="base{mark}">{_fmt(baselines.get(b))}</td>')
+        gate = section.gates.get(name)
+        need, status = "", ""
+        if gate is not None:
+            need = _fmt(gate.get("required", gate.get("margin")))
+            if gate.get("relative"):
+                need += f' <span class="ci">({_fmt(gate.get("margin"))} x best)</span>'
+            if gate.get("passed") is not None:
+                status = ('<span class="ok">&#10003;</span>' if gate["passed"]
+                          else '<span class="bad">&#10007;</span>')  # fmt: skip
+        better = {"higher": "&uarr;", "lower": "&darr;"}.get(c.get("better", ""), "")
         base = section.baseline.get(name) if section.baseline else None
-        status = ""
-        if minimum is not None:
-            ok = not math.isnan(value) and value >= minimum
-            status = (
-                '<span class="ok">&#10003;</span>' if ok else '<span class="bad">&#10007;</span>'
-            )
         rows.append(
-            f"<tr><td>{html.escape(name)}</td><td>{_fmt(value)}</td><td>{_fmt(minimum)}</td>"
-            f"<td>{_fmt(base)}</td><td>{status}</td></tr>"
+            f"<tr><td>{html.escape(name)} {better}</td><td>{_fmt(value)} {_interval(c.get('interval'))}</td>"
+            + "".join(cells)
+            + f"<td>{_fmt(c.get('margin'))} {_interval(c.get('margin_interval'))}</td>"
+            f"<td>{need}</td><td>{status}</td><td>{_fmt(base)}</td></tr>"
         )
+    head = "".join(f"<th>{html.escape(b)}</th>" for b in shown)
     return (
-        '<table class="metrics"><tr><th>metric</th><th>value</th><th>threshold (min)</th>'
-        "<th>promoted model</th><th></th></tr>" + "".join(rows) + "</table>"
-    )
+        '<table class="metrics"><tr><th>metric</th><th>model [95% interval]</th>' + head
+        + "<th>margin over best baseline [interval]</th><th>gate: margin at least</th><th></th>"
+        "<th>promoted model</th></tr>" + "".join(rows) + "</table>"
+        '<p class="note">&uarr; higher is better, &darr; lower. Baselines in bold are the best one '
+        "the model must beat; grey ones are references (for a distribution distance, real images "
+        "are the floor, not a baseline). The gate reads the lower end of the margin's interval.</p>"
+    )  # fmt: skip
 
 
 def _sample_grid(rows: Sequence[SampleRow]) -> str:
@@ -139,6 +175,7 @@ img { image-rendering: pixelated; margin: 1px; border: 1px solid #ddd; }
 .pass { background: #2e7d32; } .fail { background: #c62828; }
 .ok { color: #2e7d32; font-size: 12px; } .bad { color: #c62828; font-size: 12px; }
 .note { color: #555; font-size: 12px; }
+.ci { color: #777; font-size: 11px; } td.best { font-weight: 700; } td.ref { color: #999; }
 dl.info { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; font-size: 13px; }
 dt { font-weight: 600; }
 """

@@ -99,7 +99,7 @@ def _eval_dict(eval_result: Mapping[str, Any] | EvalResultLike | BaseModel) -> d
             "checkpoint_step",
             "dataset_uri",
             "report_uri",
-            "thresholds",
+            "gates",
             "baseline",
             "baseline_version",
         )
@@ -376,7 +376,7 @@ def promote(
         "evaluation": {
             "passed": True,
             "reasons": ev["reasons"],
-            "thresholds": ev.get("thresholds"),
+            "gates": ev.get("gates"),
             "baseline": ev.get("baseline"),
             "baseline_version": ev.get("baseline_version"),
             "report_uri": ev.get("report_uri"),
