@@ -194,6 +194,10 @@ def test_trainjob_pods_are_restricted(rendered: dict[str, list[dict]], where: st
             assert pod["serviceAccountName"] == "lumos-trainer"
 
 
+KFP_EXECUTOR_VOLUMES = ("kfp-launcher", "gcs-scratch", "s3-scratch", "minio-scratch",
+                        "dot-local-scratch", "dot-cache-scratch", "dot-config-scratch")  # fmt: skip
+
+
 def kfp_step_pods(compiled: Path) -> dict[str, dict]:
     """Each executor's pod as KFP 2.17 builds it (see the module docstring)."""
     spec, platform = list(yaml.safe_load_all(compiled.read_text()))[:2]
@@ -222,7 +226,9 @@ def kfp_step_pods(compiled: Path) -> dict[str, dict]:
             container["resources"][kind] = {
                 k: v for k, v in container["resources"][kind].items() if v is not None
             }
-        volumes = [
+        # argocompiler/container.go: the launcher's volume and the scratch directories
+        volumes = [{"name": n, "emptyDir": {}} for n in KFP_EXECUTOR_VOLUMES]
+        volumes += [
             {"name": v["volumeName"], "emptyDir": {}} for v in settings.get("emptyDirMounts", [])
         ]
         volumes += [
