@@ -10,7 +10,8 @@ step's pod is built as KFP 2.17's compiler builds an executor's (kubeflow/pipeli
 backend/src/v2/compiler/argocompiler/security_context.go: the pod gets the RuntimeDefault
 seccomp profile; the user container allowPrivilegeEscalation false, every capability dropped and
 RuntimeDefault, and runAsNonRoot only if the pipeline sets it) from the compiled pipeline's
-resources and its kfp-kubernetes platform config. KFP's own containers in that pod (its launcher
+resources and its kfp-kubernetes platform config (whose securityContext KFP's driver puts on the
+step's container: backend/src/v2/driver/k8s.go). KFP's own containers in that pod (its launcher
 init container, Argo's executor) are KFP's to harden: its compiler gives them the full
 Restricted context, which this test does not model.
 """
