@@ -91,7 +91,7 @@ def pretrain_as_trainjob(tmp_path, features, monkeypatch, strip_launcher=False):
     return launched, checkpoint, run_root
 
 
-@pytest.mark.slow  # two torchrun agents and their training processes on two cores: ~30 s
+@pytest.mark.slow  # two torchrun agents, each starting a training process that imports torch
 def test_trainjob_command_trains_one_model_in_a_world_of_two(
     images_features, tmp_path, monkeypatch
 ):
