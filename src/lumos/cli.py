@@ -80,7 +80,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     check_launched_world()  # in a TrainJob: refuse to train outside the world it configured
     from lumos.training.train import train
 
-    _print_result(train(_config(args).pretrain, args.dataset, args.out))
+    _print_result(
+        train(_config(args).pretrain, args.dataset, args.out, continue_from=args.continue_from)
+    )
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", parents=[common], help="pretrain the I2I model")
     p.add_argument("--dataset", required=True)
     p.add_argument("--out", required=True, help="checkpoint URI (resumes if one is there)")
+    p.add_argument(
+        "--continue-from", help="an I2I checkpoint to continue (weights and EMA; fresh optimizer)"
+    )
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", parents=[common], help="fine-tune a head from I2I")

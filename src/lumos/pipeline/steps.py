@@ -206,14 +206,20 @@ def train_step(
     init_from: KfpArtifact | None = None,
 ) -> None:
     """Pretrain (head i2i) or fine-tune a head. On a cluster with `cluster.distributed` set the
-    pretraining runs as a Kubeflow Trainer TrainJob; with several local GPUs, under accelerate."""
+    pretraining runs as a Kubeflow Trainer TrainJob; with several local GPUs, under accelerate.
+    Retraining (`ingest.incremental`) pretrains on from the current I2I checkpoint (the one the
+    last finished pretraining recorded in the registry) instead of from scratch."""
     cfg = validate_config(config_json)
     dataset_uri = described_uri(features)
     out_uri = RunLayout(run_root).checkpoint(head)
     init_uri = described_uri(init_from) if init_from is not None else None
+    continue_uri = current_i2i(cfg) if head == "i2i" and cfg.ingest.incremental else None
     cli_args = ["--dataset", dataset_uri, "--out", out_uri]
     if init_uri:
         cli_args += ["--init", init_uri]
+    if continue_uri:
+        print(f"i2i: continues the current I2I checkpoint {continue_uri}", flush=True)
+        cli_args += ["--continue-from", continue_uri]
     result: BaseModel | dict[str, Any]
     if head == "i2i" and cfg.cluster.pretrain_as_trainjob():
         result = _train_as_trainjob(cfg, config_json, head, cli_args, out_uri)
@@ -222,8 +228,44 @@ def train_step(
     else:
         from lumos.training.train import train
 
-        result = train(_train_config(cfg, head), dataset_uri, out_uri, init_from=init_uri)
+        result = train(
+            _train_config(cfg, head),
+            dataset_uri,
+            out_uri,
+            init_from=init_uri,
+            continue_from=continue_uri,
+        )
+    if head == "i2i":
+        record_current_i2i(cfg, out_uri)
     describe(checkpoint, out_uri, result)
+
+
+CURRENT_I2I = "current.json"
+
+
+def _i2i_record_store(cfg: PipelineConfig):
+    from lumos.storage import Storage
+
+    return Storage.from_uri(join_uri(cfg.promote.registry_uri, "i2i"))
+
+
+def current_i2i(cfg: PipelineConfig) -> str | None:
+    """The I2I checkpoint the last finished pretraining left (`<registry>/i2i/current.json`)."""
+    from lumos.storage import ObjectNotFound
+
+    try:
+        return str(_i2i_record_store(cfg).read_json(CURRENT_I2I)["checkpoint_uri"])
+    except ObjectNotFound:
+        return None
+
+
+def record_current_i2i(cfg: PipelineConfig, out_uri: str) -> None:
+    """Make this run's final I2I checkpoint the one the next retraining continues."""
+    from lumos.checkpoints import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(out_uri)
+    record = {"checkpoint_uri": meta["uri"], "step": meta.get("step"), "parent": meta.get("parent")}
+    _i2i_record_store(cfg).write_json(CURRENT_I2I, record)
 
 
 def _local_gpu_count() -> int:

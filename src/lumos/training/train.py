@@ -139,13 +139,22 @@ class TrainResult(BaseModel):
 
 
 def train(
-    cfg: TrainConfig, dataset_uri: str, out_uri: str, init_from: str | None = None
+    cfg: TrainConfig,
+    dataset_uri: str,
+    out_uri: str,
+    init_from: str | None = None,
+    continue_from: str | None = None,
 ) -> TrainResult:
     """Train `cfg.head` on the features of `dataset_uri`, checkpointing to `out_uri`.
 
     `init_from` (a checkpoint or run URI) initialises the model through weight transfer, for
-    fine-tuning a head from the I2I checkpoint. `steps=0` writes an untrained checkpoint.
+    fine-tuning a head from the I2I checkpoint. `continue_from` (a checkpoint of the same head,
+    e.g. the previous retraining's I2I) continues it: the model from its weights and the EMA from
+    its EMA, with a fresh optimizer and schedule; its checkpoints record it as their parent.
+    `steps=0` writes an untrained (with `continue_from`: the continued) checkpoint.
     """
+    if init_from is not None and continue_from is not None:
+        raise ValueError("give init_from (another head's checkpoint) or continue_from, not both")
     # --- setup --------------------------------------------------------------------------------
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -179,7 +188,7 @@ def train(
         remove_stale_staging(out_uri)  # before this run needs the disk space for its own
     spec = read_features_spec(dataset_uri)
     if resume_meta is not None:
-        _check_resumable(cfg, resume_meta, spec, init_from)
+        _check_resumable(cfg, resume_meta, spec, init_from or continue_from)
         if resume_meta["step"] >= cfg.steps:
             logger.info(
                 "%s already holds step %d >= %d steps", out_uri, resume_meta["step"], cfg.steps
@@ -228,9 +237,13 @@ def train(
     # --- model and EMA ------------------------------------------------------------------------
     model_cfg = build_model_config(cfg, spec)
     model = LumosDiT(**model_cfg)
-    transfer_report, parent = None, None
+    transfer_report, parent, continued_ema = None, None, None
     if resume_meta is not None:  # the transfer happened in the run being resumed
         transfer_report, parent = resume_meta.get("transfer_report"), resume_meta.get("parent")
+    elif continue_from is not None:
+        transfer_report, continued_ema = continue_training_from(continue_from, model, cfg)
+        parent = transfer_report["source"]
+        accelerator.print(f"{cfg.head}: continues {parent} ({transfer_report['summary']})")
     elif init_from is not None:
         transfer_report = initialise_from(init_from, model, cfg)
         parent = transfer_report["source"]
@@ -242,6 +255,8 @@ def train(
         model.bfloat16()
     # The EMA starts as a copy of the initial (or transferred) weights, as in DiT; always fp32.
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    if continued_ema is not None:  # a continued run's EMA goes on from the source's EMA
+        transfer_weights(continued_ema, ema, HEADS[cfg.head].allowed_new, reinitialise=False)
     num_parameters = sum(p.numel() for p in model.parameters())
     if cfg.distributed == "fsdp":
         # Every process starts from the same full model (same seed) and keeps its 1/world shard.
@@ -495,6 +510,31 @@ def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[s
         "summary": report.summary(),
         **report.model_dump(),
     }
+
+
+def continue_training_from(
+    uri: str, model: LumosDiT, cfg: TrainConfig
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load a checkpoint of the same head to continue it: its raw weights into `model`; returns
+    the report (the lineage a checkpoint records) and its EMA weights, for the EMA."""
+    source = load_checkpoint(uri, raw=True)
+    if source.meta.get("head") != cfg.head or source.model is None:
+        raise ValueError(
+            f"continue_from {uri} is a {source.meta.get('head')!r} checkpoint: a {cfg.head} run "
+            "continues a checkpoint of its own head (init_from transfers another head's)"
+        )
+    report = transfer_weights(
+        source.model.state_dict(), model, HEADS[cfg.head].allowed_new, reinitialise=False
+    )
+    return {
+        "source": source.uri,
+        "source_head": source.meta.get("head"),
+        "source_step": source.meta.get("step"),
+        "source_weights": "raw and ema",
+        "continued": True,
+        "summary": report.summary(),
+        **report.model_dump(),
+    }, source.ema_model.state_dict()
 
 
 @torch.no_grad()
