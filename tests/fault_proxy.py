@@ -133,8 +133,23 @@ class LogEntry:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, schedule: Schedule | None = None, stall_s: float = 2.0):
+    def __init__(
+        self,
+        upstream: str,
+        schedule: Schedule | None = None,
+        stall_s: float = 2.0,
+        delay_s: float = 0.0,
+        hold: Callable[[Request], bool] | None = None,
+    ):
+        """`delay_s`: every request waits that long before it is forwarded (a slow link: no
+        fault, only time). `hold`: a request it matches waits, unforwarded, until `release()`;
+        `held` is set once one waits (to stop one of two concurrent runs at a chosen request,
+        e.g. its commit, while the other runs)."""
         parsed = urlparse(upstream)
+        self.delay_s = delay_s
+        self.hold = hold
+        self.held = threading.Event()
+        self._released = threading.Event()
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.schedule = schedule or Schedule()
         self.stall_s = stall_s
@@ -159,8 +174,13 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
+
+    def release(self) -> None:
+        """Let held requests (and all later ones) through."""
+        self._released.set()
 
     def injected(self) -> Counter[str]:
         """How many requests met each fault kind so far."""
@@ -195,6 +215,10 @@ class FaultProxy:
                 _abort(conn)
                 return
             request_body += reader.read(length - len(request_body))
+            time.sleep(self.delay_s)
+            if self.hold is not None and self.hold(request) and not self._released.is_set():
+                self.held.set()
+                self._released.wait()
             if fault in _ERRORS:
                 conn.sendall(_error_answer(fault, method, target))
                 return

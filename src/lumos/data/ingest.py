@@ -51,10 +51,12 @@ from lumos.data.manifest import (
     load_history,
     next_shard_index,
     read_manifest,
+    read_manifest_versioned,
 )
 from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter, iter_shard_records
 from lumos.data.sources import Source, group_boundaries, group_items
+from lumos.errors import DatasetError
 from lumos.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
@@ -162,7 +164,7 @@ def ingest(
     store = Storage.from_uri(dataset_uri)
     run_id = new_run_id()
     with Source(source_uri) as source:
-        manifest = read_manifest(store)
+        manifest, seen_version = read_manifest_versioned(store)
         total = None
         if manifest is not None and not cfg.incremental:
             fingerprint, total = source_fingerprint(source)
@@ -189,7 +191,7 @@ def ingest(
             )
             warn_changed(run.counts["changed"], run.changed_examples)
             if listing.count == 0:
-                raise ValueError(f"no objects under {source.uri}: check the source URI")
+                raise DatasetError(f"no objects under {source.uri}: check the source URI")
             if history.manifest is not None and history.runs and not run.processed():
                 return nothing_new(
                     store,
@@ -208,7 +210,9 @@ def ingest(
                 report_key=f"reports/ingest-{run_id}.jsonl",
                 index_key=f"index/dedup-{run_id}.jsonl.gz",
             )
-            committed = commit_manifest(store, cfg, history, record, run.shards)
+            committed = commit_manifest(
+                store, cfg, history, record, run.shards, seen_version=seen_version
+            )
             return result_from_manifest(store, committed, up_to_date=False)
         finally:
             history.close()
@@ -256,7 +260,7 @@ def plan_partitions(source_uri: str, num_partitions: int) -> list[str]:
     with Source(source_uri) as source:
         _, total = source_fingerprint(source)
         if total == 0:
-            raise ValueError(f"no objects under {source.uri}: check the source URI")
+            raise DatasetError(f"no objects under {source.uri}: check the source URI")
         ends: list[str | None] = []
         counts: list[int] = []
         target_i = 1
@@ -317,7 +321,7 @@ def ingest_partition(
     run_id = new_run_id()
     with Source(source_uri) as source:
         if desc["source_uri"] != source.uri:
-            raise ValueError(
+            raise DatasetError(
                 f"partition {desc['index']} was planned for {desc['source_uri']}, not {source.uri}"
             )
         manifest = read_manifest(Storage.from_uri(dataset_uri)) if dataset_uri else None
@@ -385,7 +389,7 @@ def _read_staged(staging_uris: list[str]) -> list[tuple[Storage, dict]]:
         try:
             done = store.read_json(PARTITION_DONE)
         except ObjectNotFound as err:
-            raise ValueError(
+            raise DatasetError(
                 f"staging area {uri} is incomplete ({PARTITION_DONE} missing): its ingest_partition "
                 "did not finish; re-run it before merging"
             ) from err
@@ -397,7 +401,7 @@ def _read_staged(staging_uris: list[str]) -> list[tuple[Storage, dict]]:
     expected = staged[0][1]["partition"]["num_partitions"]
     indices = [done["partition"]["index"] for _, done in staged]
     if len(sources) != 1 or indices != list(range(expected)):
-        raise ValueError(
+        raise DatasetError(
             f"staging areas do not form one complete plan: sources {sorted(sources)}, partitions "
             f"{indices} of {expected}; merge the staging areas of exactly one plan_partitions call"
         )
@@ -414,7 +418,7 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
         "".join(done["run"]["fingerprint"] for _, done in staged).encode()
     ).hexdigest()
     store = Storage.from_uri(dataset_uri)
-    manifest = read_manifest(store)
+    manifest, seen_version = read_manifest_versioned(store)
     if (
         manifest is not None
         and not cfg.incremental
@@ -463,9 +467,8 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
                 )
             store.upload_file(report_path, report_key)
         run_counts.update(written)
-        assert run_counts["ingested"] == sum(s.count for s in shards), (
-            "merge: report and shards disagree"
-        )
+        if run_counts["ingested"] != sum(s.count for s in shards):
+            raise RuntimeError("merge: report and shards disagree")
         index_key = f"index/dedup-{run_id}.jsonl.gz"
         save_index(store, index_key, history.index, index_start)
         stats: dict[str, Any] = {}
@@ -488,7 +491,7 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
             "stats": stats,
             "created_at": datetime.now(UTC).isoformat(),
         }
-        committed = commit_manifest(store, cfg, history, record, shards)
+        committed = commit_manifest(store, cfg, history, record, shards, seen_version=seen_version)
         return result_from_manifest(store, committed, up_to_date=False)
     finally:
         history.close()

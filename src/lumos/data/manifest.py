@@ -18,7 +18,8 @@ from lumos.data.decode import REJECTION_REASONS
 from lumos.data.dedup import DedupIndex
 from lumos.data.scratch import DiskMap, ScratchDB
 from lumos.data.shards import SHARD_PREFIX, ShardInfo
-from lumos.storage import Storage, StorageError
+from lumos.errors import DatasetError, LumosError
+from lumos.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,28 @@ def change_since(
     return None
 
 
+class ConcurrentIngest(LumosError):
+    """Another ingest committed to the dataset while this one ran."""
+
+
 def read_manifest(store: Storage) -> dict | None:
     """The dataset's manifest, or None when there is no complete dataset yet."""
-    if not store.exists(MANIFEST):
-        return None
-    manifest = store.read_json(MANIFEST)
+    return read_manifest_versioned(store)[0]
+
+
+def read_manifest_versioned(store: Storage) -> tuple[dict | None, str | None]:
+    """The manifest and the version read (for `commit_manifest`'s compare-and-swap), or
+    (None, None) when there is no complete dataset yet."""
+    try:
+        manifest, version = store.read_json_versioned(MANIFEST)
+    except ObjectNotFound:
+        return None, None
     if manifest.get("format") != DATASET_FORMAT:
         raise StorageError(
             f"{store.key_uri(MANIFEST)} has format {manifest.get('format')!r}, expected "
             f"{DATASET_FORMAT!r}: ingest into a new dataset URI"
         )
-    return manifest
+    return manifest, version
 
 
 def load_history(store: Storage, cfg: IngestConfig, manifest: dict | None) -> DatasetHistory:
@@ -101,7 +113,7 @@ def load_history(store: Storage, cfg: IngestConfig, manifest: dict | None) -> Da
 def _load_runs(store: Storage, cfg: IngestConfig, manifest: dict, history: DatasetHistory) -> None:
     old = {k: manifest["ingest_config"].get(k) for k in cfg.output_settings()}
     if old != cfg.output_settings():
-        raise ValueError(
+        raise DatasetError(
             f"incremental ingest into {store.uri} needs the dataset's output settings {old}, "
             f"got {cfg.output_settings()}: use the same settings, or run a full ingest "
             "(incremental=False) into a new dataset URI"
@@ -165,9 +177,15 @@ def commit_manifest(
     history: DatasetHistory,
     run_record: dict,
     new_shards: list[ShardInfo],
+    *,
+    seen_version: str | None,
 ) -> dict:
     """Write the manifest (last: this is what makes the run visible), then drop what no manifest
-    refers to any more (the shards and indexes of a replaced dataset)."""
+    refers to any more (the shards and indexes of a replaced dataset).
+
+    The write is a compare-and-swap on the manifest this run read (`seen_version`, None: there
+    was none): of two ingests into one dataset at once, the second to commit fails with
+    `ConcurrentIngest` and adds nothing, instead of replacing the first one's history."""
     runs = [*history.runs, run_record]
     shards = [*history.shards, *(s.to_json() for s in new_shards)]
     counts: dict[str, Any] = {}
@@ -194,7 +212,15 @@ def commit_manifest(
         "rejection_reasons": REJECTION_REASONS,
     }
     replaced = history.manifest if not history.runs else None
-    store.write_json(MANIFEST, manifest)
+    try:
+        store.write_json(
+            MANIFEST, manifest, if_version=seen_version, if_absent=seen_version is None
+        )
+    except PreconditionFailed as err:
+        raise ConcurrentIngest(
+            f"another ingest committed to {store.uri} while this one ran, so this run's "
+            "images are not in the dataset: run this ingest again (it builds on that one)"
+        ) from err
     if replaced is not None:  # a full rebuild over an older dataset
         keep = {s["name"] for s in shards}
         for old in replaced["shards"]:
