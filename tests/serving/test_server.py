@@ -287,3 +287,24 @@ def test_server_does_not_import_opencv():
     code = "import sys, lumos.serving.server; print('cv2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_v2_prompt_tensor_gives_the_v1_image(server):
+    """The Open Inference Protocol for the text head: a BYTES prompt tensor, same image as V1."""
+    v2 = {
+        "inputs": [
+            {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a small red circle"]},
+            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]},
+            {"name": "steps", "datatype": "INT32", "shape": [1], "data": [4]},
+            {"name": "guidance_scale", "datatype": "FP32", "shape": [1], "data": [4.5]},
+        ]
+    }
+    status, out = _post(f"{server}/v2/models/{MODEL}/infer", v2)
+    assert status == 200, out
+    outputs = {o["name"]: o for o in out["outputs"]}
+    assert outputs["image_b64"]["datatype"] == "BYTES" and outputs["image_b64"]["shape"] == [1]
+    body = {"instances": [{"prompt": "a small red circle", "seed": 3, "steps": 4}]}
+    _, v1 = _post(f"{server}/v1/models/{MODEL}:predict", body)
+    assert outputs["image_b64"]["data"][0] == v1["predictions"][0]["image_b64"]
+    status, out = _post(f"{server}/v2/models/{MODEL}/infer", {"inputs": [v2["inputs"][1]]})
+    assert status == 400 and "needs a non-empty 'prompt'" in out["error"]

@@ -10,7 +10,10 @@ For a model whose `eval_result.passed` is true this writes
   current.json is written last, so a reader never sees a pointer to a missing record;
 - the KServe `InferenceService` (serving.kserve.io/v1beta1) serving that model through the
   `lumos-onnx` ServingRuntime, validated against the CRD, to `<out_uri>/inferenceservice.yaml`.
-  `kubectl apply -f` it (or let the pipeline's deploy step do it) to roll the new model out.
+  `kubectl apply -f` it to roll the new model out, or set `promote.rollout.apply`: then promotion
+  applies it itself (lumos.serving.rollout: server-side apply, Ready, canary, the canary's own
+  metrics decide) and current.json changes only once the new model serves all the traffic; a
+  canary rolled back is recorded in its version's record and leaves current.json as it was.
 For a model that did not pass nothing is registered: `promote.json` in `out_uri` says why.
 The gate's regression check compared the model with the one current when it was evaluated
 (`eval_result.baseline`, `baseline_version`): if another model has been promoted since, promotion

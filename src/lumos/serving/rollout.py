@@ -317,15 +317,30 @@ def _get(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def _apply(cluster: Cluster, body: dict[str, Any]) -> None:
+def _apply(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply `body`; returns the object as the API server stored it."""
     if cluster.api is None:
         raise RuntimeError("Cluster.connect() first")
     meta = body["metadata"]
-    cluster.api.apply_namespaced_custom_object(
+    stored = cluster.api.apply_namespaced_custom_object(
         GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body,
         field_manager=FIELD_MANAGER, force=True,
     )  # fmt: skip
     cluster.applied.append(copy.deepcopy(body))
+    return stored if isinstance(stored, dict) else {}
+
+
+def _generation(isvc: dict[str, Any] | None) -> int | None:
+    return ((isvc or {}).get("metadata") or {}).get("generation")
+
+
+def _expected_new_revision(existing: dict[str, Any] | None, stored: dict[str, Any]) -> str | None:
+    """The revision the wait must see replaced: the latest created one, if the apply changed the
+    spec (a new generation, so KServe makes a new revision); None if it did not (re-applying the
+    same model, a retried promotion): then the current revision is the one to wait for."""
+    if existing is None or _generation(stored) != _generation(existing):
+        return _predictor(existing).get("latestCreatedRevision")
+    return None
 
 
 def _with_canary(isvc: dict[str, Any], percent: int | None) -> dict[str, Any]:
@@ -392,10 +407,9 @@ def roll_out(
     namespace, name = meta["namespace"], meta["name"]
     existing = _get(cluster, namespace, name)
     champion = _predictor(existing).get("latestRolledoutRevision")
-    before = _predictor(existing).get("latestCreatedRevision")
 
     if champion is None:  # nothing served yet: straight to 100%
-        _apply(cluster, _with_canary(isvc, None))
+        before = _expected_new_revision(existing, _apply(cluster, _with_canary(isvc, None)))
         ready, why = _wait(
             cluster, rc, namespace, name, _new_revision_serving(before, 100), "Ready"
         )
@@ -413,7 +427,7 @@ def roll_out(
         )
 
     percent = rc.canary_traffic_percent
-    _apply(cluster, _with_canary(isvc, percent))
+    before = _expected_new_revision(existing, _apply(cluster, _with_canary(isvc, percent)))
     canary, why = _wait(
         cluster, rc, namespace, name, _new_revision_serving(before, percent), "canary Ready"
     )
@@ -535,8 +549,7 @@ def rollback(cfg: PromoteConfig, head: str, cluster: Cluster | None = None) -> R
     cluster = (cluster or Cluster()).connect()
     meta = isvc["metadata"]
     existing = _get(cluster, meta["namespace"], meta["name"])
-    before = _predictor(existing).get("latestCreatedRevision")
-    _apply(cluster, _with_canary(isvc, None))
+    before = _expected_new_revision(existing, _apply(cluster, _with_canary(isvc, None)))
     ready, why = _wait(
         cluster, cfg.rollout, meta["namespace"], meta["name"],
         _new_revision_serving(before, 100), "Ready",
