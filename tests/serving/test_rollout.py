@@ -189,3 +189,65 @@ def test_rollback_command_says_what_is_wrong(tmp_path: Path) -> None:
     assert out.returncode == 1, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "no model of head 't2i' is promoted" in lines[0], out.stderr
+
+
+def test_first_model_that_never_gets_ready_fails_and_frees_its_version(
+    tmp_path: Path, crds_dir: Path
+) -> None:
+    """No champion to fall back to: promotion fails with the conditions and the pods' events,
+    the version's record is removed again and nothing is current."""
+    from test_promote import make_export
+
+    from lumos.serving.rollout import RolloutFailed
+
+    standin = KServeStandIn(crds_dir, lambda uri: ("crash", None))
+    clock = [0.0]
+    cluster = Cluster(api=standin, events=standin, sleep=lambda s: clock.__setitem__(0, clock[0] + s),
+                      clock=lambda: clock[0])  # fmt: skip
+    registry = str(tmp_path / "registry")
+    cfg = PromoteConfig(registry_uri=registry,
+                        rollout=RolloutConfig(apply=True, ready_timeout_s=60, poll_s=5))  # fmt: skip
+    export = make_export(tmp_path / "export")
+    with pytest.raises(RolloutFailed, match="Ready not reached after 60 s") as err:
+        promote(cfg, str(export), eval_result(None), str(tmp_path / "out"), cluster=cluster)
+    assert "RevisionFailed" in str(err.value) and "BackOff" in str(err.value)
+    assert current_promoted(registry, "t2i") is None
+    assert not (tmp_path / "registry" / "t2i" / "v0001.json").exists()
+
+
+def _exposition(requests: int, errors: int, bad: int, latencies: list[float]) -> str:
+    """Prometheus text as the predictor exposes it (its own metric classes, a fresh registry)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from lumos.serving.metrics import LATENCY_BUCKETS
+
+    reg = CollectorRegistry()
+    Counter("lumos_serving_requests", "", ["model", "protocol"], registry=reg).labels(
+        model=ISVC, protocol="v1").inc(requests)  # fmt: skip
+    errs = Counter("lumos_serving_errors", "", ["model", "reason"], registry=reg)
+    errs.labels(model=ISVC, reason="internal").inc(errors)
+    errs.labels(model=ISVC, reason="invalid_input").inc(1000)  # clients' faults: not counted
+    Counter("lumos_serving_bad_outputs", "", ["model", "reason"], registry=reg).labels(
+        model=ISVC, reason="blank").inc(bad)  # fmt: skip
+    hist = Histogram("lumos_serving_request_latency_seconds", "", ["model"],
+                     buckets=LATENCY_BUCKETS, registry=reg)  # fmt: skip
+    for value in latencies:
+        hist.labels(model=ISVC).observe(value)
+    return generate_latest(reg).decode()
+
+
+def test_canary_judged_on_the_soak_window_only() -> None:
+    from lumos.serving.rollout import canary_evidence, judge
+
+    before = _exposition(100, 50, 0, [0.02] * 100)  # an old burst of errors: before the soak
+    after = _exposition(200, 52, 3, [0.02] * 100 + [0.3] * 90 + [4.0] * 10)
+    ev = canary_evidence(before, after, ISVC)
+    assert (ev.requests, ev.model_errors, ev.bad_outputs) == (100, 2, 3)
+    assert 2.5 < ev.p95_latency_s <= 5.0  # inside the bucket of the slowest 10 requests
+    rc = RolloutConfig(min_requests=50, max_error_rate=0.05, max_bad_output_rate=0.05,
+                       max_p95_latency_s=10)  # fmt: skip
+    assert judge(rc, ev) == []
+    strict = rc.model_copy(update={"max_error_rate": 0.01, "max_p95_latency_s": 1.0})
+    reasons = judge(strict, ev)
+    assert len(reasons) == 2 and "error rate 0.020" in reasons[0] and "p95" in reasons[1]
+    assert "not enough evidence" in judge(rc.model_copy(update={"min_requests": 500}), ev)[0]
