@@ -171,6 +171,12 @@ def test_bad_requests_get_400_with_the_reason(server):
     assert status == 400 and "steps" in out["error"]
     status, out = _post(url, {"instances": []})
     assert status == 400 and "1 to 16 instances" in out["error"]
+    status, out = _post(url, {"instances": [{"prompt": "x" * 5000}]})
+    assert status == 400 and "prompt" in out["error"] and "4000" in out["error"]
+    status, out = _post(url, {"instances": [{"prompt": 42}]})
+    assert status == 400 and "prompt" in out["error"]
+    status, out = _post(url, {"instances": [{"prompt": "x", "guidance_scale": "high"}]})
+    assert status == 400 and "guidance_scale" in out["error"]
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -102,7 +102,10 @@ class PromoteConfig(Strict):
         description="per-pod target of scale_metric: one full batch in flight per pod, so a new "
         "pod starts before requests wait behind a second batch",
     )
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig,
+        description="applying the InferenceService, canary and rollback (lumos.serving.rollout)",
+    )
 
     @field_validator("namespace", "service_account", "runtime", "model_name_prefix")
     @classmethod
