@@ -17,7 +17,6 @@ Measures:
                    manifest) with 1, 2, ... decoding processes; "main process" and "main
                    thread" ms/img are their own CPU time per image: with decoding processes
                    the main thread's is the serial part that bounds one node's rate
-  reader           lumos.data.reader.iter_samples over the resulting dataset (samples/s)
 Prints a table and writes bench/results/ingest_throughput.json. A benchmark, not a test.
 """
 
@@ -43,7 +42,6 @@ from PIL.JpegImagePlugin import JpegImageFile
 from lumos.configs.data import IngestConfig
 from lumos.data.decode import ImageRecipe, prepare_image
 from lumos.data.ingest import ingest
-from lumos.data.reader import iter_samples
 
 RESULTS = Path(__file__).parent / "results" / "ingest_throughput.json"
 
@@ -209,9 +207,6 @@ def measure_corpus(args: argparse.Namespace, corpus: str) -> dict:
             assert result.ingested == args.images, result
             return result.ingested
 
-        def read_all() -> int:
-            return sum(1 for _ in iter_samples(datasets[0], shuffle_buffer=256))
-
         decode_only(datas[:20])  # warm up PIL's plugins
         load_before = os.getloadavg()[0]
         works: dict[str, tuple[int, Callable[[], int]]] = {
@@ -221,8 +216,6 @@ def measure_corpus(args: argparse.Namespace, corpus: str) -> dict:
         }
         for workers in args.workers:
             works[f"full ingest, {workers} worker(s)"] = (workers, lambda w=workers: full_ingest(w))
-        full_ingest(1)  # a dataset for the reader to read
-        works["reader iter_samples (shuffle 256)"] = (1, read_all)
         rows = measure_interleaved(works, args.repeat)
         load_after = os.getloadavg()[0]
 

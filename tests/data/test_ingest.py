@@ -11,13 +11,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from dataset_samples import load_all_samples
 from ingest_corpus import CORPUS_REJECTIONS, build_corpus, encode, scene, write_local
 from PIL import Image
 
 from lumos.configs.data import IngestConfig
 from lumos.data.ingest import ingest, ingest_partition, merge_partitions, plan_partitions
 from lumos.data.ingest_run import is_paired
-from lumos.data.reader import load_all_samples
 from lumos.data.sources import Source, read_with_retries
 from lumos.storage import ObjectNotFound, Storage, StorageError
 
@@ -432,10 +432,6 @@ def test_metrics_are_pushed_to_the_pushgateway(tmp_path):
 
 
 def test_missing_source_and_dataset_errors_are_clear(tmp_path):
-    from lumos.data.reader import DatasetNotFound, iter_samples
-
-    with pytest.raises(DatasetNotFound, match="manifest.json missing.*run ingest first"):
-        next(iter_samples(str(tmp_path / "nothing")))
     with pytest.raises(StorageError, match="no tar archive"):
         ingest(CFG, str(tmp_path / "missing.tar"), str(tmp_path / "ds"), progress=False)
     with pytest.raises(StorageError, match="does not exist"):

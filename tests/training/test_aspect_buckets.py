@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from dataset_samples import load_all_samples
 from PIL import Image
 
 from lumos.configs.data import IngestConfig
@@ -17,7 +18,6 @@ from lumos.configs.encoders import EncodersConfig
 from lumos.configs.evaluation import EvaluateConfig
 from lumos.configs.training import FeaturizeConfig
 from lumos.data.ingest import ingest
-from lumos.data.reader import load_all_samples
 from lumos.encoders import FrozenEncoders
 from lumos.evaluation.evaluate import evaluate
 from lumos.features.items import FeatureDataset

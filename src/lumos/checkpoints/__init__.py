@@ -4,8 +4,9 @@
     ckpt = load_checkpoint("s3://lumos/runs/r1/checkpoints/i2i")  # a run: its latest checkpoint
     ckpt.ema_model, ckpt.meta["step"], ckpt.meta["parent"]
 
-`format` holds the layout: save, load, listing, lineage (`parent`) and pruning. It does not
-import the training loop, so evaluation and export read checkpoints without it.
+`format` holds the layout: save, load, listing, lineage (`parent`) and pruning;
+`training_state` the part only a resumed run reads (optimizer, RNG states, data position). Neither
+imports the training loop, so evaluation and export read checkpoints without it.
 """
 
 from lumos.checkpoints.format import (

@@ -1,8 +1,10 @@
 """One training loop for I2I pretraining and every fine-tune (t2i, novel_view, video).
 
-Reads top to bottom like DiT's train.py: setup, data, model and EMA, optimizer, resume, loop,
-checkpoint. Heads differ only by their model config and how a batch becomes model inputs
-(`lumos.heads`); the loop is the same.
+Reads top to bottom like DiT's train.py: `train()` calls one setup function per concern (launch,
+resume point, data, model and EMA, optimizer), then runs the loop; a checkpoint is one module
+function (`save_training_checkpoint`), its restore another (`lumos.checkpoints.training_state`).
+Heads differ only by their model config and how a batch becomes model inputs (`lumos.heads`);
+the loop is the same.
 
     result = train(TrainConfig(head="i2i", model_size="XL/2"), "s3://lumos/datasets/images",
                    "s3://lumos/runs/r1/checkpoints/i2i")
@@ -13,9 +15,9 @@ holds the model's parameters in bf16 (every op computes in bf16, no autocast) wh
 (`lumos.training.optim.MasterWeightAdamW`) keeps fp32 master weights, clips the fp32 copies of the
 gradients, steps AdamW on the masters and copies them back; the EMA follows the masters and the
 checkpoints hold the fp32 masters, so they look the same in every mode. "bf16-weights" is the
-layout that bench/train_throughput.py measured fastest (variant `lumos-bf16w`, which runs the same
-optimizer class); inside this loop it ran XL/2 at 533 img/s on an H100 (docs/benchmarks.md). The
-presets keep "bf16" until the two modes are timed in one run of the loop.
+layout bench/train_throughput.py measured fastest (variant `lumos-bf16w`, which runs the same
+optimizer class; figures in docs/benchmarks.md). The presets keep "bf16" until the two modes are
+timed in one run of the loop.
 
 Single process, or several under `accelerate launch --multi_gpu` (DDP): `batch_size` is per
 process and per micro-step, so one optimizer step sees batch_size x grad_accum x processes items.
@@ -30,22 +32,22 @@ resume between two log steps covers only the steps since the resume). It resumes
 run: the same config (but for `RESUME_MAY_CHANGE`), features and parent checkpoint, else a clear
 error.
 
-DDP suffices up to XL/2 (822M parameters: 33.5 GiB peak at batch 64 in bf16, measured on an
-H200). FSDP is wired with torch's `fully_shard` directly, not accelerate's FSDP plugin: accelerate
-1.15 silently falls back to DDP for CPU processes, so its plugin path could not be tested on CPUs,
-whereas this one runs the same code on gloo (tests) and NCCL.
+DDP suffices up to XL/2 (its peak memory at batch 64 is in docs/benchmarks.md). FSDP is wired
+with torch's `fully_shard` directly, not accelerate's FSDP plugin: accelerate 1.15 silently
+falls back to DDP for CPU processes, so its plugin path could not be tested on CPUs, whereas this
+one runs the same code on gloo (tests) and NCCL.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import json
+import functools
 import logging
 import os
 import random
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,16 +60,13 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
 )
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
 
 from lumos.checkpoints import (
@@ -76,17 +75,21 @@ from lumos.checkpoints import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    local_copy,
     prune_checkpoints,
     read_checkpoint_meta,
     remove_stale_staging,
     save_checkpoint,
 )
+from lumos.checkpoints.training_state import (
+    restore_training_state,
+    training_state_files,
+    write_process_state,
+)
 from lumos.configs.training import TrainConfig
 from lumos.diffusion.gaussian import GaussianDiffusion
 from lumos.features.format import read_features_spec
 from lumos.features.items import FeatureDataset
-from lumos.features.table import load_feature_table, node_parts, pad_text
+from lumos.features.table import FeatureTable, load_feature_table, node_parts, pad_text
 from lumos.heads import HEADS, batch_to_model_inputs, head_model_config
 from lumos.models.lumos_dit import LumosDiT, lumos_dit_config
 from lumos.models.transfer import transfer_weights
@@ -99,7 +102,11 @@ from lumos.training.stopping import StopSignal, TrainingStopped
 logger = logging.getLogger(__name__)
 
 # One process, or DDP on GPUs (NCCL) or CPUs (gloo: how the tests check the multi-process path).
-DATA_PARALLEL = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+DATA_PARALLEL = (
+    DistributedType.NO,
+    DistributedType.MULTI_GPU,
+    DistributedType.MULTI_CPU,
+)
 # Full (unsharded) state dicts of FSDP modules, gathered onto the main process's CPU memory.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -155,9 +162,152 @@ def train(
     """
     if init_from is not None and continue_from is not None:
         raise ValueError("give init_from (another head's checkpoint) or continue_from, not both")
-    # --- setup --------------------------------------------------------------------------------
+    # --- setup: processes, the run being resumed, data, model and EMA, optimizer -------------
+    launch = setup_launch(cfg)
+    resume_meta = find_resume_point(out_uri, launch)
+    spec = read_features_spec(dataset_uri)
+    if resume_meta is not None:
+        _check_resumable(cfg, resume_meta, spec, init_from or continue_from)
+        if resume_meta["step"] >= cfg.steps:
+            logger.info("%s holds step %d of %d already", out_uri, resume_meta["step"], cfg.steps)
+            return _result_from_meta(resume_meta)
+    _seed_everything(cfg.seed)  # the same initial model on every process
+    data = setup_data(cfg, dataset_uri, spec, launch)
+    state, lineage = setup_model(
+        cfg, spec, launch, data.sampler, resume_meta, init_from, continue_from
+    )
+    # A different stream per process, so the processes draw different noise and timesteps.
+    _seed_everything(cfg.seed * launch.world + launch.rank)
+    if resume_meta is not None:
+        state.step = restore_training_state(
+            resume_meta["uri"], state.model, state.ema, state.optimizer, data.sampler,
+            launch.rank, (launch.node, launch.nodes),
+        )  # fmt: skip
+        logger.info("resumed from %s at step %d", resume_meta["uri"], state.step)
+    train_model = prepare(cfg, launch, state, num_sizes=len(data.table.latent_sizes))
+    diffusion = GaussianDiffusion()  # DDPM, linear betas 1e-4..0.02, 1000 steps, learned sigma
+    global_batch = cfg.batch_size * launch.world * cfg.grad_accum  # items per optimizer step
+    meta = checkpoint_meta(cfg, dataset_uri, spec, data, state, lineage, global_batch)
+
+    # --- loop ---------------------------------------------------------------------------------
+    accelerator, device = launch.accelerator, launch.device
+    model, optimizer = state.model, state.optimizer
+    latent_downsample = int(spec["latent_downsample"])
+    # Batches in page-locked memory: their copy to the GPU does not wait for the previous step,
+    # so the next batch is assembled while the GPU computes.
+    pin_memory = device.type == "cuda"
+    log = TrainLog(cfg, launch, out_uri, state.step, global_batch * (cfg.num_frames or 1))
+    log.final_loss = resume_meta.get("loss") if resume_meta else None
+    checkpoint = functools.partial(save_training_checkpoint, cfg, out_uri, launch, state, meta)
+    checkpoint_uri = resume_meta["uri"] if resume_meta else None
+    if state.step == 0 and cfg.steps == 0:
+        checkpoint_uri = checkpoint(None)  # an untrained model: the gate must reject it
+    # SIGTERM (a preempted node, a deleted job) ends the run after the current step, with a
+    # checkpoint (lumos.training.stopping).
+    with StopSignal(cfg.stop_check_every, device) as stop:
+        while state.step < cfg.steps:
+            step = state.step
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.grad_accum):
+                # Captions travel packed and are padded to the model's length on the device.
+                batch = data.dataset.batch(data.sampler.next_batch(), pin_memory, pack_text=True)
+                batch = pad_text(_to_device(batch, device))
+                x0, kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
+                t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
+                # Under FSDP every micro-step reduce-scatters its gradients (accelerate's no_sync
+                # does not apply to fully_shard): skipping it would keep unsharded gradients.
+                with accelerator.accumulate(model):
+                    loss = diffusion.training_losses(train_model, x0, t, kwargs)["loss"].mean()
+                    accelerator.backward(loss)  # divided by grad_accum inside
+                    if accelerator.sync_gradients and state.master_optimizer is None:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()  # a no-op until the last micro-step (accelerate)
+                    optimizer.zero_grad(set_to_none=True)
+                log.add(loss.detach() / cfg.grad_accum)
+            decay = cfg.ema_decay
+            if cfg.ema_warmup:
+                decay = min(decay, (1 + step) / (10 + step))
+            # The EMA follows the fp32 weights: the optimizer's masters when the model holds bf16.
+            masters, raw_model = state.master_optimizer, accelerator.unwrap_model(model)
+            weights = masters.master_params if masters else raw_model.parameters()
+            update_ema(state.ema, weights, decay)
+            state.step = step = step + 1
+            log.step_done(step, lr)
+
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint_uri = checkpoint(log.final_loss)
+            if step < cfg.steps and stop.should_stop(step):  # collective: same steps on all
+                if step % cfg.checkpoint_every:  # not written just above
+                    checkpoint_uri = checkpoint(log.final_loss)
+                log.close()
+                raise TrainingStopped(
+                    f"{stop.received or 'SIGTERM on another process'}: stopped at step {step} "
+                    f"of {cfg.steps} after writing checkpoint {checkpoint_uri}; run the same "
+                    "training again (same out_uri) to resume from it"
+                )
+    log.close()
+    return _train_result(cfg, out_uri, meta, state.step, log, checkpoint_uri, resume_meta)
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """This process's place in the run: its accelerator and rank, and which processes share one
+    copy of the features (all of them, or each node's with `shard_features_by_node`)."""
+
+    accelerator: Accelerator
+    rank: int
+    world: int
+    nodes: int = 1  # nodes the features are split over
+    node: int = 0  # this process's node among them
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def data_world(self) -> int:
+        """The processes that split one copy of the features' items between them."""
+        return self.world // self.nodes
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank % self.data_world
+
+
+@dataclass
+class TrainData:
+    """The head's training items and their order."""
+
+    table: FeatureTable
+    dataset: FeatureDataset
+    sampler: ResumableSampler
+    train_items: int  # over the whole run (every node's parts)
+    starved_items: int  # of image sizes too few to fill one global batch
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves and a resume restores: model, EMA, optimizer, data position."""
+
+    model: Any  # the LumosDiT; after `prepare`, as accelerate wrapped it
+    ema: LumosDiT  # fp32, sharded like the model under FSDP
+    model_config: dict[str, Any]
+    optimizer: Any  # AdamW, or MasterWeightAdamW with bf16 weights; after `prepare`, wrapped
+    sampler: ResumableSampler
+    master_optimizer: MasterWeightAdamW | None = None  # bf16 weights: holds the fp32 masters
+    num_parameters: int = 0
+    step: int = 0
+
+
+def setup_launch(cfg: TrainConfig) -> Launch:
+    """The accelerator, checked against how the processes were launched."""
     accelerator = _make_accelerator(cfg)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    rank, world = accelerator.process_index, accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:
         raise RuntimeError(
@@ -176,6 +326,13 @@ def train(
             "distributed='fsdp' shards the model across processes, but this run has one: "
             "launch several (accelerate launch --multi_gpu) or use distributed='ddp'"
         )
+    nodes, node = _feature_nodes(cfg, rank, world)
+    return Launch(accelerator, rank, world, nodes, node)
+
+
+def find_resume_point(out_uri: str, launch: Launch) -> dict[str, Any] | None:
+    """The metadata of the run's latest checkpoint under `out_uri` (None: a fresh run). Removes
+    what a run killed while saving left behind."""
     if is_checkpoint(out_uri):
         raise ValueError(
             f"out_uri {out_uri} is a checkpoint, not a run directory: a run writes its "
@@ -184,37 +341,32 @@ def train(
         )
     checkpoints = list_checkpoints(out_uri)
     resume_meta = read_checkpoint_meta(checkpoints[-1][1]) if checkpoints else None
-    if accelerator.is_main_process:
+    if launch.accelerator.is_main_process:
         remove_stale_staging(out_uri)  # before this run needs the disk space for its own
-    spec = read_features_spec(dataset_uri)
-    if resume_meta is not None:
-        _check_resumable(cfg, resume_meta, spec, init_from or continue_from)
-        if resume_meta["step"] >= cfg.steps:
-            logger.info(
-                "%s already holds step %d >= %d steps", out_uri, resume_meta["step"], cfg.steps
-            )
-            return _result_from_meta(resume_meta)
-    _seed_everything(cfg.seed)  # the same initial model on every process
+    return resume_meta
 
-    # --- data: cached features -> items of this head ------------------------------------------
-    # Which processes share one copy of the features: all of them, or each node's (split by node).
-    nodes, node = _feature_nodes(cfg, rank, world)
-    data_world, data_rank = world // nodes, rank % (world // nodes)
-    parts = node_parts(len(spec["parts"]), node, nodes) if nodes > 1 else None
+
+def setup_data(
+    cfg: TrainConfig, dataset_uri: str, spec: dict[str, Any], launch: Launch
+) -> TrainData:
+    """Cached features -> this head's items -> their order for this process."""
+    parts = node_parts(len(spec["parts"]), launch.node, launch.nodes) if launch.nodes > 1 else None
     table = load_feature_table(dataset_uri, split="train", part_ids=parts)
     dataset = FeatureDataset.for_head(table, cfg.head, num_frames=cfg.num_frames or 1)
+    print_ = launch.accelerator.print
     if dataset.skipped_groups:
-        accelerator.print(
+        print_(
             f"{cfg.head}: {dataset.skipped_groups} groups have fewer than {cfg.num_frames} frames "
             "and are not used"
         )
     # Several image sizes (aspect buckets): every batch holds one size.
-    sizes = dataset.item_sizes()
+    data_world, data_rank = launch.data_world, launch.data_rank
     sampler = ResumableSampler(
-        len(dataset), cfg.batch_size * data_world, cfg.seed, data_rank, data_world, groups=sizes
-    )
+        len(dataset), cfg.batch_size * data_world, cfg.seed, data_rank, data_world,
+        groups=dataset.item_sizes(),
+    )  # fmt: skip
     if sampler.starved_items:
-        accelerator.print(
+        print_(
             f"{cfg.head}: {sampler.starved_items} items are of image sizes with fewer items than "
             f"one global batch ({sampler.global_batch}) and are not used; items per latent size: "
             + ", ".join(
@@ -223,31 +375,38 @@ def train(
             )
         )
     train_items, starved_items = len(dataset), sampler.starved_items
-    if nodes > 1:  # each node counted its own parts: report the whole run's (every node's)
-        counts = accelerator.gather(torch.tensor([[train_items, starved_items]], device=device))
-        train_items, starved_items = (counts.sum(dim=0) // data_world).tolist()  # (W, 2) -> 2
-    frames = cfg.num_frames or 1
-    global_batch = cfg.batch_size * world * cfg.grad_accum  # items per optimizer step
-    images_per_step = global_batch * frames
-    latent_downsample = int(spec["latent_downsample"])
-    # Batches in page-locked memory: their copy to the GPU does not wait for the previous step,
-    # so the next batch is assembled while the GPU computes.
-    pin_memory = device.type == "cuda"
+    if launch.nodes > 1:  # each node counted its own parts: report the whole run's (every node's)
+        counts = torch.tensor([[train_items, starved_items]], device=launch.device)
+        counts = launch.accelerator.gather(counts)  # (W, 2)
+        train_items, starved_items = (counts.sum(dim=0) // data_world).tolist()
+    return TrainData(table, dataset, sampler, train_items, starved_items)
 
-    # --- model and EMA ------------------------------------------------------------------------
-    model_cfg = build_model_config(cfg, spec)
-    model = LumosDiT(**model_cfg)
+
+def setup_model(
+    cfg: TrainConfig,
+    spec: dict[str, Any],
+    launch: Launch,
+    sampler: ResumableSampler,
+    resume_meta: dict[str, Any] | None,
+    init_from: str | None,
+    continue_from: str | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
+    """The model (fresh, transferred from `init_from` or continued from `continue_from`), its
+    EMA and the optimizer; and the lineage the checkpoints record (`parent`, `transfer_report`)."""
+    device = launch.device
+    model_config = build_model_config(cfg, spec)
+    model = LumosDiT(**model_config)
     transfer_report, parent, continued_ema = None, None, None
     if resume_meta is not None:  # the transfer happened in the run being resumed
         transfer_report, parent = resume_meta.get("transfer_report"), resume_meta.get("parent")
     elif continue_from is not None:
         transfer_report, continued_ema = continue_training_from(continue_from, model, cfg)
         parent = transfer_report["source"]
-        accelerator.print(f"{cfg.head}: continues {parent} ({transfer_report['summary']})")
+        launch.accelerator.print(f"{cfg.head}: continues {parent} ({transfer_report['summary']})")
     elif init_from is not None:
         transfer_report = initialise_from(init_from, model, cfg)
         parent = transfer_report["source"]
-        accelerator.print(f"{cfg.head}: {transfer_report['summary']} from {parent}")
+        launch.accelerator.print(f"{cfg.head}: {transfer_report['summary']} from {parent}")
     model.to(device).train()
     if cfg.mixed_precision == "bf16-weights":
         # Cast before the EMA copy and the optimizer's fp32 masters are taken, so both start from
@@ -261,12 +420,11 @@ def train(
     if cfg.distributed == "fsdp":
         # Every process starts from the same full model (same seed) and keeps its 1/world shard.
         # The EMA is sharded alike, so its update stays an elementwise op on the local shards.
-        mesh = init_device_mesh(device.type, (world,))
+        mesh = init_device_mesh(device.type, (launch.world,))
         _shard(model, mesh, cfg.mixed_precision)
         _shard(ema, mesh, cfg.mixed_precision)
 
-    # --- optimizer ----------------------------------------------------------------------------
-    # Built after sharding: under FSDP its state covers only this process's shards.
+    # The optimizer, built after sharding: under FSDP its state covers only this process's shards.
     adamw: dict[str, Any] = dict(
         lr=cfg.lr,
         betas=cfg.adam_betas,
@@ -281,189 +439,189 @@ def train(
             model.parameters(), max_grad_norm=cfg.grad_clip, **adamw
         )
     optimizer = master_optimizer or torch.optim.AdamW(model.parameters(), **adamw)
+    state = TrainState(
+        model, ema, model_config, optimizer, sampler, master_optimizer, num_parameters
+    )
+    return state, {"parent": parent, "transfer_report": transfer_report}
 
-    # --- resume -------------------------------------------------------------------------------
-    # A different stream per process, so the processes draw different noise and timesteps.
-    _seed_everything(cfg.seed * world + rank)
-    step = 0
-    if resume_meta is not None:
-        step = _load_training_state(
-            resume_meta["uri"], model, ema, optimizer, sampler, rank, (node, nodes)
-        )
-        logger.info("resumed from %s at step %d", resume_meta["uri"], step)
 
+def prepare(cfg: TrainConfig, launch: Launch, state: TrainState, num_sizes: int) -> Any:
+    """Hand the model and optimizer to accelerate (DDP, autocast, gradient accumulation), in
+    place in `state`; returns the model the training step calls (compiled with `cfg.compile`)."""
+    accelerator = launch.accelerator
     if cfg.distributed == "fsdp":
         # Already sharded: accelerate adds autocast and gradient accumulation but must not wrap
         # it in DDP, which `evaluation_mode` skips (it does not switch the model to eval).
-        model = accelerator.prepare_model(model, evaluation_mode=True)
-        optimizer = accelerator.prepare_optimizer(optimizer)
+        state.model = accelerator.prepare_model(state.model, evaluation_mode=True)
+        state.optimizer = accelerator.prepare_optimizer(state.optimizer)
     else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    train_model = model
-    if cfg.compile:
-        # One static graph per latent size. With aspect buckets, dynamo's automatic dynamic
-        # shapes still compiled a graph per size (the model branches on its grid), stopped
-        # compiling at its recompile limit (8) and ran further sizes eagerly; in a CPU run of 11
-        # sizes (torch 2.13) a backward reused for another size crashed on its strides. Each size
-        # now compiles once, at its first batch, up to twice the sizes the features hold.
-        limit = 2 * len(table.latent_sizes)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        train_model = torch.compile(model, dynamic=False)
-    diffusion = GaussianDiffusion()  # DDPM, linear betas 1e-4..0.02, 1000 steps, learned sigma
+        state.model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
+    if not cfg.compile:
+        return state.model
+    # One static graph per latent size. With aspect buckets, dynamo's automatic dynamic shapes
+    # still compiled a graph per size (the model branches on its grid), stopped compiling at its
+    # recompile limit (8) and ran further sizes eagerly; in a CPU run of 11 sizes (torch 2.13) a
+    # backward reused for another size crashed on its strides. Each size now compiles once, at
+    # its first batch, up to twice the sizes the features hold.
+    # The limit is dynamo's process-global config, the knob torch's compile troubleshooting
+    # guide names: there is no per-model one. It is only ever raised here, never lowered.
+    limit = 2 * num_sizes
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return torch.compile(state.model, dynamic=False)
 
-    meta = {
+
+def checkpoint_meta(
+    cfg: TrainConfig,
+    dataset_uri: str,
+    spec: dict[str, Any],
+    data: TrainData,
+    state: TrainState,
+    lineage: dict[str, Any],
+    global_batch: int,
+) -> dict[str, Any]:
+    """The run's part of every checkpoint's `lumos_checkpoint.json` (the step and loss aside)."""
+    return {
         "head": cfg.head,
         "encoders": spec.get("encoders"),
-        "data": {"dataset_uri": dataset_uri, "manifest_sha256": spec.get("manifest_sha256")},
+        "data": {
+            "dataset_uri": dataset_uri,
+            "manifest_sha256": spec.get("manifest_sha256"),
+        },
         "features": {k: spec.get(k) for k in ("shapes", "latent_downsample", "resolution")},
-        "parent": parent,
+        "parent": lineage["parent"],
         "train_config": cfg.model_dump(mode="json"),
-        "transfer_report": transfer_report,
-        "num_parameters": num_parameters,
+        "transfer_report": lineage["transfer_report"],
+        "num_parameters": state.num_parameters,
         "global_batch": global_batch,
-        "train_items": train_items,
-        "skipped_groups": dataset.skipped_groups,
-        "starved_items": starved_items,
+        "train_items": data.train_items,
+        "skipped_groups": data.dataset.skipped_groups,
+        "starved_items": data.starved_items,
     }
 
-    def checkpoint(step: int, loss: float | None) -> str:
-        ckpt = Storage.from_uri(out_uri).child(checkpoint_dirname(step))
-        # Every process saves its own RNG state; the main process writes the rest, meta last.
-        ckpt.write_bytes(f"training_state/rng-rank-{rank:05d}.pt", _to_bytes(_rng_state()))
-        if nodes > 1 and data_rank == 0:  # each node's place in its own parts' order
-            ckpt.write_json(f"training_state/data-node-{node:05d}.json", sampler.state_dict())
-        raw, ema_weights = accelerator.unwrap_model(model), ema
-        if master_optimizer is not None:  # the fp32 masters, not their bf16 copies in the model
-            raw = _model_from_weights(master_optimizer.master_state_dict(raw), model_cfg)
-        if cfg.distributed == "fsdp":
-            # Gathering the shards is collective (every process calls it); the main process
-            # receives full weights and optimizer state, the same files DDP writes.
-            optimizer_state = get_optimizer_state_dict(raw, optimizer.optimizer, options=FULL_STATE)
-            raw, ema_weights = _gather(raw, model_cfg), _gather(ema, model_cfg)
-        else:
-            optimizer_state = optimizer.state_dict()
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            # The LR schedule is a function of the step: the step is its whole state.
-            position: dict[str, Any] = {"step": step, "world_size": world, "feature_nodes": nodes}
-            if nodes == 1:
-                position["data"] = sampler.state_dict()
-            else:  # each node's own position, written by the node above
-                position["data_by_node"] = [f"data-node-{i:05d}.json" for i in range(nodes)]
-            state = {
-                "optimizer.pt": _to_bytes(optimizer_state),
-                "state.json": json.dumps(position, indent=2).encode(),
-            }
-            assert raw is not None and ema_weights is not None, "gathered on the main process"
-            save_checkpoint(ckpt.uri, raw, ema_weights, {**meta, "step": step, "loss": loss}, state)
-            prune_checkpoints(out_uri, cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return ckpt.uri
 
-    # --- loop ---------------------------------------------------------------------------------
-    push_url = cfg.pushgateway_url if accelerator.is_main_process else None
-    metrics = TrainingMetrics(
-        run=Storage.from_uri(out_uri).uri, head=cfg.head, pushgateway_url=push_url
-    )
-    losses: list[tuple[int, float]] = []
-    final_loss = resume_meta.get("loss") if resume_meta else None
-    start_step, start_time = step, time.perf_counter()
-    running_loss, log_steps, log_time = torch.zeros((), device=device), 0, time.perf_counter()
-    images_per_second = 0.0
-    checkpoint_uri = resume_meta["uri"] if resume_meta else None
-    show_bar = cfg.progress_bar and accelerator.is_main_process
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.head}", disable=not show_bar)
-    if step == 0 and cfg.steps == 0:
-        checkpoint_uri = checkpoint(0, None)  # an untrained model: the gate must reject it
-    # SIGTERM (a preempted node, a deleted job) ends the run after the current step, with a
-    # checkpoint (lumos.training.stopping).
-    with StopSignal(cfg.stop_check_every, device) as stop:
-        while step < cfg.steps:
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(cfg.grad_accum):
-                # Captions travel packed and are padded to the model's length on the device.
-                batch = dataset.batch(sampler.next_batch(), pin_memory, pack_text=True)
-                batch = pad_text(_to_device(batch, device))
-                x0, model_kwargs = batch_to_model_inputs(cfg.head, batch, latent_downsample)
-                t = diffusion.sample_timesteps(x0.shape[0], device=device)  # (B,)
-                # Under FSDP every micro-step reduce-scatters its gradients (accelerate's no_sync
-                # does not apply to fully_shard): skipping it would keep unsharded gradients.
-                with accelerator.accumulate(model):
-                    loss = diffusion.training_losses(train_model, x0, t, model_kwargs)[
-                        "loss"
-                    ].mean()
-                    accelerator.backward(loss)  # divided by grad_accum inside
-                    if accelerator.sync_gradients and master_optimizer is None:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()  # a no-op until the last micro-step (accelerate)
-                    optimizer.zero_grad(set_to_none=True)
-                running_loss += loss.detach() / cfg.grad_accum
-            decay = cfg.ema_decay
-            if cfg.ema_warmup:
-                decay = min(decay, (1 + step) / (10 + step))
-            # The EMA follows the fp32 weights: the optimizer's masters when the model holds bf16.
-            raw_model = accelerator.unwrap_model(model)
-            weights = master_optimizer.master_params if master_optimizer else raw_model.parameters()
-            update_ema(ema, weights, decay)
-            step += 1
-            log_steps += 1
-            bar.update(1)
+# --- checkpoint, log --------------------------------------------------------------------------------
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                # One sync per log interval (as DiT): the mean loss over steps and processes.
-                mean_loss = accelerator.reduce(running_loss / log_steps, reduction="mean").item()
-                now = time.perf_counter()
-                images_per_second = images_per_step * log_steps / (now - log_time)
-                losses.append((step, mean_loss))
-                final_loss = mean_loss
-                bar.set_postfix(
-                    loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:.1f}", lr=f"{lr:.2e}"
-                )
-                metrics.update(step=step, loss=mean_loss, images_per_second=images_per_second)
-                metrics.push()
-                running_loss.zero_()
-                log_steps, log_time = 0, now
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint_uri = checkpoint(step, final_loss)
-            if step < cfg.steps and stop.should_stop(step):  # collective: same steps on all
-                if step % cfg.checkpoint_every:  # not written just above
-                    checkpoint_uri = checkpoint(step, final_loss)
-                bar.close()
-                raise TrainingStopped(
-                    f"{stop.received or 'SIGTERM on another process'}: stopped at step {step} "
-                    f"of {cfg.steps} after writing checkpoint {checkpoint_uri}; run the same "
-                    "training again (same out_uri) to resume from it"
-                )
-    bar.close()
 
-    elapsed = time.perf_counter() - start_time
-    steps_done = step - start_step
-    assert checkpoint_uri is not None
-    return TrainResult(
-        checkpoint_uri=checkpoint_uri,
-        head=cfg.head,
-        step=step,
-        final_loss=final_loss,
-        losses=losses,
-        images_per_second=images_per_step * steps_done / elapsed if steps_done else 0.0,
-        last_images_per_second=images_per_second,
-        num_parameters=num_parameters,
-        train_items=train_items,
-        skipped_groups=dataset.skipped_groups,
-        starved_items=starved_items,
-        global_batch=global_batch,
-        resumed_from=resume_meta["uri"] if resume_meta else None,
-        transfer_report=transfer_report,
-    )
+def save_training_checkpoint(
+    cfg: TrainConfig,
+    out_uri: str,
+    launch: Launch,
+    state: TrainState,
+    meta: dict[str, Any],
+    loss: float | None,
+) -> str:
+    """Write the checkpoint of `state.step` under `out_uri` and prune the older ones; returns its
+    URI. Collective: every process calls it (each writes its RNG state; under FSDP the shards
+    are gathered); the main process writes the weights, the training state and meta, last."""
+    accelerator, step = launch.accelerator, state.step
+    ckpt = Storage.from_uri(out_uri).child(checkpoint_dirname(step))
+    node_leader = launch.data_rank == 0  # writes its node's data position
+    write_process_state(ckpt, launch.rank, state.sampler, (launch.node, launch.nodes), node_leader)
+    model: LumosDiT = accelerator.unwrap_model(state.model)
+    raw: LumosDiT | None = model
+    ema_weights: LumosDiT | None = state.ema
+    if state.master_optimizer is not None:  # the fp32 masters, not their bf16 copies in the model
+        masters = state.master_optimizer.master_state_dict(model)
+        raw = _model_from_weights(masters, state.model_config)
+    if cfg.distributed == "fsdp":  # (never with bf16 weights: the config refuses it)
+        # Gathering the shards is collective (every process calls it); the main process
+        # receives full weights and optimizer state, the same files DDP writes.
+        inner = state.optimizer.optimizer
+        optimizer_state = get_optimizer_state_dict(model, inner, options=FULL_STATE)
+        raw, ema_weights = (
+            _gather(model, state.model_config),
+            _gather(state.ema, state.model_config),
+        )
+    else:
+        optimizer_state = state.optimizer.state_dict()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = training_state_files(
+            step, launch.world, optimizer_state, state.sampler, launch.nodes
+        )
+        if raw is None or ema_weights is None:
+            raise RuntimeError("the main process holds no gathered weights to save")
+        save_checkpoint(ckpt.uri, raw, ema_weights, {**meta, "step": step, "loss": loss}, files)
+        prune_checkpoints(out_uri, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return ckpt.uri
+
+
+class TrainLog:
+    """The mean loss and throughput of each log interval: one host sync per interval (as DiT),
+    to the progress bar, the run's result and Prometheus."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        launch: Launch,
+        out_uri: str,
+        step: int,
+        images_per_step: int,
+    ) -> None:
+        self.cfg, self.launch, self.images_per_step = cfg, launch, images_per_step
+        main = launch.accelerator.is_main_process
+        push_url = cfg.pushgateway_url if main else None
+        self.metrics = TrainingMetrics(
+            run=Storage.from_uri(out_uri).uri, head=cfg.head, pushgateway_url=push_url
+        )
+        self.losses: list[tuple[int, float]] = []
+        self.final_loss: float | None = None
+        self.start_step, self.start_time = step, time.perf_counter()
+        self.running_loss = torch.zeros((), device=launch.device)
+        self.log_steps, self.log_time = 0, time.perf_counter()
+        self.images_per_second = 0.0
+        show = cfg.progress_bar and main
+        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.head}", disable=not show)
+
+    def add(self, loss: torch.Tensor) -> None:
+        """A micro-step's share of the step's loss (no sync: it stays on the device)."""
+        self.running_loss += loss
+
+    def step_done(self, step: int, lr: float) -> None:
+        self.log_steps += 1
+        self.bar.update(1)
+        if step % self.cfg.log_every and step != self.cfg.steps:
+            return
+        # The mean loss over the interval's steps and every process.
+        mean = self.running_loss / self.log_steps
+        mean_loss = self.launch.accelerator.reduce(mean, reduction="mean").item()
+        now = time.perf_counter()
+        self.images_per_second = self.images_per_step * self.log_steps / (now - self.log_time)
+        self.losses.append((step, mean_loss))
+        self.final_loss = mean_loss
+        self.bar.set_postfix(
+            loss=f"{mean_loss:.4f}",
+            img_s=f"{self.images_per_second:.1f}",
+            lr=f"{lr:.2e}",
+        )
+        self.metrics.update(step=step, loss=mean_loss, images_per_second=self.images_per_second)
+        self.metrics.push()
+        self.running_loss.zero_()
+        self.log_steps, self.log_time = 0, now
+
+    def mean_images_per_second(self, step: int) -> float:
+        """Over this call's steps, all processes (frames count as images)."""
+        steps = step - self.start_step
+        elapsed = time.perf_counter() - self.start_time
+        return self.images_per_step * steps / elapsed if steps else 0.0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --- the model ---------------------------------------------------------------------------------------
 
 
 def build_model_config(cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]:
     """The LumosDiT config for a head: registry size, data dims from the features, overrides."""
     shapes = spec["shapes"]
     channels, height, width = shapes["latents"]
-    assert height == width, f"square latents expected, got {height}x{width}"
+    if height != width:
+        raise ValueError(
+            f"the features' reference latents are {height}x{width}; training expects square "
+            "ones (features.json shapes.latents): re-run featurize"
+        )
     pixels = height * int(spec["latent_downsample"])
     base = lumos_dit_config(
         cfg.model_size,
@@ -495,12 +653,16 @@ def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[s
     """Load an (I2I) checkpoint's weights into `model` by weight transfer; returns the report."""
     source = load_checkpoint(init_from, raw=not cfg.init_from_ema)
     weights = source.ema_model if cfg.init_from_ema else source.model
-    assert weights is not None, "load_checkpoint(raw=True) returns the raw weights"
+    if weights is None:
+        raise ValueError(f"{source.uri} holds no {'EMA' if cfg.init_from_ema else 'raw'} weights")
     # A head continued from its own checkpoint (T2I's next resolution stage) keeps what it learned
     # (text projection, null embedding, size embedder); from another head those start afresh.
     same_head = source.meta.get("head") == cfg.head
     report = transfer_weights(
-        weights.state_dict(), model, HEADS[cfg.head].allowed_new, reinitialise=not same_head
+        weights.state_dict(),
+        model,
+        HEADS[cfg.head].allowed_new,
+        reinitialise=not same_head,
     )
     return {
         "source": source.uri,
@@ -544,7 +706,8 @@ def update_ema(ema: torch.nn.Module, weights: Iterable[torch.Tensor], decay: flo
     parameters in `ema.parameters()` order (or their fp32 masters)."""
     ema_params: list[torch.Tensor] = list(ema.parameters())
     params = [p.detach() for p in weights]
-    assert len(ema_params) == len(params), "the EMA copy and the model differ in parameters"
+    if len(ema_params) != len(params):
+        raise ValueError(f"the EMA has {len(ema_params)} parameters, the model {len(params)}")
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
@@ -613,6 +776,7 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         # process with another precision (tests, an in-process pipeline) must start it afresh.
         if AcceleratorState().distributed_type != DistributedType.NO:
             raise
+        # accelerate has no public reset of that state (its own tests call this private one).
         AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(**kwargs)
 
@@ -621,38 +785,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # numpy's limit (a process's seed is seed * world + rank)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state: Any = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _from_bytes(data: bytes) -> Any:
-    # weights_only=False: python / numpy RNG states are tuples of ints; these are our own files.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -692,55 +824,34 @@ def _check_resumable(
         )
 
 
-def _load_training_state(
-    checkpoint_uri: str,
-    model: LumosDiT,
-    ema: LumosDiT,
-    optimizer: torch.optim.Optimizer,
-    sampler: ResumableSampler,
-    rank: int,
-    feature_node: tuple[int, int] = (0, 1),
-) -> int:
-    """Restore everything a resumed run needs; returns the step to continue from.
-    `feature_node`: (this process's node, nodes) when the features are split by node."""
-    store = Storage.from_uri(checkpoint_uri)
-    with local_copy(checkpoint_uri, ["transformer", "transformer_ema"]) as root:
-        for target, sub in ((model, "transformer"), (ema, "transformer_ema")):
-            weights = load_file(str(root / sub / "diffusion_pytorch_model.safetensors"))
-            if isinstance(target, FSDPModule):  # every process keeps its shard of the full file
-                set_model_state_dict(
-                    target, weights, options=StateDictOptions(full_state_dict=True)
-                )
-            else:
-                target.load_state_dict(weights, strict=True)
-    state = store.read_json("training_state/state.json")
-    optimizer_state = _from_bytes(store.read_bytes("training_state/optimizer.pt"))
-    if isinstance(model, FSDPModule):  # saved full (by parameter name) by get_optimizer_state_dict
-        # Not strict: a parameter that never had a gradient (the cross-attention's query with one
-        # image token) has no Adam state, as in a plain optimizer's state dict.
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-    else:
-        optimizer.load_state_dict(optimizer_state)
-    node, nodes = feature_node
-    if state.get("feature_nodes", 1) != nodes:
-        raise ValueError(
-            f"{checkpoint_uri} was saved by a run that split the features over "
-            f"{state.get('feature_nodes', 1)} nodes, this run splits them over {nodes}: each "
-            "node's data position belongs to its parts; resume with the same number of nodes"
-        )
-    if nodes > 1:
-        sampler.load_state_dict(store.read_json(f"training_state/data-node-{node:05d}.json"))
-    else:
-        sampler.load_state_dict(state["data"])
-    rng_key = f"training_state/rng-rank-{rank:05d}.pt"
-    if not store.exists(rng_key):
-        raise ValueError(
-            f"{checkpoint_uri} has no RNG state for process {rank}: it was saved by "
-            f"{state['world_size']} processes; resume with the same number"
-        )
-    _set_rng_state(_from_bytes(store.read_bytes(rng_key)))
-    return int(state["step"])
+def _train_result(
+    cfg: TrainConfig,
+    out_uri: str,
+    meta: dict[str, Any],
+    step: int,
+    log: TrainLog,
+    checkpoint_uri: str | None,
+    resume_meta: dict[str, Any] | None,
+) -> TrainResult:
+    """The result of this call: `meta` is the run's checkpoint metadata (`checkpoint_meta`)."""
+    if checkpoint_uri is None:  # steps >= 1 always end with one, steps == 0 writes one
+        raise RuntimeError(f"training into {out_uri} ended without a checkpoint")
+    return TrainResult(
+        checkpoint_uri=checkpoint_uri,
+        head=cfg.head,
+        step=step,
+        final_loss=log.final_loss,
+        losses=log.losses,
+        images_per_second=log.mean_images_per_second(step),
+        last_images_per_second=log.images_per_second,
+        num_parameters=meta["num_parameters"],
+        train_items=meta["train_items"],
+        skipped_groups=meta["skipped_groups"],
+        starved_items=meta["starved_items"],
+        global_batch=meta["global_batch"],
+        resumed_from=resume_meta["uri"] if resume_meta else None,
+        transfer_report=meta["transfer_report"],
+    )
 
 
 def _result_from_meta(meta: dict[str, Any]) -> TrainResult:
@@ -764,4 +875,10 @@ def _result_from_meta(meta: dict[str, Any]) -> TrainResult:
     )
 
 
-__all__ = ["TrainResult", "build_model_config", "train", "update_ema"]
+__all__ = [
+    "TrainResult",
+    "build_model_config",
+    "save_training_checkpoint",
+    "train",
+    "update_ema",
+]
