@@ -217,7 +217,7 @@ def test_first_model_that_never_gets_ready_fails_and_frees_its_version(
 
 def _exposition(requests: int, errors: int, bad: int, latencies: list[float]) -> str:
     """Prometheus text as the predictor exposes it (its own metric classes, a fresh registry)."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     from lumos.serving.metrics import LATENCY_BUCKETS
 
@@ -229,6 +229,8 @@ def _exposition(requests: int, errors: int, bad: int, latencies: list[float]) ->
     errs.labels(model=ISVC, reason="invalid_input").inc(1000)  # clients' faults: not counted
     Counter("lumos_serving_bad_outputs", "", ["model", "reason"], registry=reg).labels(
         model=ISVC, reason="blank").inc(bad)  # fmt: skip
+    Gauge("lumos_serving_process", "", ["process_id"], registry=reg).labels(
+        process_id="p1").set(1)  # fmt: skip
     hist = Histogram("lumos_serving_request_latency_seconds", "", ["model"],
                      buckets=LATENCY_BUCKETS, registry=reg)  # fmt: skip
     for value in latencies:
@@ -237,10 +239,11 @@ def _exposition(requests: int, errors: int, bad: int, latencies: list[float]) ->
 
 
 def test_canary_judged_on_the_soak_window_only() -> None:
-    from lumos.serving.rollout import canary_evidence, judge
+    from lumos.serving.rollout import canary_evidence, judge, process_id
 
     before = _exposition(100, 50, 0, [0.02] * 100)  # an old burst of errors: before the soak
     after = _exposition(200, 52, 3, [0.02] * 100 + [0.3] * 90 + [4.0] * 10)
+    assert process_id(before) == process_id(after) == "p1"
     ev = canary_evidence(before, after, ISVC)
     assert (ev.requests, ev.model_errors, ev.bad_outputs) == (100, 2, 3)
     assert 2.5 < ev.p95_latency_s <= 5.0  # inside the bucket of the slowest 10 requests
@@ -251,3 +254,29 @@ def test_canary_judged_on_the_soak_window_only() -> None:
     reasons = judge(strict, ev)
     assert len(reasons) == 2 and "error rate 0.020" in reasons[0] and "p95" in reasons[1]
     assert "not enough evidence" in judge(rc.model_copy(update={"min_requests": 500}), ev)[0]
+
+
+def test_canary_scrapes_that_reach_different_pods_are_no_evidence(
+    tmp_path: Path, crds_dir: Path
+) -> None:
+    """Two pods behind the canary's route: the counters of one cannot be subtracted from the
+    other's, so a canary whose scrapes never come from one process twice is rolled back."""
+    from test_promote import make_export
+
+    standin = KServeStandIn(crds_dir, lambda uri: ("ready", "http://canary.example"))
+    pods = iter(range(1000))
+
+    def scrape(url: str) -> str:  # each scrape reaches another pod
+        return _exposition(10, 0, 0, [0.1] * 10).replace('"p1"', f'"p{next(pods)}"')
+
+    clock = [0.0]
+    cluster = Cluster(api=standin, events=standin, scrape=scrape,
+                      sleep=lambda s: clock.__setitem__(0, clock[0] + s), clock=lambda: clock[0])  # fmt: skip
+    registry = str(tmp_path / "registry")
+    cfg = PromoteConfig(registry_uri=registry, storage_uri_base=str(tmp_path / "models"),
+                        rollout=RolloutConfig(apply=True, soak_s=5, poll_s=1))  # fmt: skip
+    export = str(make_export(tmp_path / "export"))
+    assert promote(cfg, export, eval_result(None), str(tmp_path / "a"), cluster=cluster).promoted
+    second = promote(cfg, export, eval_result("v0001"), str(tmp_path / "b"), cluster=cluster)
+    assert not second.promoted and "never reached the pod of the first scrape" in second.reasons[0]
+    assert current_promoted(registry, "t2i")["version"] == "v0001"

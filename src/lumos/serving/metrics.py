@@ -12,9 +12,15 @@ the same series from a canary to decide whether it is promoted or rolled back:
     lumos_serving_batch_size{model}                         histogram of instances per model call
     lumos_serving_queue_depth{model}                        instances waiting for the model
     lumos_serving_bad_outputs_total{model, reason}          generated images failing the output check
+    lumos_serving_process{process_id}                       1, naming this process (PROCESS_ID)
+
+A canary is judged on two scrapes of its route: `process_id` tells whether both reached the same
+pod (counters of two pods cannot be subtracted).
 """
 
 from __future__ import annotations
+
+import uuid
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -27,6 +33,7 @@ BAD_OUTPUT_REASONS = ("non_finite", "blank")
 # Latency buckets from 10 ms (a small GPU batch) to 2 min (a CPU XL sample).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PROCESS_ID = uuid.uuid4().hex[:12]  # one per server process (a pod, or a restart of one)
 
 
 class PredictorMetrics:
@@ -55,6 +62,8 @@ class PredictorMetrics:
             "lumos_serving_bad_outputs", "generated images failing the output check",
             ["model", "reason"],
         )  # fmt: skip
+        self.process = Gauge("lumos_serving_process", "this predictor process", ["process_id"])
+        self.process.labels(process_id=PROCESS_ID).set(1)
 
 
 PREDICTOR_METRICS = PredictorMetrics()

@@ -50,6 +50,7 @@ FIELD_MANAGER = "lumos.dev/promote"
 # KServe adds a "latest" tag (its own URL) to the canary's traffic target with this annotation.
 TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
 POD_LABEL = "serving.kserve.io/inferenceservice"
+SAME_POD_ATTEMPTS = 20
 
 
 class RolloutFailed(LumosError):
@@ -255,6 +256,17 @@ def _quantile(buckets: dict[float, float], q: float) -> float | None:
     return edges[-1]
 
 
+def process_id(text: str) -> str | None:
+    """The predictor process that answered a scrape (lumos_serving_process{process_id})."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "lumos_serving_process":
+                return sample.labels.get("process_id")
+    return None
+
+
 def canary_evidence(before: str, after: str, model: str) -> CanaryEvidence:
     """The canary's metrics over the soak: the difference of two scrapes."""
     a, b = _samples(before, model), _samples(after, model)
@@ -456,7 +468,21 @@ def roll_out(
     end = cluster.clock() + rc.soak_s
     while (left := end - cluster.clock()) > 0:
         cluster.sleep(min(left, rc.poll_s))
-    evidence = canary_evidence(first, cluster.scrape(url), model)
+    # The route spreads requests over the canary's pods: scrape until the same process answers.
+    for _ in range(SAME_POD_ATTEMPTS):
+        last = cluster.scrape(url)
+        if process_id(last) == process_id(first):
+            break
+    if process_id(last) != process_id(first):
+        _roll_back(cluster, rc, isvc, champion)
+        return RolloutOutcome(
+            outcome="rolled_back", revision=revision, finished_at=_now(),
+            reasons=[f"{SAME_POD_ATTEMPTS} scrapes of the canary's /metrics after the soak never "
+                     "reached the pod of the first scrape (it restarted, or the canary has "
+                     "several pods): no evidence to judge it on"],
+            **outcome,
+        )  # fmt: skip
+    evidence = canary_evidence(first, last, model)
     reasons = judge(rc, evidence)
     if reasons:
         _roll_back(cluster, rc, isvc, champion)
