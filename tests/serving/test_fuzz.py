@@ -226,6 +226,7 @@ def test_reasons_name_the_problem(server: str) -> None:
         (V1, good_v1(cameras=CAMERAS[:2]), "'cameras' must be 3 views"),
         (V1, good_v1(image_b64=base64.b64encode(_bomb_png(20000, 20000)).decode()), "too large"),
         (V1, good_v1(image_b64=base64.b64encode(_png()[:40]).decode()), "not a readable image"),
+        (V1, good_v1(image_b64="A" * (23 << 20)), "characters, the limit is 16777216 bytes"),
         (V2, _v2_with({"shape": [2]}, "image_b64"), "holds 2 values, data has 1"),
         (V2, _v2_with({"datatype": "FP32", "data": [2.0]}), "datatype FP32 is not accepted"),
         (V2, _v2_with({"shape": [1, VIEWS, 2], "data": [c[:2] for c in CAMERAS]}, "cameras"),
