@@ -6,11 +6,9 @@ import asyncio
 import base64
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -20,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kserve.errors import InvalidInput
-from local_servers import free_port
 from PIL import Image, ImageOps
+from predictor_process import serve
 
 from lumos.configs.export import ExportConfig
 from lumos.encoders import FrozenEncoders
@@ -75,54 +73,7 @@ def i2i_server(tmp_path_factory: pytest.TempPathFactory):
 
 def _serve(export_dir: str) -> Iterator[str]:
     """`python -m lumos.serving.server` on a free 127.0.0.1 port; yields its base URL."""
-    port = free_port()
-    # A file, not a pipe nobody reads: a full pipe would block the server's logging.
-    log_path = Path(export_dir).parent / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lumos.serving.server",
-            "--export_uri",
-            export_dir,
-            "--model_name",
-            MODEL,
-            "--http_port",
-            str(port),
-            "--grpc_port",
-            str(free_port()),
-            "--enable_grpc",
-            "false",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/v1/models/{MODEL}", timeout=2) as resp:
-                if json.load(resp).get("ready"):
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            log.close()
-            output = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the server did not become ready on {base}:\n{output}")
-        time.sleep(0.5)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    yield from serve(export_dir)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
