@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from lumos.errors import LumosError
 from lumos.serving.metrics import PREDICTOR_METRICS
 
 
@@ -47,7 +48,7 @@ class MicroBatcher:
         name: str,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError(
+            raise LumosError(
                 f"max_batch and max_queue must be >= 1 and max_wait_s >= 0, got "
                 f"{max_batch}, {max_queue}, {max_wait_s}"
             )
