@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def lumos(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -60,3 +62,42 @@ def test_invalid_config_fails_before_any_work(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "ingest.resolution" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # trains one step first, then two CLI processes import torch
+def test_resume_with_another_config_is_one_line_and_v_adds_the_traceback(tmp_path: Path) -> None:
+    """A run directory holds another run's checkpoint (here: another lr): the CLI says so in one
+    line naming the differing setting, exit 1, no traceback; `lumos -v` shows the traceback."""
+    from lumos.config import load_config
+    from lumos.data.ingest import ingest
+    from lumos.data.synthetic import generate_default_dataset
+    from lumos.training.featurize import featurize
+    from lumos.training.train import train
+
+    small = [
+        "synth.num_images=12",
+        "synth.num_objects=0",
+        "synth.num_clips=0",
+        "pretrain.steps=1",
+        "pretrain.batch_size=4",
+        "pretrain.model_overrides.depth=1",
+    ]
+    cfg = load_config("tiny", overrides=small)
+    generate_default_dataset(cfg.synth, str(tmp_path / "raw"))
+    dataset, out = str(tmp_path / "ds"), str(tmp_path / "run")
+    ingest(cfg.ingest, str(tmp_path / "raw" / "images"), dataset)
+    featurize(cfg.featurize, dataset)
+    train(cfg.pretrain, dataset, out)
+
+    args = ["pretrain", "--dataset", dataset, "--out", out]
+    for item in [*small, "pretrain.lr=0.01"]:
+        args += ["--set", item]
+    quiet = lumos(*args)
+    assert quiet.returncode == 1, quiet.stderr
+    [line] = [x for x in quiet.stderr.splitlines() if x.startswith("lumos:")]
+    assert line.startswith("lumos: CheckpointError:") and "'lr'" in line, line
+    assert "Traceback" not in quiet.stderr
+
+    verbose = lumos("-v", *args)
+    assert verbose.returncode == 1
+    assert "Traceback" in verbose.stderr and "CheckpointError" in verbose.stderr

@@ -14,7 +14,8 @@
     lumos rollback --head t2i                   # the previous promoted version serves again
 
 Each takes --preset (tiny | xl), --config FILE and --set key.path=value (repeatable); the config is
-validated before any work starts.
+validated before any work starts. An error a user can cause (a `lumos.errors.LumosError`) prints one
+line and exits 1 (2 for a bad config); `-v` adds its traceback (and, for `run`, every step's log).
 """
 
 from __future__ import annotations
@@ -159,8 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one field"
     )
     common.add_argument("--config-json", help=argparse.SUPPRESS)  # a whole config (TrainJobs)
+    # SUPPRESS: `lumos -v <command>` stays verbose when the command's parser sees no -v.
+    verbose_help = "show the traceback of an error (run: also every step's full log)"
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+    )
 
     parser = argparse.ArgumentParser(prog="lumos", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", parents=[common], help="show the resolved config or its schema")
@@ -230,7 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where everything goes (default runs/<timestamp>)")
     p.add_argument("--runs-root", help="store data under this URI instead (e.g. s3://bucket/runs)")
     p.add_argument("--json", help="also write the summary as JSON to this file")
-    p.add_argument("-v", "--verbose", action="store_true", help="show every step's full log")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", parents=[common], help="compile the pipeline to IR YAML")
@@ -251,19 +257,25 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lumos.config import ConfigError
+    from pydantic import ValidationError
+
+    from lumos.config import ConfigError, format_validation_error
+    from lumos.errors import LumosError
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except ConfigError as err:
-        _error(str(err))
-        raise SystemExit(2) from None
-    except Exception as err:
-        # The library's own errors (missing checkpoint, unreadable source, failed export check,
-        # ...) say what was wrong and what to do: show that, not a traceback.
-        if not type(err).__module__.startswith("lumos."):
+        try:
+            args.func(args)
+        except ValidationError as err:  # a model built from a user's file or flags
+            raise ConfigError(format_validation_error(err)) from err
+    except LumosError as err:
+        # It says what was wrong and what to do: show that; the traceback only on request.
+        # Anything else escaping the library is a bug, and keeps its traceback.
+        if args.verbose:
             raise
+        if isinstance(err, ConfigError):
+            _error(str(err))
+            raise SystemExit(2) from None
         _error(f"{type(err).__name__}: {err}")
         raise SystemExit(1) from None
 

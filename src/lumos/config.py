@@ -23,6 +23,7 @@ from lumos.configs.export import ExportConfig
 from lumos.configs.k8s import TRAIN_IMAGE, DistributedConfig, StepsResources, Toleration
 from lumos.configs.serving import PromoteConfig
 from lumos.configs.training import FeaturizeConfig, TrainConfig
+from lumos.errors import LumosError
 
 PRESETS = ("tiny", "xl")
 FINETUNE_HEADS = ("t2i", "novel_view", "video")
@@ -33,7 +34,7 @@ NAME_MAX_LENGTH = 34
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-class ConfigError(ValueError):
+class ConfigError(LumosError, ValueError):
     """A configuration that cannot be used; the message names every bad field."""
 
 

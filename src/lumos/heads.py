@@ -114,7 +114,8 @@ def head_model_config(
             frame_embed="camera" if head == "novel_view" else "index",
             concat_latent_channels=config.get("in_channels", 4),
         )
-    assert spec.multi_frame == (config.get("num_frames", 1) > 1), f"head {head}: frame mismatch"
+    if spec.multi_frame != (config.get("num_frames", 1) > 1):
+        raise ValueError(f"head {head}: frame mismatch")
     return config
 
 
@@ -124,9 +125,10 @@ def relative_camera(camera: torch.Tensor) -> torch.Tensor:
     Zero123's parametrisation: (delta elevation [rad], sin and cos of delta azimuth, delta radius),
     so a full turn in azimuth maps to the same camera.
     """
-    assert camera.ndim == 3 and camera.shape[-1] >= 3, (
-        f"camera must be (B, F, 4) (azimuth_deg, elevation_deg, radius, _), got {tuple(camera.shape)}"
-    )
+    if camera.ndim != 3 or camera.shape[-1] < 3:
+        raise ValueError(
+            f"camera must be (B, F, 4) (azimuth_deg, elevation_deg, radius, _), got {tuple(camera.shape)}"
+        )
     camera = camera.float()
     delta = camera - camera[:, :1]  # (B, F, 4)
     d_azimuth = delta[..., 0] * (math.pi / 180)  # (B, F)

@@ -197,5 +197,5 @@ def test_bad_configs_and_inputs_fail_loudly():
         LumosDiT(**tiny_config("tiny", frame_embed="index"))
     model = LumosDiT(**tiny_config("tiny"))
     x, t, cond = inputs()
-    with pytest.raises(AssertionError, match="x must be"):
+    with pytest.raises(ValueError, match="x must be"):
         model(x[:, None], t, cond)

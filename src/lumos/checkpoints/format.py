@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lumos.errors import CheckpointError, LumosError
 from lumos.models.lumos_dit import LumosDiT
 from lumos.storage import LocalStorage, Storage, reporting_disk_full
 
@@ -35,7 +36,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 logger = logging.getLogger(__name__)
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(LumosError, FileNotFoundError):
     """No complete checkpoint where one was expected."""
 
 
@@ -56,7 +57,8 @@ def _step_dirs(store: Storage) -> dict[str, bool]:
 
 def _step(name: str) -> int:
     match = _STEP_DIR.match(name)
-    assert match is not None, f"not a step directory: {name}"
+    if match is None:
+        raise CheckpointError(f"not a step directory: {name}")
     return int(match.group(1))
 
 
@@ -97,7 +99,7 @@ def read_checkpoint_meta(uri: str) -> dict[str, Any]:
     resolved = resolve_checkpoint(uri)
     meta = Storage.from_uri(resolved).read_json(META_FILE)
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{resolved}/{META_FILE} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
         )
     return {**meta, "uri": resolved}
@@ -148,7 +150,8 @@ def prune_checkpoints(out_uri: str, keep: int) -> None:
     incomplete step directories older than its latest complete one (a save cut off, say by a
     SIGTERM's grace period running out during an upload), and `remove_stale_staging`. Only the
     run's main process calls this, after its save."""
-    assert keep >= 1, "keep at least the latest checkpoint"
+    if keep < 1:
+        raise ValueError("keep at least the latest checkpoint")
     remove_stale_staging(out_uri)
     store = Storage.from_uri(out_uri)
     dirs = _step_dirs(store)

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 
 from lumos.checkpoints.format import local_copy
+from lumos.errors import CheckpointError
 from lumos.storage import Storage
 
 STATE_DIR = "training_state"
@@ -149,7 +150,7 @@ def restore_training_state(
         optimizer.load_state_dict(optimizer_state)
     node, nodes = feature_node
     if state.get("feature_nodes", 1) != nodes:
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoint_uri} was saved by a run that split the features over "
             f"{state.get('feature_nodes', 1)} nodes, this run splits them over {nodes}: each "
             "node's data position belongs to its parts; resume with the same number of nodes"
@@ -160,7 +161,7 @@ def restore_training_state(
         sampler.load_state_dict(state["data"])
     rng_key = f"{STATE_DIR}/rng-rank-{rank:05d}.pt"
     if not store.exists(rng_key):
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoint_uri} has no RNG state for process {rank}: it was saved by "
             f"{state['world_size']} processes; resume with the same number"
         )

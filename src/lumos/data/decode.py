@@ -82,7 +82,8 @@ class Rejection:
     detail: str = ""
 
     def __post_init__(self) -> None:
-        assert self.reason in REJECTION_REASONS, f"unknown rejection reason {self.reason!r}"
+        if self.reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {self.reason!r}")
 
 
 def choose_size(width: int, height: int, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:

@@ -339,7 +339,8 @@ class IngestRun:
         elif isinstance(result, Rejection):
             self._reject(item, result)
         else:
-            assert isinstance(result, PreparedImage), f"no decode result for {item.source_key}"
+            if not isinstance(result, PreparedImage):
+                raise RuntimeError(f"no decode result for {item.source_key}")
             near = None if self.defer_near_dedup else self.index.find_near(result.phash)
             if near is not None:
                 self._duplicate(item, near)
@@ -349,7 +350,8 @@ class IngestRun:
 
     def _write_sample(self, fetched: _Fetched, img: PreparedImage) -> None:
         item = fetched.item
-        assert fetched.digest is not None
+        if fetched.digest is None:
+            raise RuntimeError("broken invariant: fetched.digest is not None")
         key = unique_key(item.key, self.index, self.source.uri, item.source_key)
         paired = fetched.caption is not None and is_paired(
             self.cfg.seed, item.source_key, self.cfg.paired_fraction

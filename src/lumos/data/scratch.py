@@ -52,7 +52,8 @@ class DiskMap:
     """A str -> JSON-value mapping in a ScratchDB table (a set, with None values)."""
 
     def __init__(self, db: ScratchDB, name: str) -> None:
-        assert name.isidentifier(), name
+        if not name.isidentifier():
+            raise ValueError(name)
         self._conn = db.conn
         self._conn.execute(
             f"CREATE TABLE {name} (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"

@@ -111,7 +111,10 @@ class ShardWriter:
         return shard_name(self.next_index)
 
     def _finish_shard(self) -> None:
-        assert self._file is not None and self._path is not None
+        if self._file is None or self._path is None:
+            raise RuntimeError(
+                "broken invariant: self._file is not None and self._path is not None"
+            )
         self._file.write(_END_OF_ARCHIVE)
         self._file.close()
         name, path = shard_name(self.next_index), self._path

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lumos.data.decode import IMAGE_EXTENSIONS
+from lumos.errors import DatasetError
 from lumos.storage import LocalStorage, ObjectInfo, ObjectNotFound, Storage, StorageError
 
 SIDECAR_EXTENSIONS = (".json", ".txt")
@@ -209,7 +210,8 @@ class Source:
                 for name, m in sorted(self._tar_members.items())
             )
         else:
-            assert self.store is not None
+            if self.store is None:
+                raise RuntimeError("broken invariant: self.store is not None")
             listing = self.store.list()
         for obj in listing:
             if start_after is not None and obj.key <= start_after:
@@ -220,12 +222,14 @@ class Source:
 
     def read(self, key: str) -> bytes:
         if not self.is_tar:
-            assert self.store is not None
+            if self.store is None:
+                raise RuntimeError("broken invariant: self.store is not None")
             return self.store.read_bytes(key)
         member = self._tar_members.get(key)
         if member is None:
             raise ObjectNotFound(f"no member {key!r} in {self.uri}")
-        assert self._tar is not None, f"{self.uri} is closed"
+        if self._tar is None:
+            raise RuntimeError(f"{self.uri} is closed")
         target = self._tar_file(member)
         if target is None:
             raise StorageError(
@@ -307,9 +311,9 @@ def parse_sidecars(sidecars: dict[str, bytes]) -> tuple[dict, str | None]:
             try:
                 obj = json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as err:
-                raise ValueError(f"{key}: not valid UTF-8 JSON ({err})") from err
+                raise DatasetError(f"{key}: not valid UTF-8 JSON ({err})") from err
             if not isinstance(obj, dict):
-                raise ValueError(
+                raise DatasetError(
                     f"{key}: a JSON sidecar must hold an object, got {type(obj).__name__}"
                 )
             meta.update(obj)
@@ -319,7 +323,7 @@ def parse_sidecars(sidecars: dict[str, bytes]) -> tuple[dict, str | None]:
             try:
                 text = data.decode("utf-8").strip()
             except UnicodeDecodeError as err:
-                raise ValueError(f"{key}: caption is not UTF-8 text ({err})") from err
+                raise DatasetError(f"{key}: caption is not UTF-8 text ({err})") from err
             if text and caption is None:
                 caption = text
     return meta, caption

@@ -40,7 +40,8 @@ def discretized_gaussian_log_likelihood(
     x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
 ) -> torch.Tensor:
     """Log-likelihood of x in [-1, 1] under a Gaussian discretised into 256 bins (decoder term)."""
-    assert x.shape == means.shape == log_scales.shape, "shapes of x, means, log_scales differ"
+    if not (x.shape == means.shape == log_scales.shape):
+        raise ValueError("shapes of x, means, log_scales differ")
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
@@ -59,7 +60,8 @@ class GaussianDiffusion:
     """Linear-beta DDPM; schedule tables in float64, gathered per sample and cast on use."""
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
-        assert 0 < beta_start < beta_end < 1, f"need 0 < {beta_start=} < {beta_end=} < 1"
+        if not (0 < beta_start < beta_end < 1):
+            raise ValueError(f"need 0 < {beta_start=} < {beta_end=} < 1")
         self.num_timesteps = num_timesteps
         self.beta_start = beta_start
         self.beta_end = beta_end
@@ -98,7 +100,8 @@ class GaussianDiffusion:
         """x_t ~ q(x_t | x_0)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        assert noise.shape == x0.shape, f"noise {tuple(noise.shape)} != x0 {tuple(x0.shape)}"
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} != x0 {tuple(x0.shape)}")
         return (
             self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
             + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
@@ -114,9 +117,10 @@ class GaussianDiffusion:
     def p_mean_logvar(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and log-variance of p(x_{t-1} | x_t) from (eps, v) (learned range variance)."""
         c = x_t.shape[-3]
-        assert model_output.shape[-3] == 2 * c, (
-            f"learned variance needs 2C={2 * c} output channels, got {model_output.shape[-3]}"
-        )
+        if model_output.shape[-3] != 2 * c:
+            raise ValueError(
+                f"learned variance needs 2C={2 * c} output channels, got {model_output.shape[-3]}"
+            )
         eps, var_values = model_output.split(c, dim=-3)
         min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
         max_log = self._extract(torch.log(self.betas), t, x_t)
@@ -139,15 +143,17 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Per-sample hybrid loss {"loss", "mse", "vb"} each (B,); average them for the step."""
         model_kwargs = model_kwargs or {}
-        assert t.shape == (x0.shape[0],), f"t must be (B,), got {tuple(t.shape)}"
+        if t.shape != (x0.shape[0],):
+            raise ValueError(f"t must be (B,), got {tuple(t.shape)}")
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)  # (B, [F,] C, H, W)
         output = model(x_t, t, **model_kwargs)  # (B, [F,] 2C, H, W)
         c = x0.shape[-3]
-        assert output.shape[:-3] == x0.shape[:-3] and output.shape[-3] == 2 * c, (
-            f"model output {tuple(output.shape)} does not match x0 {tuple(x0.shape)} with 2C channels"
-        )
+        if output.shape[:-3] != x0.shape[:-3] or output.shape[-3] != 2 * c:
+            raise ValueError(
+                f"model output {tuple(output.shape)} does not match x0 {tuple(x0.shape)} with 2C channels"
+            )
         output = output.float()
         eps, var_values = output.split(c, dim=-3)
         # The vb term learns only the variance: the mean comes from a stop-gradiented epsilon.

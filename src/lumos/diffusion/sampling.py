@@ -60,7 +60,8 @@ def _cfg_kwargs(model_kwargs: dict, null_kwargs: dict | None, batch: int, device
         if isinstance(value, torch.Tensor):
             doubled[key] = torch.cat([value, other.to(value.device, value.dtype)], dim=0)
         else:
-            assert value is None and other is None, f"kwarg {key!r} must be a tensor or None"
+            if value is not None or other is not None:
+                raise ValueError(f"kwarg {key!r} must be a tensor or None")
             doubled[key] = None
     doubled["force_drop"] = torch.cat(
         [
@@ -97,12 +98,14 @@ def sample(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch = shape[0]
     kw_batch = _batch_size(model_kwargs)
-    assert kw_batch in (None, batch), f"model_kwargs have batch {kw_batch}, shape has {batch}"
+    if kw_batch not in (None, batch):
+        raise ValueError(f"model_kwargs have batch {kw_batch}, shape has {batch}")
     if noise is None:
         noise = torch.randn(
             shape, generator=generator, device=generator.device if generator else "cpu"
         )
-    assert tuple(noise.shape) == shape, f"noise {tuple(noise.shape)} != shape {shape}"
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise {tuple(noise.shape)} != shape {shape}")
     x = noise.to(device=device, dtype=torch.float32)
     model_kwargs = {
         k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_kwargs.items()
@@ -150,9 +153,10 @@ def interpolate(
     The initial noise is the same for every blend, so the change along the row comes from the
     condition alone. embed_a, embed_b: (D,) raw DINO CLS; latent_shape: (C, H, W).
     """
-    assert embed_a.ndim == 1 and embed_a.shape == embed_b.shape, (
-        f"embeddings must be two (D,) vectors, got {tuple(embed_a.shape)} and {tuple(embed_b.shape)}"
-    )
+    if embed_a.ndim != 1 or embed_a.shape != embed_b.shape:
+        raise ValueError(
+            f"embeddings must be two (D,) vectors, got {tuple(embed_a.shape)} and {tuple(embed_b.shape)}"
+        )
     alphas = list(alphas) if alphas is not None else torch.linspace(0, 1, num).tolist()
     a = F.normalize(embed_a.float(), dim=0)  # (D,)
     b = F.normalize(embed_b.float(), dim=0)  # (D,)

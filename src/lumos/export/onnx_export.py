@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from lumos.configs.export import ExportConfig
+from lumos.errors import LumosError
 from lumos.export.tensorrt import (
     TensorRTResult,
     TensorRTUnavailable,
@@ -86,7 +87,7 @@ class ExportResult(BaseModel):
     tensorrt: TensorRTResult
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(LumosError, RuntimeError):
     """The ONNX graph does not reproduce PyTorch within tolerance."""
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from lumos.configs.export import TensorRTMode
+from lumos.errors import LumosError
 
 # Best first. onnxruntime falls back along this list for nodes a provider cannot run.
 PROVIDER_PREFERENCE = (
@@ -32,7 +33,7 @@ PROVIDER_PREFERENCE = (
 )
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(LumosError, RuntimeError):
     """TensorRT was required but cannot be used here."""
 
 

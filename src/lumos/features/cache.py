@@ -18,13 +18,14 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lumos.errors import LumosError
 from lumos.features.format import FeaturesNotFound
 from lumos.storage import PreconditionFailed, Storage
 
 CACHE_ENV = "LUMOS_FEATURE_CACHE"
 
 
-class FeaturesChanged(RuntimeError):
+class FeaturesChanged(LumosError, RuntimeError):
     """The features in the object store changed while a run was loading them."""
 
 

@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+from lumos.errors import FeaturesError, LumosError
 from lumos.storage import Storage
 
 FEATURES_DIR = "features"
@@ -49,7 +50,7 @@ FEATURES_FORMAT = "lumos-features/2"  # /2: unpadded text tokens
 ROW_DTYPE = np.int32
 
 
-class FeaturesNotFound(FileNotFoundError):
+class FeaturesNotFound(LumosError, FileNotFoundError):
     """The dataset has no (complete) features: featurize it first."""
 
 
@@ -78,7 +79,8 @@ class FeaturePart:
         """Row `row`'s latents (C, h, w), a view of the map."""
         if self.size is None:
             return self.latents[0][row]
-        assert self.index is not None
+        if self.index is None:
+            raise RuntimeError("broken invariant: self.index is not None")
         return self.latents[self.size[row]][self.index[row]]
 
     def caption(self, row: int) -> torch.Tensor | None:
@@ -88,8 +90,12 @@ class FeaturePart:
         t = int(np.searchsorted(self.text_rows, row))
         if t == len(self.text_rows) or self.text_rows[t] != row:
             return None
-        assert self.text_tokens is not None and self.text_starts is not None
-        assert self.text_lengths is not None
+        if self.text_tokens is None or self.text_starts is None:
+            raise RuntimeError(
+                "broken invariant: self.text_tokens is not None and self.text_starts is not None"
+            )
+        if self.text_lengths is None:
+            raise RuntimeError("broken invariant: self.text_lengths is not None")
         start = int(self.text_starts[t])
         return self.text_tokens[start : start + int(self.text_lengths[t])]
 
@@ -114,7 +120,7 @@ def read_part_records(path: Path) -> list[dict[str, Any]]:
     try:
         return json.loads(path.read_bytes())["meta"]
     except (ValueError, KeyError) as err:
-        raise ValueError(f"{path} is not a feature part's json ({err})") from err
+        raise FeaturesError(f"{path} is not a feature part's json ({err})") from err
 
 
 def _map_all(path: Path) -> dict[str, torch.Tensor]:
@@ -123,7 +129,7 @@ def _map_all(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 (no __iter__)
     except (OSError, RuntimeError) as err:  # safetensors' own error is a RuntimeError subclass
-        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+        raise FeaturesError(f"{path} is not a readable safetensors file ({err})") from err
 
 
 def _select(
@@ -134,7 +140,7 @@ def _select(
         if set(tensors).issuperset(names):
             return {n: tensors[n] for n in names}
     wanted = " or ".join(str(list(names)) for names in layouts)
-    raise ValueError(
+    raise FeaturesError(
         f"{path} holds tensors {sorted(tensors)}, not {wanted}: re-run `lumos featurize`"
     )
 
@@ -148,7 +154,7 @@ def map_text(path: Path, text_len: int) -> tuple[np.ndarray, torch.Tensor, np.nd
     )  # fmt: skip
     rows = text["rows"].numpy().astype(np.int64)  # these index arrays are small: in memory
     if np.any(rows[1:] <= rows[:-1]):
-        raise ValueError(f"{path}: text rows are not ascending")
+        raise FeaturesError(f"{path}: text rows are not ascending")
     if "text_tokens" in text:
         offsets = text["text_offsets"].numpy().astype(np.int64)
         tokens, starts, lengths = text["text_tokens"], offsets[:-1], np.diff(offsets)
@@ -166,11 +172,11 @@ def map_text(path: Path, text_len: int) -> tuple[np.ndarray, torch.Tensor, np.nd
         right_padded = np.arange(mask.shape[1]) < lengths[:, None]
         consistent = len(mask) == len(rows) and bool(np.array_equal(mask, right_padded))
     if not consistent:
-        raise ValueError(
+        raise FeaturesError(
             f"{path}: its caption rows, offsets and tokens do not match: re-run `lumos featurize`"
         )
     if len(lengths) and lengths.max() > text_len:
-        raise ValueError(
+        raise FeaturesError(
             f"{path}: a caption has {lengths.max()} tokens, more than the {text_len} that "
             "features.json gives as the text length: re-run `lumos featurize`"
         )
@@ -196,7 +202,7 @@ def map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> Feature
             size[rows], index[rows] = i, np.arange(len(rows), dtype=ROW_DTYPE)
         counts = sum(len(tensors[f"rows_{s}"]) for s in suffixes)
         if counts != n or np.any(size == 255):
-            raise ValueError(
+            raise FeaturesError(
                 f"{path}: its latents of each size do not cover its {n} rows exactly once: "
                 "re-run `lumos featurize`"
             )
@@ -205,7 +211,7 @@ def map_part(path: Path, records: Callable[[], list[dict[str, Any]]]) -> Feature
     n = part.image_embeds.shape[0]
     for name in ("frame_group", "frame_index", "camera"):
         if name in mapped and mapped[name].shape[0] != n:
-            raise ValueError(
+            raise FeaturesError(
                 f"{path}: {name} has {mapped[name].shape[0]} rows for {n} samples: re-run "
                 "`lumos featurize`"
             )
@@ -224,7 +230,7 @@ def absolute_camera(camera: dict[str, float]) -> list[float]:
     try:
         return [float(camera["azimuth"]), float(camera["elevation"]), float(camera["radius"]), 0.0]
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
+        raise FeaturesError(
             f"meta.camera must hold the numbers azimuth, elevation and radius, got {camera!r}"
         ) from err
 
@@ -282,7 +288,8 @@ def write_feature_part(
     `latents` is (N, C, h, w), or one (C, h, w) per row when the rows differ in size: they are
     then stored per size, with their rows (the records give each size's image height, width)."""
     n = len(records)
-    assert len(latents) == n and image_embeds.shape[0] == n, "one feature row per record"
+    if len(latents) != n or image_embeds.shape[0] != n:
+        raise ValueError("one feature row per record")
     tensors = {"image_embeds": image_embeds.to(torch.float16).contiguous()}
     groups: dict[tuple[int, ...], list[int]] = {}
     if not isinstance(latents, torch.Tensor):
@@ -309,8 +316,12 @@ def write_feature_part(
     features.write_bytes(f"{name}.safetensors", save_safetensors(tensors))
     paired = 0 if text_rows is None else len(text_rows)
     if paired:
-        assert text_rows is not None and text_embeds is not None and text_mask is not None
-        assert text_embeds.shape[0] == text_mask.shape[0] == paired, "one text row per paired row"
+        if text_rows is None or text_embeds is None or text_mask is None:
+            raise RuntimeError(
+                "broken invariant: text_rows is not None and text_embeds is not None and text_mask is not None"
+            )
+        if not (text_embeds.shape[0] == text_mask.shape[0] == paired):
+            raise ValueError("one text row per paired row")
         tokens, offsets = pack_text(text_embeds, text_mask)
         features.write_bytes(
             f"{name}.text.safetensors",
@@ -356,7 +367,7 @@ def pack_text(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     right_padded = torch.arange(mask.shape[1]) < lengths[:, None]  # (M, L)
     if not torch.equal(mask, right_padded):
         row = int((mask != right_padded).any(dim=1).nonzero()[0])
-        raise ValueError(
+        raise FeaturesError(
             f"text row {row}'s padding mask is not right-padded (tokens first, then padding): "
             f"{mask[row].int().tolist()}; set the tokenizer's padding_side to 'right'"
         )
@@ -380,7 +391,8 @@ def write_features_spec(
     `shapes` gives the base image and latent shapes; `sizes` every image size with its count
     (default: the base size only)."""
     image_shape, latent_shape = shapes["image"], shapes["latents"]
-    assert image_shape and latent_shape, "features.json needs the image and latent shapes"
+    if not image_shape or not latent_shape:
+        raise FeaturesError("features.json needs the image and latent shapes")
     image_h, latent_h = image_shape[0], latent_shape[-2]
     total = sum(p["count"] for p in parts)
     sizes = sizes or [{"image": image_shape, "latents": latent_shape, "count": total}]

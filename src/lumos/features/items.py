@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lumos.errors import FeaturesError
 from lumos.features.format import ROW_DTYPE, absolute_camera
 from lumos.features.table import PACKED_TEXT, FeatureTable
 from lumos.heads import get_head
@@ -52,7 +53,8 @@ class FeatureDataset:
     def for_head(cls, table: FeatureTable, head: str, num_frames: int = 1) -> FeatureDataset:
         ds = cls(table=table, head=head, num_frames=num_frames)
         if head in MULTI_FRAME_HEADS:
-            assert num_frames >= 2, f"head {head!r} needs num_frames >= 2, got {num_frames}"
+            if num_frames < 2:
+                raise ValueError(f"head {head!r} needs num_frames >= 2, got {num_frames}")
             ds.groups, index = table.frames()
             ds.items, ds.skipped_groups = _frame_windows(ds.groups, index, num_frames)
             if head == "novel_view":
@@ -62,7 +64,7 @@ class FeatureDataset:
         else:
             ds.items = np.arange(len(table), dtype=ROW_DTYPE)[:, None]
         if not len(ds.items):
-            raise ValueError(
+            raise FeaturesError(
                 f"no training items for head {head!r} (num_frames={num_frames}) in a dataset of "
                 f"{len(table)} samples: t2i needs captioned (paired) samples, multi-frame heads "
                 f"need groups (meta.group / meta.index) of at least num_frames samples"
@@ -72,7 +74,7 @@ class FeatureDataset:
             mixed = np.nonzero((sizes != sizes[:, :1]).any(axis=1))[0]
             if len(mixed):
                 keys = [table.records[int(r)]["key"] for r in ds.items[mixed[0]]]
-                raise ValueError(
+                raise FeaturesError(
                     f"{len(mixed)} {head} items mix image sizes (first: {keys}): the frames of a "
                     "group must share one size; ingest views and clips without aspect buckets"
                 )
@@ -142,7 +144,7 @@ def _cameras(table: FeatureTable, rows: np.ndarray) -> np.ndarray:
             else:
                 missing.append(record["key"])
     if missing:
-        raise ValueError(
+        raise FeaturesError(
             f"head 'novel_view' needs meta.camera on every view; {len(missing)} views "
             f"lack it (first: {missing[0]!r}): ingest the views dataset with its sidecars"
         )

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lumos.errors import FeaturesError
 from lumos.features.cache import FeatureFiles
 from lumos.features.format import (
     FEATURES_DIR,
@@ -104,7 +105,8 @@ class FeatureTable:
     ) -> FeatureTable:
         """One part held in memory (tests, small tables built in code)."""
         n = len(records)
-        assert latents.shape[0] == n and image_embeds.shape[0] == n, "one feature row per record"
+        if latents.shape[0] != n or image_embeds.shape[0] != n:
+            raise ValueError("one feature row per record")
         part = FeaturePart(latents=[latents], image_embeds=image_embeds, records=lambda: records)
         return cls(
             spec=spec or {},
@@ -136,7 +138,7 @@ class FeatureTable:
             for i, r in enumerate(rows.tolist()):
                 meta = records[r].get("meta") or {}
                 if "group" not in meta or "index" not in meta:
-                    raise ValueError(
+                    raise FeaturesError(
                         f"sample {records[r].get('key')!r} has no meta.group / meta.index: "
                         "multi-frame heads need the views / clips sidecars (see "
                         "docs/architecture.md, raw source layout)"
@@ -144,7 +146,7 @@ class FeatureTable:
                 try:
                     index[span.start + i] = int(meta["index"])
                 except (TypeError, ValueError) as err:
-                    raise ValueError(
+                    raise FeaturesError(
                         f"sample {records[r].get('key')!r} has meta.index {meta['index']!r}: "
                         "it must be an integer (the frame's place in its group)"
                     ) from err
@@ -180,10 +182,10 @@ class FeatureTable:
             )
         text_shape = self.spec.get("shapes", {}).get("text_embeds") if text else None
         if text and text_shape is None:
-            raise ValueError("text features asked for, but the dataset has no paired samples")
+            raise FeaturesError("text features asked for, but the dataset has no paired samples")
         if self.size_ids is not None and len(np.unique(self.size_ids[flat])) > 1:
             mixed = [self.latent_sizes[i] for i in np.unique(self.size_ids[flat])]
-            raise ValueError(
+            raise FeaturesError(
                 f"rows of latent sizes {mixed} cannot share a batch: batch the rows of one size "
                 "together (ResumableSampler's groups, FeatureDataset.item_sizes)"
             )
@@ -250,7 +252,7 @@ def node_parts(num_parts: int, node: int, nodes: int) -> list[int]:
     if not 0 <= node < nodes:
         raise ValueError(f"node {node} is not one of {nodes} nodes")
     if num_parts < nodes:
-        raise ValueError(
+        raise FeaturesError(
             f"the features have {num_parts} parts for {nodes} nodes, and each node needs at "
             "least one: ingest with a smaller shard_max_bytes, or read every part on every node "
             "(shard_features_by_node: false)"
@@ -297,7 +299,7 @@ def load_feature_table(
             is_eval = np.array([is_eval_record(r) for r in records()], dtype=bool)
             n = len(is_eval)
         if part.image_embeds.shape[0] != n:
-            raise ValueError(
+            raise FeaturesError(
                 f"part {name} of {dataset_uri} has {part.image_embeds.shape[0]} feature rows "
                 f"for {n} records: the features are inconsistent; re-run `lumos featurize`"
             )
@@ -319,7 +321,7 @@ def load_feature_table(
         starts.append(starts[-1] + len(keep))
     if starts[-1] == 0:
         which = "" if part_ids is None else f" (parts {list(part_ids)})"
-        raise ValueError(f"the features of {dataset_uri}{which} hold no {split!r} samples")
+        raise FeaturesError(f"the features of {dataset_uri}{which} hold no {split!r} samples")
     table = FeatureTable(
         spec=spec,
         parts=parts,
@@ -330,7 +332,9 @@ def load_feature_table(
     )
     table.latent_sizes = sorted({size for sizes in part_sizes for size in sizes})
     if len(table.latent_sizes) > 255:
-        raise ValueError(f"{dataset_uri} holds {len(table.latent_sizes)} image sizes; 255 at most")
+        raise FeaturesError(
+            f"{dataset_uri} holds {len(table.latent_sizes)} image sizes; 255 at most"
+        )
     if len(table.latent_sizes) > 1:  # aspect buckets: each row's size, for batching by size
         ids = {size: i for i, size in enumerate(table.latent_sizes)}
         table.size_ids = np.concatenate([

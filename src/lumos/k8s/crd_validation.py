@@ -29,6 +29,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from lumos.errors import LumosError
+
 KUBERNETES_VERSION = "1.32"  # the cluster version core kinds are validated for
 
 # metadata.name: DNS-1123 subdomain (what most kinds accept); TrainJob and Service need a label.
@@ -53,7 +55,7 @@ _METADATA_SCHEMA: dict[str, Any] = {
 }
 
 
-class ResourceValidationError(ValueError):
+class ResourceValidationError(LumosError, ValueError):
     """A resource does not match its schema. `violations` holds one "path: message" per problem."""
 
     def __init__(self, resource_name: str, violations: list[str]) -> None:
@@ -63,7 +65,7 @@ class ResourceValidationError(ValueError):
         super().__init__(f"{resource_name} is invalid ({len(violations)} problem(s)):\n{lines}")
 
 
-class CRDNotFoundError(LookupError):
+class CRDNotFoundError(LumosError, LookupError):
     """No CRD in the CRD directory defines this apiVersion/kind."""
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lumos.configs.k8s import check_dns_label
+from lumos.errors import LumosError
 from lumos.k8s.crd_validation import validate_custom_resource
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ CONFIG_MAP_NAME = "lumos-pipeline-config"
 CONFIG_MAP_KEYS = ("preset", "overrides.yaml")
 
 
-class PipelineResourceError(ValueError):
+class PipelineResourceError(LumosError, ValueError):
     """The compiled pipeline cannot be turned into resources."""
 
 

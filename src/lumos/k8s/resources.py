@@ -22,7 +22,8 @@ _SUFFIX = {
 def quantity_value(value: str) -> float:
     """A Kubernetes quantity as a number: "16Gi" -> 17179869184.0, "500m" -> 0.5, "2e3" -> 2000."""
     match = QUANTITY.match(check_quantity(value))
-    assert match is not None
+    if match is None:
+        raise RuntimeError("broken invariant: match is not None")
     number, suffix = float(match.group(1)), match.group(3) or ""
     if suffix[:1] in ("e", "E") and suffix != "E":
         return number * 10 ** int(suffix[1:])

@@ -205,7 +205,7 @@ def render_trainjob(cfg: DistributedConfig, command: list[str], name: str) -> di
     return job
 
 
-class TrainJobFailed(RuntimeError):
+class TrainJobFailed(LumosError, RuntimeError):
     """The TrainJob failed, did not start or timed out; the message says why (the condition, or
     why its pods are pending) and has the pods' log tail."""
 

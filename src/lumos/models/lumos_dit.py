@@ -19,6 +19,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from lumos.errors import ModelConfigError
+
 COND_KINDS = ("image", "text")
 FRAME_EMBEDS = ("none", "index", "camera")
 
@@ -59,7 +61,8 @@ def get_2d_sincos_pos_embed(
     scale"): a model trained at a higher resolution sees positions in the range it saw at the base
     resolution, which is what lets the 256 px prior transfer to 512 / 1024 px fine-tuning.
     """
-    assert embed_dim % 4 == 0, f"embed_dim {embed_dim} must be divisible by 4 for 2D sin-cos"
+    if embed_dim % 4 != 0:
+        raise ModelConfigError(f"embed_dim {embed_dim} must be divisible by 4 for 2D sin-cos")
     pos_h = torch.arange(grid_h, dtype=torch.float64) / (grid_h / base_size) / scale  # (gh,)
     pos_w = torch.arange(grid_w, dtype=torch.float64) / (grid_w / base_size) / scale  # (gw,)
     grid_y, grid_x = torch.meshgrid(pos_h, pos_w, indexing="ij")  # (gh, gw) each
@@ -190,10 +193,11 @@ class ConditionProjector(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = cond.shape[0]
         null_shape = tuple(self.null_embedding.shape[1:])
-        assert tuple(cond.shape[1:]) == null_shape, (
-            f"cond_kind={self.cond_kind!r} expects cond of shape (N, {', '.join(map(str, null_shape))}) "
-            f"(cond_dim, and cond_tokens for text), got {tuple(cond.shape)}"
-        )
+        if tuple(cond.shape[1:]) != null_shape:
+            raise ValueError(
+                f"cond_kind={self.cond_kind!r} expects cond of shape (N, {', '.join(map(str, null_shape))}) "
+                f"(cond_dim, and cond_tokens for text), got {tuple(cond.shape)}"
+            )
         drop = torch.zeros(n, dtype=torch.bool, device=cond.device)  # (N,)
         if self.training and self.dropout_prob > 0:
             # This enables classifier-free guidance: the model also learns p(x) without condition.
@@ -218,7 +222,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        assert dim % num_heads == 0, f"width {dim} must be divisible by num_heads {num_heads}"
+        if dim % num_heads != 0:
+            raise ModelConfigError(f"width {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -242,7 +247,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        assert dim % num_heads == 0, f"width {dim} must be divisible by num_heads {num_heads}"
+        if dim % num_heads != 0:
+            raise ModelConfigError(f"width {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -499,27 +505,32 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         force_drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         expected_ndim = 5 if self.multi_frame else 4
-        assert x.ndim == expected_ndim, (
-            f"x must be {'(B, F, C, H, W)' if self.multi_frame else '(B, C, H, W)'} "
-            f"for num_frames={self.num_frames}, got shape {tuple(x.shape)}"
-        )
-        assert (concat_latent is not None) == (self.concat_latent_channels > 0), (
-            f"concat_latent is required iff concat_latent_channels > 0 "
-            f"(configured {self.concat_latent_channels})"
-        )
-        assert (frame_cond is not None) == (self.frame_embed != "none"), (
-            f"frame_cond is required iff frame_embed != 'none' (configured {self.frame_embed!r})"
-        )
-        assert (micro_cond is not None) == self.micro_conditions, (
-            f"micro_cond is required iff micro_conditions (configured {self.micro_conditions})"
-        )
+        if x.ndim != expected_ndim:
+            raise ValueError(
+                f"x must be {'(B, F, C, H, W)' if self.multi_frame else '(B, C, H, W)'} "
+                f"for num_frames={self.num_frames}, got shape {tuple(x.shape)}"
+            )
+        if (concat_latent is not None) != (self.concat_latent_channels > 0):
+            raise ValueError(
+                f"concat_latent is required iff concat_latent_channels > 0 "
+                f"(configured {self.concat_latent_channels})"
+            )
+        if (frame_cond is not None) != (self.frame_embed != "none"):
+            raise ValueError(
+                f"frame_cond is required iff frame_embed != 'none' (configured {self.frame_embed!r})"
+            )
+        if (micro_cond is not None) != self.micro_conditions:
+            raise ValueError(
+                f"micro_cond is required iff micro_conditions (configured {self.micro_conditions})"
+            )
         # Cached features are float16; compute in the model's own dtype (bf16/fp32).
         dtype = self.x_embedder.weight.dtype
         b = x.shape[0]
         num_frames = x.shape[1] if self.multi_frame else 1
         h, w = x.shape[-2], x.shape[-1]
         p = self.patch_size
-        assert h % p == 0 and w % p == 0, f"latent {h}x{w} is not a multiple of patch {p}"
+        if h % p != 0 or w % p != 0:
+            raise ValueError(f"latent {h}x{w} is not a multiple of patch {p}")
 
         x = x.reshape(b * num_frames, x.shape[-3], h, w).to(dtype)  # (N, C, H, W), N = B * F
         if concat_latent is not None:

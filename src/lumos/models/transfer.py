@@ -21,11 +21,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from lumos.errors import LumosError
+
 # Parameters whose input-channel axis (dim 1) may grow when a latent is concatenated.
 GROWABLE_INPUT_CHANNELS = ("x_embedder.weight",)
 
 
-class WeightTransferError(RuntimeError):
+class WeightTransferError(LumosError, RuntimeError):
     """A backbone weight could not be transferred."""
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from lumos.config import PipelineConfig, validate_config
+from lumos.config import ConfigError, PipelineConfig, validate_config
 from lumos.pipeline.layout import RunLayout, join_uri
 
 
@@ -312,7 +312,8 @@ def _train_as_trainjob(
     from lumos.k8s.trainjob import launch_and_wait, render_trainjob
 
     dist = cfg.cluster.distributed
-    assert dist is not None, "a TrainJob needs cluster.distributed"
+    if dist is None:
+        raise ConfigError("a TrainJob needs cluster.distributed")
     command = ["lumos", *_stage_command(head, cli_args), "--config-json", config_json]
     # The run root ends with the KFP run id: one TrainJob per run and head. PipelineConfig.name
     # is short enough for this name (NAME_MAX_LENGTH) with up to 100 nodes.

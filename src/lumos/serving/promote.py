@@ -40,6 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from lumos.configs.serving import PromoteConfig
+from lumos.errors import LumosError
 from lumos.k8s.crd_validation import validate_custom_resource
 from lumos.k8s.resources import quantity_value
 from lumos.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
@@ -83,7 +84,7 @@ class PromoteResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
-class PromotionError(RuntimeError):
+class PromotionError(LumosError, RuntimeError):
     """Promotion cannot proceed: the inputs disagree or are missing; the message says which."""
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import iter_shard_records
+from lumos.errors import DatasetError, FeaturesError
 from lumos.features.format import (
     FEATURES_DIR,
     is_eval_record,
@@ -97,7 +98,8 @@ def featurize(
             compute_seconds += time.perf_counter() - start
             computed_images += len(computed["records"])
             done = _existing_part(features, name, shard, encoders_spec)
-            assert done is not None, f"{name} was just written but does not read back"
+            if done is None:
+                raise RuntimeError(f"{name} was just written but does not read back")
         else:
             skipped += 1
         done_parts.append(done)
@@ -123,12 +125,12 @@ def plan_featurize(dataset_uri: str, num_partitions: int) -> list[dict[str, Any]
     """Split the dataset's shards into up to `num_partitions` contiguous ranges of about equal
     sample counts: one `featurize(..., partition=item)` each, then `merge_featurize`."""
     if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+        raise FeaturesError(f"num_partitions must be >= 1, got {num_partitions}")
     dataset = Storage.from_uri(dataset_uri)
     manifest_bytes = _read_manifest_bytes(dataset)
     shards = json.loads(manifest_bytes)["shards"]
     if not shards:
-        raise ValueError(f"{dataset.uri} has no shards: nothing to featurize")
+        raise DatasetError(f"{dataset.uri} has no shards: nothing to featurize")
     cumulative = np.cumsum([int(s["count"]) for s in shards])
     n = min(num_partitions, len(shards))
     # Partition i ends after the shard where the running count passes i/n of the samples.
@@ -156,7 +158,7 @@ def merge_featurize(dataset_uri: str, partitions: list[dict[str, Any]]) -> Featu
     partitions = sorted(partitions, key=lambda p: p["index"])
     expected = partitions[0]["num_partitions"] if partitions else 0
     if [p["index"] for p in partitions] != list(range(expected)) or not expected:
-        raise ValueError(
+        raise FeaturesError(
             f"merge_featurize needs every partition of one plan_featurize call, got indices "
             f"{[p['index'] for p in partitions]} (of {expected})"
         )
@@ -172,7 +174,7 @@ def merge_featurize(dataset_uri: str, partitions: list[dict[str, Any]]) -> Featu
             and summary.get("shards") == [partition["start"], partition["stop"]]
         )
         if summary is None or not this_plan:
-            raise ValueError(
+            raise FeaturesError(
                 f"featurize partition {partition['index']} of {expected} (shards "
                 f"{partition['start']}..{partition['stop'] - 1}) has not finished: "
                 f"{features.key_uri(key)} is {'missing' if summary is None else 'from an earlier plan'}"
@@ -181,7 +183,7 @@ def merge_featurize(dataset_uri: str, partitions: list[dict[str, Any]]) -> Featu
         summaries.append(summary)
     encoders = {json.dumps(s["encoders"], sort_keys=True) for s in summaries}
     if len(encoders) != 1:
-        raise ValueError(
+        raise FeaturesError(
             f"the partitions of {dataset.uri} were featurized with {len(encoders)} different "
             "encoder configs: run every partition with the same config"
         )
@@ -197,13 +199,15 @@ def _check_partition(partition: dict[str, Any], dataset_uri: str, manifest_sha25
     missing = {"dataset_uri", "manifest_sha256", "index", "num_partitions", "start", "stop"}
     missing -= set(partition)
     if missing:
-        raise ValueError(
+        raise FeaturesError(
             f"not a work item of plan_featurize (lacks {sorted(missing)}): {partition}"
         )
     if partition["dataset_uri"] != dataset_uri:
-        raise ValueError(f"partition of {partition['dataset_uri']} given for dataset {dataset_uri}")
+        raise FeaturesError(
+            f"partition of {partition['dataset_uri']} given for dataset {dataset_uri}"
+        )
     if partition["manifest_sha256"] != manifest_sha256:
-        raise ValueError(
+        raise FeaturesError(
             f"{dataset_uri} changed since its featurize plan was made (manifest sha256 "
             f"{manifest_sha256[:12]}, planned {partition['manifest_sha256'][:12]}): plan again"
         )
@@ -220,7 +224,7 @@ def _combine(
             if key in ("image", "latents"):
                 continue  # per size, below
             if shape and shapes.get(key) and shapes[key] != shape:
-                raise ValueError(
+                raise FeaturesError(
                     f"{done['part']['name']} has {key} of shape {shape}, earlier parts "
                     f"{shapes[key]}: the dataset's features are inconsistent; re-run featurize"
                 )
@@ -281,7 +285,7 @@ def _read_manifest_bytes(dataset: Storage) -> bytes:
     data = dataset.read_bytes("manifest.json")
     fmt = json.loads(data).get("format")
     if fmt != DATASET_FORMAT:
-        raise ValueError(
+        raise DatasetError(
             f"{dataset.uri}/manifest.json has format {fmt!r}, expected {DATASET_FORMAT!r}"
         )
     return data
@@ -292,7 +296,7 @@ def iter_shard_samples(dataset: Storage, name: str) -> Iterator[tuple[dict[str, 
     for key, files in iter_shard_records(dataset, name):
         image_ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in files), None)
         if "json" not in files or image_ext is None:
-            raise ValueError(
+            raise DatasetError(
                 f"shard {dataset.key_uri(f'shards/{name}')}: sample {key!r} lacks its image or "
                 f"json (has {sorted(files)}); re-run ingest"
             )
@@ -329,7 +333,8 @@ def _featurize_shard(encoders: Any, batch_size: int, dataset: Storage, name: str
             encode(image.shape)
     for size in list(pending):
         encode(size)
-    assert records, f"shard {name} of {dataset.uri} is empty"
+    if not records:
+        raise DatasetError(f"shard {name} of {dataset.uri} is empty")
     # Text only for captioned pairs: T2I fine-tuning uses them, the other heads never do.
     rows = [i for i, r in enumerate(records) if r.get("paired") and r.get("caption")]
     text_embeds = text_mask = None
@@ -395,12 +400,12 @@ def _base_shapes(
     channels = {s["latents"][0] for s in sizes}
     downsample = {s["image"][0] // s["latents"][1] for s in sizes}
     if len(channels) != 1 or len(downsample) != 1:
-        raise ValueError(
+        raise FeaturesError(
             f"the parts of {dataset_uri} were encoded differently (latent channels {channels}, "
             f"downsampling {downsample}): re-run featurize"
         )
     if resolution is None:
-        raise ValueError(
+        raise FeaturesError(
             f"{dataset_uri} holds several image sizes but its manifest gives no resolution: the "
             "model's base size; re-ingest it"
         )

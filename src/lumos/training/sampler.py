@@ -32,7 +32,8 @@ class ResumableSampler:
         world_size: int = 1,
         groups: np.ndarray | None = None,
     ) -> None:
-        assert global_batch % world_size == 0, "the global batch must split evenly over processes"
+        if global_batch % world_size != 0:
+            raise ValueError("the global batch must split evenly over processes")
         if num_items > np.iinfo(ROW_DTYPE).max:
             raise ValueError(f"{num_items} training items exceed the 2^31 this sampler indexes")
         self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
@@ -40,7 +41,8 @@ class ResumableSampler:
         self.groups: list[np.ndarray] | None = None  # each group's items
         self.group_sizes: dict[int, int] | None = None  # group id -> its number of items
         if groups is not None:
-            assert len(groups) == num_items, "one group id per item"
+            if len(groups) != num_items:
+                raise ValueError("one group id per item")
             order = np.argsort(groups, kind="stable").astype(ROW_DTYPE)
             bounds = np.flatnonzero(groups[order][1:] != groups[order][:-1]) + 1
             self.groups = np.split(order, bounds)

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lumos.errors import LumosError
+
 logger = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(LumosError, RuntimeError):
     """The run stopped early on a termination signal, after writing a checkpoint."""
 
 

@@ -85,8 +85,10 @@ from lumos.checkpoints.training_state import (
     training_state_files,
     write_process_state,
 )
+from lumos.config import ConfigError
 from lumos.configs.training import TrainConfig
 from lumos.diffusion.gaussian import GaussianDiffusion
+from lumos.errors import CheckpointError, FeaturesError
 from lumos.features.format import read_features_spec
 from lumos.features.items import FeatureDataset
 from lumos.features.table import FeatureTable, load_feature_table, node_parts, pad_text
@@ -322,7 +324,7 @@ def setup_launch(cfg: TrainConfig) -> Launch:
             "shard the model (accelerate's own FSDP launch, --use_fsdp, is not used here)"
         )
     if cfg.distributed == "fsdp" and world == 1:
-        raise ValueError(
+        raise ConfigError(
             "distributed='fsdp' shards the model across processes, but this run has one: "
             "launch several (accelerate launch --multi_gpu) or use distributed='ddp'"
         )
@@ -334,7 +336,7 @@ def find_resume_point(out_uri: str, launch: Launch) -> dict[str, Any] | None:
     """The metadata of the run's latest checkpoint under `out_uri` (None: a fresh run). Removes
     what a run killed while saving left behind."""
     if is_checkpoint(out_uri):
-        raise ValueError(
+        raise CheckpointError(
             f"out_uri {out_uri} is a checkpoint, not a run directory: a run writes its "
             "checkpoints under out_uri as step-XXXXXXX/ and resumes from the latest; pass the "
             "directory above it to resume that run"
@@ -618,7 +620,7 @@ def build_model_config(cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]
     shapes = spec["shapes"]
     channels, height, width = shapes["latents"]
     if height != width:
-        raise ValueError(
+        raise FeaturesError(
             f"the features' reference latents are {height}x{width}; training expects square "
             "ones (features.json shapes.latents): re-run featurize"
         )
@@ -632,7 +634,9 @@ def build_model_config(cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]
     data_dims: dict[str, Any] = {"image_embed_dim": shapes["image_embeds"][0]}
     if cfg.head == "t2i":
         if not shapes.get("text_embeds"):
-            raise ValueError("head 't2i' needs text embeddings: the dataset has no paired samples")
+            raise FeaturesError(
+                "head 't2i' needs text embeddings: the dataset has no paired samples"
+            )
         data_dims.update(text_tokens=shapes["text_embeds"][0], text_dim=shapes["text_embeds"][1])
     elif cfg.head == "novel_view":
         data_dims["num_views"] = cfg.num_frames
@@ -654,7 +658,9 @@ def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[s
     source = load_checkpoint(init_from, raw=not cfg.init_from_ema)
     weights = source.ema_model if cfg.init_from_ema else source.model
     if weights is None:
-        raise ValueError(f"{source.uri} holds no {'EMA' if cfg.init_from_ema else 'raw'} weights")
+        raise CheckpointError(
+            f"{source.uri} holds no {'EMA' if cfg.init_from_ema else 'raw'} weights"
+        )
     # A head continued from its own checkpoint (T2I's next resolution stage) keeps what it learned
     # (text projection, null embedding, size embedder); from another head those start afresh.
     same_head = source.meta.get("head") == cfg.head
@@ -798,14 +804,14 @@ def _check_resumable(
     `RESUME_MAY_CHANGE`), the same features, the same parent checkpoint."""
     parent = meta.get("parent")
     if init_from is not None and latest_checkpoint(init_from) != parent:
-        raise ValueError(
+        raise CheckpointError(
             f"{meta['uri']} was initialised from {parent}, not from {init_from}: "
             "use a fresh out_uri to fine-tune from another checkpoint"
         )
     saved_data = meta.get("data") or {}
     saved_sha, sha = saved_data.get("manifest_sha256"), spec.get("manifest_sha256")
     if saved_sha and sha and saved_sha != sha:
-        raise ValueError(
+        raise CheckpointError(
             f"{meta['uri']} was trained on other features ({saved_data.get('dataset_uri')}, "
             f"manifest {saved_sha[:12]}) than these (manifest {sha[:12]}): its data position "
             "belongs to those; use a fresh out_uri for this dataset"
@@ -817,7 +823,7 @@ def _check_resumable(
     saved = {k: saved.get(k, fields[k].get_default(call_default_factory=True)) for k in now}
     differs = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
     if differs:
-        raise ValueError(
+        raise CheckpointError(
             f"{meta['uri']} holds a checkpoint of another run: its {differs} differ from this "
             f"config ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in differs)}); "
             "use a fresh out_uri, or the same config to resume"
