@@ -265,3 +265,17 @@ def test_v2_prompt_tensor_gives_the_v1_image(server):
     assert outputs["image_b64"]["data"][0] == v1["predictions"][0]["image_b64"]
     status, out = _post(f"{server}/v2/models/{MODEL}/infer", {"inputs": [v2["inputs"][1]]})
     assert status == 400 and "needs a non-empty 'prompt'" in out["error"]
+
+
+def test_encoders_go_to_the_gpu_in_bfloat16_when_there_is_one():
+    """--device auto: the GPU if torch sees one, where T5 runs in bfloat16 (its XXL encoder is
+    17.7 GiB in float32); on CPU the export's own dtype. --encoder_dtype overrides."""
+    import torch
+
+    auto = LumosModel(MODEL, "/unused")._encoder_placement()
+    assert auto == (("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", None))
+    assert LumosModel(MODEL, "/unused", device="cuda")._encoder_placement() == ("cuda", "bfloat16")
+    pinned = LumosModel(MODEL, "/unused", device="cuda", encoder_dtype="float32")
+    assert pinned._encoder_placement() == ("cuda", "float32")
+    args, _ = build_parser().parse_known_args(["--export_uri", "/m", "--encoder_dtype", "float16"])
+    assert (args.device, args.encoder_dtype) == ("auto", "float16")
