@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lumos.errors import ModelConfigError
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -96,7 +98,7 @@ def head_model_config(
         config.update(cond_kind="image", cond_tokens=1)
     elif head == "t2i":
         if text_dim is None:
-            raise ValueError(
+            raise ModelConfigError(
                 "head 't2i' needs text_dim (the text encoder's width, 4096 for T5-XXL)"
             )
         config.update(
@@ -106,7 +108,7 @@ def head_model_config(
         frames = num_views if head == "novel_view" else num_frames
         what = "num_views" if head == "novel_view" else "num_frames"
         if frames is None or frames < 2:
-            raise ValueError(f"head {head!r} needs {what} >= 2, got {frames}")
+            raise ModelConfigError(f"head {head!r} needs {what} >= 2, got {frames}")
         config.update(
             cond_kind="image",
             cond_tokens=1,

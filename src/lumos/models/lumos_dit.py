@@ -382,19 +382,27 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
     ):
         super().__init__()
         if cond_kind not in COND_KINDS:
-            raise ValueError(f"cond_kind must be one of {COND_KINDS}, got {cond_kind!r}")
+            raise ModelConfigError(f"cond_kind must be one of {COND_KINDS}, got {cond_kind!r}")
         if frame_embed not in FRAME_EMBEDS:
-            raise ValueError(f"frame_embed must be one of {FRAME_EMBEDS}, got {frame_embed!r}")
+            raise ModelConfigError(
+                f"frame_embed must be one of {FRAME_EMBEDS}, got {frame_embed!r}"
+            )
         if frame_embed != "none" and num_frames < 2:
-            raise ValueError(f"frame_embed={frame_embed!r} needs num_frames >= 2, got {num_frames}")
+            raise ModelConfigError(
+                f"frame_embed={frame_embed!r} needs num_frames >= 2, got {num_frames}"
+            )
         if cond_kind == "image" and cond_tokens != 1:
-            raise ValueError(f"cond_kind='image' projects to one token; cond_tokens={cond_tokens}")
+            raise ModelConfigError(
+                f"cond_kind='image' projects to one token; cond_tokens={cond_tokens}"
+            )
         if hidden_size % num_heads or hidden_size % 4:
-            raise ValueError(
+            raise ModelConfigError(
                 f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} and by 4"
             )
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not a multiple of patch {patch_size}")
+            raise ModelConfigError(
+                f"input_size {input_size} is not a multiple of patch {patch_size}"
+            )
         # Plain attributes for forward (typed, and constants to torch.compile).
         self.patch_size = patch_size
         self.base_grid = input_size // patch_size
@@ -581,13 +589,15 @@ LUMOS_SIZES: dict[str, dict] = {
 def lumos_dit_config(size: str, **overrides) -> dict:
     """The full init config of a registry size, with overrides (unknown keys are an error)."""
     if size not in LUMOS_SIZES:
-        raise ValueError(f"unknown Lumos size {size!r}; choose one of {sorted(LUMOS_SIZES)}")
+        raise ModelConfigError(f"unknown Lumos size {size!r}; choose one of {sorted(LUMOS_SIZES)}")
     params = inspect.signature(LumosDiT.__init__).parameters
     config = {k: v.default for k, v in params.items() if k != "self"}
     config.update(LUMOS_SIZES[size])
     unknown = set(overrides) - set(config)
     if unknown:
-        raise ValueError(f"unknown LumosDiT config keys {sorted(unknown)}; valid: {sorted(config)}")
+        raise ModelConfigError(
+            f"unknown LumosDiT config keys {sorted(unknown)}; valid: {sorted(config)}"
+        )
     config.update(overrides)
     return config
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lumos.errors import CheckpointError
+
 
 class MasterWeightAdamW(torch.optim.AdamW):
     """torch.optim.AdamW over fp32 master copies of (bf16) parameters.
@@ -88,13 +90,13 @@ class MasterWeightAdamW(torch.optim.AdamW):
         state_dict = dict(state_dict)
         saved = state_dict.pop("master_weights", None)
         if saved is None:
-            raise ValueError(
+            raise CheckpointError(
                 "this optimizer state has no master_weights: it was saved by a plain AdamW "
                 "(mixed_precision 'bf16' or 'no'), not by MasterWeightAdamW ('bf16-weights')"
             )
         shapes = [tuple(m.shape) for m in self.master_params]
         if [tuple(m.shape) for m in saved] != shapes:
-            raise ValueError(
+            raise CheckpointError(
                 f"the saved master weights ({len(saved)} tensors) do not match this model's "
                 f"{len(shapes)} trainable parameters: the state belongs to another model"
             )

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from lumos.errors import CheckpointError, FeaturesError
 from lumos.features.format import ROW_DTYPE
 
 
@@ -52,7 +53,7 @@ class ResumableSampler:
         # Items of groups too small for one global batch: never trained on.
         self.starved_items = sum(n for n in sizes if n < global_batch)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise FeaturesError(
                 f"{num_items} training items cannot fill one global batch of {global_batch} "
                 f"(batch_size x processes){' in any image size' if groups is not None else ''}: "
                 "lower batch_size or add data"
@@ -98,7 +99,7 @@ class ResumableSampler:
         same = (state["num_items"], state["global_batch"], state["seed"], state.get("group_sizes"))
         this = (self.num_items, self.global_batch, self.seed, self.state_dict()["group_sizes"])
         if same != this:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot resume the data order: the checkpoint was taken with (items, global batch, "
                 f"seed, items per image size) = {same}, this run has {this}"
             )
