@@ -32,6 +32,7 @@ from components.promote.component import promote
 from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
 from lumos.configs.k8s import FEATURE_CACHE_ENV, FEATURE_CACHE_PATH, IMAGE_UID
 from lumos.pipeline.layout import HEAD_DATASET
+from lumos.pipeline.run_form import RunForm
 
 COMPILED_PATH = Path(__file__).with_name("lumos_pipeline.yaml")
 COMPILED_PRESET = "xl"
@@ -99,6 +100,9 @@ def _on_cluster(task: dsl.PipelineTask, cfg: PipelineConfig, gpu: bool) -> dsl.P
 def build_pipeline(cfg: PipelineConfig):
     """The `@dsl.pipeline` for this config (defaults of its parameters come from `cfg`)."""
     default_config_json = cfg.model_dump_json()
+    # The run form: typed parameters whose defaults are the compiled config's values, and
+    # config_json, the advanced override (lumos.pipeline.run_form).
+    form = RunForm.defaults(cfg)
 
     @dsl.pipeline(
         name=cfg.name,
@@ -106,8 +110,30 @@ def build_pipeline(cfg: PipelineConfig):
         "video heads, evaluated, exported to ONNX and promoted to KServe.",
     )
     def lumos_pipeline(
-        runs_root: str = cfg.runs_root, config_json: str = default_config_json
+        images_uri: str = form.images_uri,
+        views_uri: str = form.views_uri,
+        clips_uri: str = form.clips_uri,
+        heads: str = form.heads,
+        pretrain_steps: int = form.pretrain_steps,
+        finetune_steps: int = form.finetune_steps,
+        paired_fraction: float = form.paired_fraction,
+        runs_root: str = cfg.runs_root,
+        config_json: str = "",
     ) -> str:
+        """Train, evaluate and promote Lumos on new data.
+
+        Args:
+            images_uri: Raw images (s3:// prefix), caption sidecars beside them: I2I and T2I.
+            views_uri: Multi-view objects, for the novel-view head (empty: no such head).
+            clips_uri: Video clips, for the video head (empty: no such head).
+            heads: Heads to fine-tune: auto (those whose source is given) or e.g. t2i,video.
+            pretrain_steps: I2I pretraining steps.
+            finetune_steps: Steps of every fine-tune; 0 keeps each head's own.
+            paired_fraction: Share of images whose captions are used (T2I pairs).
+            runs_root: Where each run writes (runs_root/<run id>).
+            config_json: Advanced: config fields to override, as JSON, applied last.
+        """
+
         def cpu(task):
             return _on_cluster(task, cfg, gpu=False)
 
@@ -122,13 +148,21 @@ def build_pipeline(cfg: PipelineConfig):
         sources = cpu(
             default_dataset(
                 config_json=config_json,
+                # the compiled config; its cluster shape is fixed: a run changing it is refused
+                compiled_config_json=default_config_json,
                 runs_root=runs_root,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                # the cluster shape is compile-time: a run changing cluster.* is refused here
-                compiled_cluster_json=cfg.cluster.model_dump_json(),
+                images_uri=images_uri,
+                views_uri=views_uri,
+                clips_uri=clips_uri,
+                heads=heads,
+                pretrain_steps=pretrain_steps,
+                finetune_steps=finetune_steps,
+                paired_fraction=paired_fraction,
             )
         ).set_display_name("sources")
         run_root = sources.outputs["run_root"]
+        config_json = sources.outputs["config_json"]  # the run's config, for every later step
 
         # Images fan out over key partitions; views and clips are small and ingest in one step.
         plan = cpu(
@@ -172,7 +206,7 @@ def build_pipeline(cfg: PipelineConfig):
         )
         with dsl.If(fresh.output > 0, name="new-data"):
             # Images featurize in a fan-out over shard ranges (one GPU pod each), then a merge that
-            # writes features.json; views and clips are small: one step each.
+            # writes features.json; views and clips featurize in their head's branch.
             featurize_work = cpu(
                 featurize_plan(
                     config_json=config_json, dataset=datasets["images"].outputs["dataset"]
@@ -181,10 +215,6 @@ def build_pipeline(cfg: PipelineConfig):
             with dsl.ParallelFor(featurize_work.output) as work_item:
                 featurized = gpu(featurize_partition(config_json=config_json, work_item=work_item))
             features = {"images": cpu(featurize_merge(work_items=dsl.Collected(featurized.output)))}
-            for kind in ("views", "clips"):
-                features[kind] = gpu(
-                    featurize(config_json=config_json, dataset=datasets[kind].outputs["dataset"])
-                ).set_display_name(f"featurize-{kind}")
 
             # As a TrainJob, pretraining runs in the TrainJob's pods: this step only launches it
             # and waits (days), on a CPU pod, so it holds no GPU a TrainJob pod may need.
@@ -198,49 +228,65 @@ def build_pipeline(cfg: PipelineConfig):
                     )
                 )
             )
-            for head in FINETUNE_HEADS:
-                feats = features[HEAD_DATASET[head]].output
-                tuned = resumable(
-                    gpu(
-                        finetune(
+            for head in FINETUNE_HEADS:  # the heads the run form selects (sources given)
+                with dsl.If(sources.outputs[f"run_{head}"] == True, name=f"head-{head}"):  # noqa: E712
+                    kind = HEAD_DATASET[head]
+                    if kind not in features:  # views, clips: featurized for their head only
+                        features[kind] = gpu(
+                            featurize(
+                                config_json=config_json, dataset=datasets[kind].outputs["dataset"]
+                            )
+                        ).set_display_name(f"featurize-{kind}")
+                    feats = features[kind].output
+                    tuned = resumable(
+                        gpu(
+                            finetune(
+                                config_json=config_json,
+                                head=head,
+                                run_root=run_root,
+                                features=feats,
+                                pretrained=i2i.outputs["checkpoint"],
+                            )
+                        )
+                    ).set_display_name(f"finetune-{head}")
+                    judged = gpu(
+                        evaluate(
                             config_json=config_json,
                             head=head,
                             run_root=run_root,
+                            checkpoint=tuned.outputs["checkpoint"],
                             features=feats,
-                            pretrained=i2i.outputs["checkpoint"],
                         )
-                    )
-                ).set_display_name(f"finetune-{head}")
-                judged = gpu(
-                    evaluate(
-                        config_json=config_json,
-                        head=head,
-                        run_root=run_root,
-                        checkpoint=tuned.outputs["checkpoint"],
-                        features=feats,
-                    )
-                ).set_display_name(f"evaluate-{head}")
-                exported = gpu(
-                    export(
-                        config_json=config_json,
-                        head=head,
-                        run_root=run_root,
-                        checkpoint=tuned.outputs["checkpoint"],
-                    )
-                ).set_display_name(f"export-{head}")
-                with dsl.If(judged.outputs["Output"] == True, name=f"gate-{head}"):  # noqa: E712
-                    cpu(
-                        promote(
+                    ).set_display_name(f"evaluate-{head}")
+                    exported = gpu(
+                        export(
                             config_json=config_json,
                             head=head,
                             run_root=run_root,
-                            exported=exported.outputs["exported"],
-                            evaluation=judged.outputs["evaluation"],
+                            checkpoint=tuned.outputs["checkpoint"],
                         )
-                    ).set_display_name(f"promote-{head}")
+                    ).set_display_name(f"export-{head}")
+                    with dsl.If(judged.outputs["Output"] == True, name=f"gate-{head}"):  # noqa: E712
+                        cpu(
+                            promote(
+                                config_json=config_json,
+                                head=head,
+                                run_root=run_root,
+                                exported=exported.outputs["exported"],
+                                evaluation=judged.outputs["evaluation"],
+                            )
+                        ).set_display_name(f"promote-{head}")
         return run_root
 
     return lumos_pipeline
+
+
+def compiled_config(pipeline_spec: dict) -> PipelineConfig:
+    """The config a compiled pipeline was compiled from (its first step's constant input)."""
+    from lumos.config import validate_config
+
+    inputs = pipeline_spec["root"]["dag"]["tasks"]["default-dataset"]["inputs"]["parameters"]
+    return validate_config(inputs["compiled_config_json"]["runtimeValue"]["constant"])
 
 
 def compile_pipeline(cfg: PipelineConfig, path: Path) -> Path:

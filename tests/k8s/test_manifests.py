@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lumos.config import load_config, validate_config
+from lumos.config import load_config
 from lumos.configs.k8s import DistributedConfig
 from lumos.configs.serving import PromoteConfig
 from lumos.k8s.crd_validation import validate_resource, validate_resources
@@ -414,6 +414,7 @@ def test_gpu_overlay_deploys_its_own_config(manifests: Path, tmp_path: Path) -> 
     XL run takes days)."""
     from lumos.deploy.config import load_deployment
     from lumos.deploy.kfp_api import compile_for_deployment
+    from pipelines.lumos_pipeline import compiled_config
 
     overlay = kustomize(manifests / OVERLAY)
     [config_map] = by_kind(overlay, "ConfigMap").values()
@@ -430,8 +431,9 @@ def test_gpu_overlay_deploys_its_own_config(manifests: Path, tmp_path: Path) -> 
     assert {e["container"]["image"] for e in executors.values()} == {cfg.cluster.image}
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-finetune"]["nodeSelector"]["labels"] == cfg.cluster.gpu_node_selector
+    assert compiled_config(pipeline_spec) == cfg
     inputs = pipeline_spec["root"]["inputDefinitions"]["parameters"]
-    assert validate_config(inputs["config_json"]["defaultValue"]) == cfg
+    assert inputs["images_uri"]["defaultValue"] == cfg.data.images_uri  # the run form's default
     assert version.startswith("lumos-v")
 
     # TrainJobs set their image from the config; the runtime's is the default for others

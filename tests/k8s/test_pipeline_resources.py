@@ -127,6 +127,8 @@ def test_bad_config_maps_are_refused(tmp_path: Path) -> None:
 
 
 def test_main_renders_the_config_maps_pipeline(tmp_path: Path, crds_dir: Path) -> None:
+    from pipelines.lumos_pipeline import compiled_config
+
     """Images, GPUs and the default config all come from the ConfigMap."""
     config_map = write_config_map(tmp_path / "cm.yaml")
     out = tmp_path / "native" / "pipeline.yaml"
@@ -138,7 +140,6 @@ def test_main_renders_the_config_maps_pipeline(tmp_path: Path, crds_dir: Path) -
     cfg = load_config_map(config_map)
     executors = version["spec"]["pipelineSpec"]["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {cfg.cluster.image}
-    inputs = version["spec"]["pipelineSpec"]["root"]["inputDefinitions"]["parameters"]
-    assert validate_config(inputs["config_json"]["defaultValue"]) == cfg
+    assert compiled_config(version["spec"]["pipelineSpec"]) == cfg
     with pytest.raises(SystemExit, match="not found"):
         main(["--config-map", str(tmp_path / "nope.yaml"), "--out", str(out)])

@@ -124,12 +124,14 @@ def test_pipeline_shape_fan_out_parallel_heads_and_gate() -> None:
     condition = gate["triggerPolicy"]["condition"]
     assert condition == "int(inputs.parameter_values['pipelinechannel--new-data-Output']) > 0"
     assert "pretrain" not in root and "featurize-plan" not in root
-    # fine-tunes depend on pretraining only, so they run in parallel
+    # fine-tunes (each in its head's branch) take pretraining's checkpoint and nothing of
+    # another fine-tune, so they run in parallel
     finetunes = [t for name, t in tasks.items() if name.startswith("finetune")]
     assert len(finetunes) == 3
     for t in finetunes:
-        assert "pretrain" in t["dependentTasks"]
-        assert not any(d.startswith("finetune") for d in t["dependentTasks"])
+        pretrained = t["inputs"]["artifacts"]["pretrained"]["componentInputArtifact"]
+        assert pretrained == "pipelinechannel--pretrain-checkpoint"
+        assert not any(d.startswith("finetune") for d in t.get("dependentTasks", []))
 
 
 def test_training_steps_are_retried_and_nothing_else() -> None:

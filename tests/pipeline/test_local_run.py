@@ -81,4 +81,4 @@ def test_a_failing_step_fails_the_run_with_a_pointer_to_its_log(tmp_path) -> Non
     assert not summary.succeeded
     assert "steps.log" in summary.error
     log = (tmp_path / "bad" / "steps.log").read_text()
-    assert "data.images_uri, data.views_uri and data.clips_uri must be given together" in log
+    assert "source directory /nonexistent/images does not exist" in log

@@ -1,6 +1,6 @@
-"""What a run checks first: the compiled cluster shape, real sources in a pod, and new data.
-
-The nothing-new path runs the real pipeline through `kfp.local`: after every source has been
+"""What a run's first step decides: its config from the run form (typed parameters, then the
+advanced config_json), refusing a changed cluster shape; its sources, real ones in a pod; the
+heads it fine-tunes. And the nothing-new path, through `kfp.local`: after every source has been
 ingested into the persistent datasets, a run ingests nothing new and ends green at the `new-data`
 gate without featurizing or training anything.
 """
@@ -13,53 +13,101 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lumos.config import load_config
+from lumos.config import ConfigError, load_config
+from lumos.pipeline.run_form import RunForm
 from lumos.pipeline.run_guard import RunConfigError
-from lumos.pipeline.steps import default_sources
-from pipelines.lumos_pipeline import COMPILED_PATH, COMPILED_PRESET
+from lumos.pipeline.steps import start_run
+from pipelines.lumos_pipeline import COMPILED_PATH, COMPILED_PRESET, compiled_config
+
+
+def form(cfg, **changes) -> dict:
+    return {**RunForm.defaults(cfg).model_dump(), **changes}
 
 
 def test_a_run_changing_cluster_fields_is_refused_at_its_first_step(tmp_path: Path) -> None:
     compiled = load_config(preset=COMPILED_PRESET)
-    cluster_json = compiled.cluster.model_dump_json()
-    edited = load_config(
-        preset=COMPILED_PRESET,
-        overrides=["cluster.distributed=null", "cluster.gpus_per_step=2"],
-    )
+    override = json.dumps({"cluster": {"distributed": None, "gpus_per_step": 2}})
     with pytest.raises(RunConfigError) as refused:
-        default_sources(edited.model_dump_json(), str(tmp_path), "run-1", cluster_json)
+        start_run(override, compiled.model_dump_json(), str(tmp_path), "run-1", form(compiled))
     message = str(refused.value)
-    assert "cluster.gpus_per_step" in message
     assert "changes cluster.distributed, cluster.gpus_per_step," in message  # only those
-    nodes = load_config(preset=COMPILED_PRESET, overrides=["cluster.distributed.num_nodes=1"])
+    nested = json.dumps({"cluster": {"distributed": {"num_nodes": 1}}})
     with pytest.raises(RunConfigError, match=r"changes cluster\.distributed\.num_nodes, which"):
-        default_sources(nodes.model_dump_json(), str(tmp_path), "run-1", cluster_json)
-    # The compiled pipeline hands its cluster to that first step as a constant, not a parameter.
+        start_run(nested, compiled.model_dump_json(), str(tmp_path), "run-1", form(compiled))
+    # The compiled pipeline hands its config to that first step as a constant, not a parameter.
     spec = next(yaml.safe_load_all(COMPILED_PATH.read_text()))
-    inputs = spec["root"]["dag"]["tasks"]["default-dataset"]["inputs"]["parameters"]
-    constant = inputs["compiled_cluster_json"]["runtimeValue"]["constant"]
-    assert json.loads(constant) == json.loads(cluster_json)
-    assert "compiled_cluster_json" not in spec["root"]["inputDefinitions"]["parameters"]
+    assert compiled_config(spec) == compiled
+    assert "compiled_config_json" not in spec["root"]["inputDefinitions"]["parameters"]
 
 
-def test_an_unchanged_cluster_runs(tmp_path: Path) -> None:
-    cfg = load_config(
-        preset="tiny",
-        overrides=[f"data.{k}_uri={tmp_path / k}" for k in ("images", "views", "clips")],
+def test_the_run_form_sets_the_config(tmp_path: Path) -> None:
+    compiled = load_config(preset="tiny")
+    sources = {f"{k}_uri": str(tmp_path / k) for k in ("images", "views", "clips")}
+    changed = form(compiled, **sources, pretrain_steps=7, finetune_steps=3, paired_fraction=0.5)
+    override = "evaluate: {num_samples: 5}\n"  # YAML is accepted too
+    cfg_json, run_root, *given, heads = start_run(
+        override, compiled.model_dump_json(), str(tmp_path), "run-1", changed
     )
-    run_root, *sources = default_sources(
-        cfg.model_dump_json(), str(tmp_path), "run-1", cfg.cluster.model_dump_json()
-    )
+    cfg = load_config(preset=None, config_text=("run", cfg_json))
     assert run_root == str(tmp_path / "run-1")
-    assert sources == [str(tmp_path / k) for k in ("images", "views", "clips")]
+    assert given == [sources["images_uri"], sources["views_uri"], sources["clips_uri"]]
+    assert heads == {"t2i": True, "novel_view": True, "video": True}
+    assert cfg.pretrain.steps == 7 and cfg.ingest.paired_fraction == 0.5
+    assert {cfg.finetune.t2i.steps, cfg.finetune.novel_view.steps, cfg.finetune.video.steps} == {3}
+    assert cfg.evaluate.num_samples == 5
+    # config_json is applied last
+    last = json.dumps({"pretrain": {"steps": 9}})
+    cfg_json, *_ = start_run(last, compiled.model_dump_json(), str(tmp_path), "run-1", changed)
+    assert load_config(preset=None, config_text=("run", cfg_json)).pretrain.steps == 9
+    # a bad field is named
+    with pytest.raises(ConfigError, match="pretrain.steps"):
+        start_run('{"pretrain": {"steps": -1}}', compiled.model_dump_json(), "r", "x", changed)
 
 
-def test_in_a_pod_a_run_needs_real_sources(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # what the kubelet sets in a pod
-    cfg = load_config(preset="tiny")
+def test_images_alone_run_i2i_and_t2i(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # in a pod: real data required
+    compiled = load_config(preset="tiny")
+    images = form(compiled, images_uri="s3://bucket/images")
+    *_, heads = start_run("", compiled.model_dump_json(), str(tmp_path), "run-1", images)
+    assert heads == {"t2i": True, "novel_view": False, "video": False}
+    for asked, message in (
+        ("t2i,video", r"head video needs data\.clips_uri"),
+        ("t2i,3d", r"\['3d'\] are not heads"),
+    ):
+        with pytest.raises(RunConfigError, match=message):
+            start_run("", compiled.model_dump_json(), "r", "x", {**images, "heads": asked})
     with pytest.raises(RunConfigError, match="on a cluster a run needs its data"):
-        default_sources(cfg.model_dump_json(), str(tmp_path), "run-1")
-    assert not (tmp_path / "run-1").exists()  # no toy data generated
+        start_run("", compiled.model_dump_json(), str(tmp_path), "run-2", form(compiled))
+    assert not (tmp_path / "run-2").exists()  # no toy data generated
+    only_views = form(compiled, views_uri="s3://bucket/views")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    with pytest.raises(RunConfigError, match="data.images_uri is empty"):
+        start_run("", compiled.model_dump_json(), str(tmp_path), "run-3", only_views)
+
+
+def test_the_compiled_form_and_head_branches() -> None:
+    """The KFP UI's form: typed parameters with the compiled config's values as defaults and a
+    description each; each head's steps run only when the form selects it."""
+    cfg = load_config(preset=COMPILED_PRESET)
+    spec = next(yaml.safe_load_all(COMPILED_PATH.read_text()))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["pretrain_steps"]["parameterType"] == "NUMBER_INTEGER"
+    assert params["pretrain_steps"]["defaultValue"] == cfg.pretrain.steps
+    assert params["paired_fraction"]["defaultValue"] == cfg.ingest.paired_fraction
+    assert params["heads"]["defaultValue"] == "auto"
+    assert params["config_json"]["defaultValue"] == ""
+    assert all(p.get("description") for p in params.values())
+    branch_conditions = {
+        t["triggerPolicy"]["condition"]
+        for c in spec["components"].values()
+        if "dag" in c
+        for t in c["dag"]["tasks"].values()
+        if "run_" in t.get("triggerPolicy", {}).get("condition", "")
+    }
+    assert branch_conditions == {
+        f"inputs.parameter_values['pipelinechannel--default-dataset-run_{head}'] == true"
+        for head in ("t2i", "novel_view", "video")
+    }
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """What a pipeline run checks before it does anything, and how it tells new data from none.
 
     check_cluster_unchanged(cfg, compiled_cluster_json)   # the first step: cluster.* is compile-time
-    require_real_sources(given)                            # in a pod: no embedded toy data
+    require_real_sources(given)                            # in a pod: real images at least
     new_items(ingest_result)                               # 0: nothing new since the last run
 
 The cluster settings (images, GPUs, node pools, the pretraining TrainJob's shape, the S3 secret)
@@ -53,11 +53,12 @@ def on_kubernetes() -> bool:
 
 
 def require_real_sources(given: tuple[str, str, str]) -> None:
-    if on_kubernetes() and not all(given):
+    """(images, views, clips) URIs: in a pod at least the images must be given."""
+    if on_kubernetes() and not given[0]:
         raise RunConfigError(
-            "on a cluster a run needs its data: set data.images_uri, data.views_uri and "
-            "data.clips_uri (s3:// URIs) in the deployment's ConfigMap or the run's config_json; "
-            "the embedded toy dataset is for `lumos run` on a laptop"
+            "on a cluster a run needs its data: set images_uri (and views_uri, clips_uri for "
+            "the novel-view and video heads) in the run form, or data.*_uri in the deployment's "
+            "ConfigMap; the embedded toy dataset is for `lumos run` on a laptop"
         )
 
 

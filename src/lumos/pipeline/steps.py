@@ -44,32 +44,37 @@ def described_result(artifact: KfpArtifact) -> dict[str, Any]:
     return json.loads(Path(artifact.path).read_text())["result"]
 
 
-def default_sources(
-    config_json: str, runs_root: str, run_id: str, compiled_cluster_json: str = ""
-) -> tuple[str, str, str, str]:
-    """This run's root, and the three raw sources: the configured ones, or (not on a cluster) the
-    embedded default dataset generated into the run root. The run's first step: it refuses a
-    config whose `cluster.*` differs from the compiled pipeline's (`compiled_cluster_json`)."""
+def start_run(
+    config_json: str, compiled_config_json: str, runs_root: str, run_id: str, form: dict[str, Any]
+) -> tuple[str, str, str, str, str, dict[str, bool]]:
+    """The run's first step: (its config as JSON, its root, its three sources, the heads it
+    fine-tunes). The config is the compiled one with the run form's values and `config_json`
+    (the advanced override) on top, refused if it changes `cluster.*`; the sources are the
+    configured ones or, not on a cluster, the embedded default dataset generated into the run
+    root. Images are needed; views and clips only for their heads."""
     from lumos.data.synthetic import generate_default_dataset
-    from lumos.pipeline.run_guard import check_cluster_unchanged, require_real_sources
+    from lumos.pipeline.run_form import RunForm, heads_to_run, resolve_config
+    from lumos.pipeline.run_guard import RunConfigError, require_real_sources
 
-    cfg = validate_config(config_json)
-    if compiled_cluster_json:
-        check_cluster_unchanged(cfg, compiled_cluster_json)
+    cfg = resolve_config(validate_config(compiled_config_json), RunForm(**form), config_json)
     run_root = join_uri(runs_root, run_id)
     layout = RunLayout(run_root)
     given = (cfg.data.images_uri, cfg.data.views_uri, cfg.data.clips_uri)
     require_real_sources(given)
-    if all(given):
-        return (run_root, *given)
-    if any(given):
-        raise ValueError(
-            "data.images_uri, data.views_uri and data.clips_uri must be given together "
-            f"(got images={given[0]!r}, views={given[1]!r}, clips={given[2]!r}); "
-            "leave all three empty to use the embedded default dataset"
+    if not any(given):
+        generate_default_dataset(cfg.synth, join_uri(run_root, "source"))
+        sources = {kind: layout.source(kind) for kind in ("images", "views", "clips")}
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={f"{k}_uri": v for k, v in sources.items()})}
         )
-    generate_default_dataset(cfg.synth, join_uri(run_root, "source"))
-    return run_root, layout.source("images"), layout.source("views"), layout.source("clips")
+    elif not cfg.data.images_uri:
+        raise RunConfigError(
+            "data.images_uri is empty: pretraining learns from images; give them (views and "
+            "clips are only needed for the novel-view and video heads)"
+        )
+    heads = heads_to_run(cfg, str(form.get("heads", "auto")))
+    data = cfg.data
+    return (cfg.model_dump_json(), run_root, data.images_uri, data.views_uri, data.clips_uri, heads)
 
 
 def _dataset_uri(cfg: PipelineConfig, run_root: str, kind: str) -> str:
@@ -85,9 +90,15 @@ def _ingest_config(cfg: PipelineConfig, kind: str):
 def ingest_step(
     config_json: str, source_uri: str, run_root: str, kind: str, dataset: KfpArtifact
 ) -> None:
+    """Ingest one source (views or clips); no source: nothing to ingest, and its head does not
+    run (lumos.pipeline.run_form.heads_to_run)."""
     from lumos.data.ingest import ingest
 
     cfg = validate_config(config_json)
+    if not source_uri:
+        print(f"no {kind} source (data.{kind}_uri): nothing to ingest", flush=True)
+        describe(dataset, "", {"ingested": 0, "no_source": True})
+        return
     dataset_uri = _dataset_uri(cfg, run_root, kind)
     result = ingest(_ingest_config(cfg, kind), source_uri, dataset_uri)
     describe(dataset, dataset_uri, result)
@@ -95,8 +106,9 @@ def ingest_step(
 
 def ingest_plan_step(config_json: str, source_uri: str, run_root: str, kind: str) -> list[str]:
     """One self-contained work item per key partition. Each carries its partition, staging and
-    dataset URIs, so the ParallelFor body needs nothing but the item (kfp.local 2.17 resolves
-    other upstream task outputs inside a ParallelFor to the loop item)."""
+    dataset URIs and the run's config, so the ParallelFor body needs nothing but the item
+    (kfp.local 2.17 resolves other upstream task outputs inside a ParallelFor to the loop item,
+    and the run's config is the first step's output)."""
     from lumos.data.ingest import plan_partitions
 
     cfg = validate_config(config_json)
@@ -109,6 +121,7 @@ def ingest_plan_step(config_json: str, source_uri: str, run_root: str, kind: str
             "kind": kind,
             "staging_uri": RunLayout(run_root).staging(kind, index),
             "dataset_uri": _dataset_uri(cfg, run_root, kind),
+            "config_json": config_json,
         }
         items.append(json.dumps(work))
     return items
@@ -117,8 +130,8 @@ def ingest_plan_step(config_json: str, source_uri: str, run_root: str, kind: str
 def ingest_partition_step(config_json: str, work_item: str) -> str:
     from lumos.data.ingest import ingest_partition
 
-    cfg = validate_config(config_json)
     work = json.loads(work_item)
+    cfg = validate_config(work.get("config_json") or config_json)
     ingest_partition(
         _ingest_config(cfg, work["kind"]),
         work["source_uri"],
@@ -165,22 +178,23 @@ def featurize_step(config_json: str, dataset: KfpArtifact, features: KfpArtifact
 
 
 def featurize_plan_step(config_json: str, dataset: KfpArtifact) -> list[str]:
-    """One self-contained work item (JSON) per shard range of the dataset."""
+    """One self-contained work item (JSON) per shard range of the dataset, with the run's config
+    (see ingest_plan_step)."""
     from lumos.training.featurize import plan_featurize
 
     cfg = validate_config(config_json)
     plan = plan_featurize(described_uri(dataset), cfg.data.featurize_partitions)
-    return [json.dumps(item) for item in plan]
+    return [json.dumps({**item, "config_json": config_json}) for item in plan]
 
 
 def featurize_partition_step(config_json: str, work_item: str) -> str:
     """Featurize one shard range; returns its work item, for the merge."""
     from lumos.training.featurize import featurize
 
-    cfg = validate_config(config_json)
     partition = json.loads(work_item)
+    cfg = validate_config(partition.pop("config_json", None) or config_json)
     featurize(cfg.featurize, partition["dataset_uri"], partition=partition)
-    return work_item
+    return json.dumps(partition)
 
 
 def featurize_merge_step(work_items: list[str], features: KfpArtifact) -> None:
@@ -401,7 +415,7 @@ def promote_step(
 
 
 __all__ = [
-    "default_sources",
+    "start_run",
     "describe",
     "described_uri",
     "evaluate_step",
