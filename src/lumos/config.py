@@ -55,10 +55,13 @@ class ClusterConfig(Strict):
         "evaluate and export use one GPU; unset fields take each kind's default)",
     )
     gpu_node_selector: dict[str, str] = Field(
-        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        description="node labels the GPU steps' pods must match",
     )
     gpu_tolerations: list[Toleration] = Field(
-        default_factory=lambda: [Toleration(key="nvidia.com/gpu")]
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
+        description="tolerations of the GPU steps' pods (the default tolerates nvidia.com/gpu "
+        "taints)",
     )
     s3_secret: str = Field("lumos-s3", description="Secret with LUMOS_S3_ENDPOINT and AWS_* keys")
     shm_size_gib: int = Field(16, ge=1, description="/dev/shm for data-loader workers")
@@ -88,9 +91,17 @@ class ClusterConfig(Strict):
 class DataConfig(Strict):
     """The raw sources. Empty means: generate the embedded default dataset."""
 
-    images_uri: str = ""
-    views_uri: str = ""
-    clips_uri: str = ""
+    images_uri: str = Field(
+        "",
+        description="raw images (local dir or s3://); empty, with views and clips: the embedded "
+        "dataset",
+    )
+    views_uri: str = Field(
+        "", description="multi-view objects for the novel-view head (local dir or s3://)"
+    )
+    clips_uri: str = Field(
+        "", description="video clips as frames for the video head (local dir or s3://)"
+    )
     datasets_root: str = Field(
         "",
         description="Where ingested datasets live across runs (scheduled retraining ingests "
@@ -116,11 +127,18 @@ class FinetuneConfig(Strict):
     """Brief fine-tunes from the I2I checkpoint. T2I: the paper's 65K steps (PixArt-alpha used
     240K); the 3D and video step counts are ours (not published)."""
 
-    t2i: TrainConfig = Field(default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["t2i"]))
-    novel_view: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["novel_view"])
+    t2i: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["t2i"]),
+        description="the text-to-image fine-tune (the paper's 65K steps)",
     )
-    video: TrainConfig = Field(default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["video"]))
+    novel_view: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["novel_view"]),
+        description="the novel-view (3D) fine-tune",
+    )
+    video: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(**FINETUNE_DEFAULTS["video"]),
+        description="the image-to-video fine-tune",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -152,21 +170,52 @@ class PipelineConfig(Strict):
         "letters, digits and '-', starting with a letter, ending with a letter or digit, at most "
         f"{NAME_MAX_LENGTH} characters (its pods' names must fit 63 with up to 100 nodes)",
     )
-    preset: str | None = None
+    preset: str | None = Field(
+        None,
+        description="the preset the config started from (tiny, xl), recorded by load_config; None:"
+        " the defaults",
+    )
     runs_root: str = Field(
         "s3://lumos/runs",
         description="Each run writes under runs_root/<run id> (local dir or s3://)",
     )
-    data: DataConfig = Field(default_factory=DataConfig)
-    synth: SynthConfig = Field(default_factory=SynthConfig)
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    featurize: FeaturizeConfig = Field(default_factory=FeaturizeConfig)
-    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(head="i2i"))
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    promote: PromoteConfig = Field(default_factory=PromoteConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="the raw sources and where datasets live"
+    )
+    synth: SynthConfig = Field(
+        default_factory=SynthConfig,
+        description="the embedded default dataset, generated when data names no sources",
+    )
+    ingest: IngestConfig = Field(
+        default_factory=IngestConfig,
+        description="how raw images become a sharded, deduplicated dataset",
+    )
+    featurize: FeaturizeConfig = Field(
+        default_factory=FeaturizeConfig,
+        description="the frozen encoders and how their features are cached",
+    )
+    pretrain: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(head="i2i"), description="I2I pretraining (head i2i)"
+    )
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig,
+        description="the fine-tunes from the I2I checkpoint, one per head",
+    )
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="how checkpoints are evaluated and gated"
+    )
+    export: ExportConfig = Field(
+        default_factory=ExportConfig,
+        description="the ONNX (and TensorRT) export of the gated models",
+    )
+    promote: PromoteConfig = Field(
+        default_factory=PromoteConfig,
+        description="where promoted models are registered and how KServe serves them",
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig,
+        description="where the steps run on Kubernetes (ignored by the local runner)",
+    )
 
     @field_validator("name")
     @classmethod

@@ -46,7 +46,9 @@ class SynthConfig(BaseModel):
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="fraction of images / objects / clips marked split=eval"
     )
-    seed: int = Field(0, ge=0)
+    seed: int = Field(
+        0, ge=0, description="fixes everything generated: the same seed gives byte-identical files"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:
@@ -90,7 +92,9 @@ class IngestConfig(BaseModel):
     image_format: Literal["jpg", "png"] = Field(
         "jpg", description="jpg for photos; png is lossless (tiny presets, exact colours)"
     )
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    jpeg_quality: int = Field(
+        95, ge=1, le=100, description="JPEG quality of the stored images (image_format jpg)"
+    )
     min_size: int | None = Field(
         None,
         ge=1,

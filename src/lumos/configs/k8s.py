@@ -71,10 +71,14 @@ def check_dns_label(value: str, what: str = "name") -> str:
 class Toleration(Strict):
     """A pod toleration; the default tolerates the NoSchedule taint GPU node pools usually carry."""
 
-    key: str
-    operator: Literal["Equal", "Exists"] = "Exists"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+    key: str = Field(description="the taint key tolerated, e.g. nvidia.com/gpu")
+    operator: Literal["Equal", "Exists"] = Field(
+        "Exists", description="Exists (any value) or Equal (the value below)"
+    )
+    value: str | None = Field(None, description="the taint value, with operator Equal only")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        "NoSchedule", description="the taint effect tolerated; None: every effect"
+    )
 
     @model_validator(mode="after")
     def _value_matches_operator(self) -> Toleration:
@@ -93,10 +97,10 @@ class ComputeResources(Strict):
     alike (Kubernetes requires it for extended resources); memory is limited to what is requested
     so a pod is never OOM-killed for using memory the scheduler did not reserve."""
 
-    cpu: str = "4"
-    memory: str = "16Gi"
-    gpu: int = Field(0, ge=0)
-    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = Field("4", description="CPU request (a Kubernetes quantity, e.g. '4', '500m')")
+    memory: str = Field("16Gi", description="memory request and limit (a quantity, e.g. '16Gi')")
+    gpu: int = Field(0, ge=0, description="GPUs, requested and limited alike")
+    gpu_resource: str = Field("nvidia.com/gpu", description="the extended resource name of a GPU")
     cpu_limit: str | None = Field(
         default=None, description="None: no CPU limit (avoids CFS throttling)"
     )
@@ -120,8 +124,8 @@ class ComputeResources(Strict):
 class DistributedConfig(Strict):
     """Where and how wide a distributed training run is. Defaults: two 8-GPU nodes."""
 
-    num_nodes: int = Field(2, ge=1)
-    gpus_per_node: int = Field(8, ge=0)
+    num_nodes: int = Field(2, ge=1, description="nodes (pods) of the TrainJob")
+    gpus_per_node: int = Field(8, ge=0, description="GPUs each node requests")
     procs_per_node: int | None = Field(
         None, ge=1, description="torchrun processes per node; None: one per GPU (1 on CPU nodes)"
     )
@@ -131,17 +135,28 @@ class DistributedConfig(Strict):
         description="the training pods' service account: lumos-trainer mounts no API token "
         "(training never calls the Kubernetes API, and must not be able to create TrainJobs)",
     )
-    runtime_ref: str = "torch-distributed"
-    runtime_kind: Literal["TrainingRuntime", "ClusterTrainingRuntime"] = "TrainingRuntime"
-    namespace: str = "lumos"
+    runtime_ref: str = Field(
+        "torch-distributed",
+        description="the TrainingRuntime (or ClusterTrainingRuntime) the TrainJob runs on",
+    )
+    runtime_kind: Literal["TrainingRuntime", "ClusterTrainingRuntime"] = Field(
+        "TrainingRuntime",
+        description="whether runtime_ref names a namespaced TrainingRuntime or a "
+        "ClusterTrainingRuntime",
+    )
+    namespace: str = Field("lumos", description="the namespace the TrainJob is created in")
     node_selector: dict[str, str] = Field(
-        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        description="node labels the training pods must match",
     )
     tolerations: list[Toleration] = Field(
-        default_factory=lambda: [Toleration(key="nvidia.com/gpu")]
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
+        description="tolerations of the training pods",
     )
-    cpu: str = "32"
-    memory: str = "480Gi"
+    cpu: str = Field("32", description="CPU request (and limit) per node, a Kubernetes quantity")
+    memory: str = Field(
+        "480Gi", description="memory request and limit per node, a Kubernetes quantity"
+    )
     env_secret: str | None = Field(
         "lumos-s3", description="Secret holding LUMOS_S3_ENDPOINT and AWS_* (None: no secret env)"
     )
@@ -172,7 +187,9 @@ class DistributedConfig(Strict):
         "are pending (Unschedulable, ImagePullBackOff, ...). The clock stops while the job is "
         "suspended (queued by Kueue). None: no start deadline, only timeout_s",
     )
-    poll_s: float = Field(30.0, gt=0)
+    poll_s: float = Field(
+        30.0, gt=0, description="seconds between launch_and_wait's looks at the TrainJob's status"
+    )
 
     @field_validator("namespace", "runtime_ref", "service_account")
     @classmethod

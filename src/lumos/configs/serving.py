@@ -53,24 +53,33 @@ class RolloutConfig(Strict):
 class PromoteConfig(Strict):
     """Where promoted models are registered and how they are served."""
 
-    namespace: str = "lumos"
+    namespace: str = Field("lumos", description="the namespace of the InferenceService")
     model_name_prefix: str = Field("lumos", description="InferenceService name: <prefix>-<head>")
     service_account: str = Field(
         "lumos-serving", description="holds the lumos-s3 secret KServe's storage initializer uses"
     )
     runtime: str = Field("lumos-onnx", description="the ServingRuntime in manifests/base")
     model_format: str = Field("lumos-onnx", description="a format the runtime declares")
-    registry_uri: str = "s3://lumos/registry"
+    registry_uri: str = Field(
+        "s3://lumos/registry",
+        description="where promotion records live: <registry_uri>/<head>/<version>.json and "
+        "current.json",
+    )
     storage_uri_base: str | None = Field(
         None, description="copy the export to <base>/<head>/<version>/ and serve that copy"
     )
     resources: ComputeResources = Field(
-        default_factory=lambda: ComputeResources(cpu="4", memory="16Gi", gpu=1)
+        default_factory=lambda: ComputeResources(cpu="4", memory="16Gi", gpu=1),
+        description="requests and limits of each predictor pod",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels the predictor pods must match"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="tolerations of the predictor pods"
+    )
     min_replicas: int = Field(1, ge=0, description="0 enables scale-to-zero (serverless mode)")
-    max_replicas: int = Field(2, ge=1)
+    max_replicas: int = Field(2, ge=1, description="the most predictor pods the autoscaler runs")
     validate_manifest: bool = Field(
         True, description="validate the InferenceService against the CRD"
     )

@@ -38,10 +38,12 @@ FROM_DATA_AND_HEAD = (
 class FeaturizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    encoders: EncodersConfig = Field(default_factory=EncodersConfig)
+    encoders: EncodersConfig = Field(
+        default_factory=EncodersConfig, description="the frozen encoders whose outputs are cached"
+    )
     batch_size: int = Field(64, ge=1, description="images per encoder call")
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
-    progress_bar: bool = True
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when available")
+    progress_bar: bool = Field(True, description="show a progress bar")
 
 
 class TrainConfig(BaseModel):
@@ -49,55 +51,95 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    head: Head = "i2i"
-    model_size: str = "XL/2"  # a key of lumos.models.lumos_dit.LUMOS_SIZES
+    head: Head = Field(
+        "i2i", description="the head trained: i2i (pretraining), t2i, novel_view or video"
+    )
+    model_size: str = Field(
+        "XL/2",
+        description="a key of lumos.models.lumos_dit.LUMOS_SIZES (XL/2, L/2, B/2, S/2, tiny)",
+    )
     # LumosDiT config overrides (e.g. {"depth": 1}); data dims (latent size, embedding widths)
     # come from the features, conditioning from the head: `FROM_DATA_AND_HEAD` is an error here.
-    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    model_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="LumosDiT config overrides, e.g. {depth: 1}; the data dims come from the "
+        "features and the conditioning from the head",
+    )
     steps: int = Field(400_000, ge=0, description="optimizer steps (ours: not published)")
     batch_size: int = Field(64, ge=1, description="per process and micro-step (PixArt: 64/GPU)")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.03, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-10, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.03, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    adam_eps: float = Field(1e-10, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     warmup_steps: int = Field(500, ge=0, description="linear warm-up, then constant LR")
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
-    # EMA decay min(ema_decay, (1 + step) / (10 + step)) (diffusers' EMA warm-up): a 0.9999 EMA
-    # of a short fine-tune would still be mostly its initialisation.
-    ema_warmup: bool = True
+    ema_decay: float = Field(
+        0.9999, ge=0, lt=1, description="decay of the EMA weights that evaluation and export use"
+    )
+    # diffusers' EMA warm-up: a 0.9999 EMA of a short fine-tune would be mostly its initialisation.
+    ema_warmup: bool = Field(
+        True,
+        description="EMA decay min(ema_decay, (1 + step) / (10 + step)), so a short fine-tune's "
+        "EMA is not mostly its start",
+    )
     # "bf16": fp32 weights, the forward and backward under bf16 autocast.
     # "bf16-weights": bf16 weights and activations (no autocast); the optimizer keeps fp32 master
     #   weights, which the EMA follows and the checkpoints hold (bench/train_throughput.py's
     #   `lumos-bf16w`). Gradients are bf16, so with grad_accum they also accumulate in bf16.
     #   Not with distributed "fsdp", whose "bf16" already keeps fp32 sharded masters.
     # "no": fp32 throughout.
-    mixed_precision: Literal["bf16", "bf16-weights", "no"] = "bf16"
-    compile: bool = True  # torch.compile the model for the training step
+    mixed_precision: Literal["bf16", "bf16-weights", "no"] = Field(
+        "bf16",
+        description="bf16: fp32 weights under bf16 autocast; bf16-weights: bf16 weights with fp32 "
+        "master weights in the optimizer; no: fp32",
+    )
+    compile: bool = Field(True, description="torch.compile the model for the training step")
     num_frames: int | None = Field(
         None, ge=2, description="frames per item for novel_view / video (default 4)"
     )
-    init_from_ema: bool = True  # fine-tunes start from the I2I checkpoint's EMA weights
-    checkpoint_every: int = Field(5_000, ge=1)
+    init_from_ema: bool = Field(
+        True,
+        description="fine-tunes start from the I2I checkpoint's EMA weights (else its raw weights)",
+    )
+    checkpoint_every: int = Field(5_000, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept in out_uri")
-    log_every: int = Field(100, ge=1)
-    # With several processes: steps between their agreement on a SIGTERM (one small all-reduce);
-    # the run stops, with a checkpoint, at the first such step after the signal. One process
-    # checks after every step.
-    stop_check_every: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0, lt=2**32)
-    pushgateway_url: str | None = None  # e.g. http://prometheus-pushgateway:9091
-    progress_bar: bool = True
+    log_every: int = Field(
+        100, ge=1, description="optimizer steps between logged (and pushed) losses"
+    )
+    # The agreement is one small all-reduce; one process checks after every step.
+    stop_check_every: int = Field(
+        10,
+        ge=1,
+        description="with several processes, steps between their agreement on a SIGTERM (the run "
+        "stops with a checkpoint at the first one after the signal)",
+    )
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="seeds the model init, the data order and the noise"
+    )
+    pushgateway_url: str | None = Field(
+        None,
+        description="push training metrics to this Prometheus Pushgateway, e.g. http://prometheus-"
+        "pushgateway:9091",
+    )
+    progress_bar: bool = Field(True, description="show a progress bar")
     # "ddp": every process holds the whole model (replicas); "fsdp": the processes shard model,
     # gradients, optimizer state and EMA (ZeRO-3), for sizes whose replicas do not fit.
-    distributed: Literal["ddp", "fsdp"] = "ddp"
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model; fsdp: the processes shard model, "
+        "gradients, optimizer state and EMA",
+    )
     # Several nodes: node i of N fetches and trains on feature parts i, i+N, ... (`node_parts`)
     # instead of every part; its processes split its parts' items. A node then downloads and
     # caches 1/N of the features (at the paper's scale, terabytes) and each epoch of a node
     # covers its own parts. One node: no effect. For i2i and t2i: a multi-frame group's frames
     # may span parts.
-    shard_features_by_node: bool = False
+    shard_features_by_node: bool = Field(
+        False,
+        description="several nodes: node i of N fetches and trains on feature parts i, i+N, ... "
+        "only (i2i and t2i)",
+    )
 
     @field_validator("model_overrides")
     @classmethod
