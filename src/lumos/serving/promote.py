@@ -176,6 +176,22 @@ def _check_baseline_is_current(
     )
 
 
+def _resumable(
+    registry: Storage, head: str, export_uri: str
+) -> tuple[str, str, dict[str, Any]] | None:
+    """(version, version token, record) of the head's newest record when it promotes
+    `export_uri`: a run of this promotion got that far before it was killed."""
+    latest = _next_version(registry, head)
+    newest = f"v{int(latest[1:]) - 1:04d}"
+    try:
+        record, token = registry.read_json_versioned(f"{head}/{newest}.json")
+    except ObjectNotFound:
+        return None
+    if (record.get("lineage") or {}).get("export_uri") != export_uri:
+        return None
+    return newest, token, record
+
+
 def _next_version(registry: Storage, head: str) -> str:
     numbers = [
         int(m.group(1))
@@ -341,9 +357,13 @@ def promote(
         previous, seen = registry.read_json_versioned(current_key)
     except ObjectNotFound:
         previous, seen = None, None
-    # Race-free with the swap below: a promotion landing after this read fails that swap.
-    _check_baseline_is_current(ev, previous, cfg.registry_uri)
-    version = _next_version(registry, head)
+    # A run of this same promotion that was killed (after it registered its version, or after
+    # it made it current) is taken up again: the same version, not one more.
+    resumed = _resumable(registry, head, export.uri)
+    if resumed is None or resumed[0] != (previous or {}).get("version"):
+        # Race-free with the swap below: a promotion landing after this read fails that swap.
+        _check_baseline_is_current(ev, previous, cfg.registry_uri)
+    version = resumed[0] if resumed else _next_version(registry, head)
 
     model_uri = export.uri
     target = None
@@ -401,11 +421,18 @@ def promote(
             "namespace": cfg.namespace,
             "manifest_uri": isvc_uri,
         },
-        "previous_version": previous["version"] if previous else None,
+        "previous_version": resumed[2]["previous_version"]
+        if resumed
+        else (previous["version"] if previous else None),
         "promoted_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     try:  # takes the version: created only if no other promotion has taken it meanwhile
-        registry.write_json(record_key, record, if_absent=True)
+        registry.write_json(
+            record_key,
+            record,
+            if_absent=resumed is None,
+            if_version=resumed[1] if resumed else None,
+        )
     except PreconditionFailed as err:
         raise PromotionError(
             f"version {version} of head {head!r} was registered by another promotion running "
