@@ -19,6 +19,11 @@ class LumosError(Exception):
 # (lumos.storage.StorageError, lumos.evaluation.gate.GateError, lumos.config.ConfigError, ...).
 
 
+class NotFoundError(LumosError, FileNotFoundError):
+    """Something a run needs is not where the config or the command says: a dataset, encoder
+    weights, an export. The message says where it looked."""
+
+
 class DatasetError(LumosError, ValueError):
     """A raw source, dataset or sample that cannot be used as it is."""
 

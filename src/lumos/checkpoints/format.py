@@ -196,8 +196,16 @@ def load_checkpoint(
     with local_copy(
         resolved, ["transformer_ema", "transformer"] if raw else ["transformer_ema"]
     ) as root:
-        ema_model = LumosDiT.from_pretrained(root / "transformer_ema").to(device).eval()
-        model = LumosDiT.from_pretrained(root / "transformer").to(device).eval() if raw else None
+        try:
+            ema_model = LumosDiT.from_pretrained(root / "transformer_ema").to(device).eval()
+            model = (
+                LumosDiT.from_pretrained(root / "transformer").to(device).eval() if raw else None
+            )
+        except OSError as err:  # diffusers' error for missing or unreadable weight files
+            raise CheckpointError(
+                f"the weights of checkpoint {resolved} cannot be read ({err}); it is damaged: "
+                "use another checkpoint (the run's previous one is kept beside it)"
+            ) from err
     return LoadedCheckpoint(model=model, ema_model=ema_model, meta=meta, uri=resolved)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lumos.configs.encoders import EncodersConfig
 from lumos.encoders.sizes import tiny_t5_config
 from lumos.encoders.weights import resolve_weights_dir
+from lumos.errors import NotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,14 +77,14 @@ class FrozenEncoders:
             "Stable Diffusion's KL VAE (sd-vae-ft-mse) in diffusers format (config.json + weights)"
         )
         if cfg.path is None:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"encoders.vae.path is not set: point it to a directory or s3:// prefix with {what}, "
                 "or use vae.kind='pixel'"
             )
         local = self._dir(cfg.path, what)
         subfolder = "vae" if (local / "vae" / "config.json").exists() else None
         if not (local / (subfolder or "") / "config.json").exists():
-            raise FileNotFoundError(f"no config.json in {str(local)!r}: put {what} there")
+            raise NotFoundError(f"no config.json in {str(local)!r}: put {what} there")
         return self._freeze(AutoencoderKL.from_pretrained(local, subfolder=subfolder))
 
     @property
@@ -142,13 +143,13 @@ class FrozenEncoders:
             return self._freeze(model)
         what = "a DINO ViT-B/16 in transformers format (ViTModel: config.json + model.safetensors)"
         if cfg.path is None:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"encoders.image_encoder.path is not set: point it to a directory or s3:// prefix "
                 f"with {what}, or set image_encoder.tiny for a test encoder"
             )
         local = self._dir(cfg.path, what)
         if not (local / "config.json").exists():
-            raise FileNotFoundError(f"no config.json in {str(local)!r}: put {what} there")
+            raise NotFoundError(f"no config.json in {str(local)!r}: put {what} there")
         return self._freeze(ViTModel.from_pretrained(local, add_pooling_layer=False))
 
     @property
@@ -185,7 +186,7 @@ class FrozenEncoders:
             return tokenizer, self._freeze(model)
         what = "a T5 v1.1-XXL encoder and its tokenizer in transformers format"
         if cfg.path is None:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"encoders.text_encoder.path is not set: point it to a directory or s3:// prefix "
                 f"with {what}, or set text_encoder.tiny for a test encoder"
             )
@@ -193,7 +194,7 @@ class FrozenEncoders:
         model_dir = local / "text_encoder" if (local / "text_encoder").is_dir() else local
         tok_dir = local / "tokenizer" if (local / "tokenizer").is_dir() else local
         if not (model_dir / "config.json").exists():
-            raise FileNotFoundError(f"no config.json in {str(model_dir)!r}: put {what} there")
+            raise NotFoundError(f"no config.json in {str(model_dir)!r}: put {what} there")
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         # T5 pads on the right; cached features store only the tokens before the padding.
         tokenizer.padding_side = "right"

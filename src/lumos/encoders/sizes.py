@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from lumos.errors import NotFoundError
+
 if TYPE_CHECKING:
     from transformers import T5Config
 
@@ -35,12 +37,12 @@ def _config_json(path: str | None, part: Part, subfolder: str | None) -> dict[st
     from lumos.storage import Storage
 
     if path is None:
-        raise FileNotFoundError(f"encoders.{part}.path is not set: the encoder has no weights")
+        raise NotFoundError(f"encoders.{part}.path is not set: the encoder has no weights")
     store = Storage.from_uri(path)
     for key in ([f"{subfolder}/config.json"] if subfolder else []) + ["config.json"]:
         if store.exists(key):
             return store.read_json(key)
-    raise FileNotFoundError(f"no config.json under {path} (encoders.{part}.path)")
+    raise NotFoundError(f"no config.json under {path} (encoders.{part}.path)")
 
 
 def _count(build: Callable[[], torch.nn.Module]) -> int:

@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from lumos.errors import NotFoundError
+
 MARKER = ".lumos-download-complete"
 
 
@@ -29,14 +31,12 @@ def resolve_weights_dir(path: str, what: str, cache_dir: str | None = None) -> P
             store.download_dir("", str(local))
             downloaded = local.exists() and any(local.iterdir())
             if not downloaded:
-                raise FileNotFoundError(
+                raise NotFoundError(
                     f"no files under {path}: upload {what} there (e.g. with Storage.upload_dir)"
                 )
             (local / MARKER).write_text(path)
         return local
     local = Path(path.removeprefix("file://"))
     if not local.is_dir():
-        raise FileNotFoundError(
-            f"weights directory {str(local)!r} does not exist: put {what} there"
-        )
+        raise NotFoundError(f"weights directory {str(local)!r} does not exist: put {what} there")
     return local

@@ -24,6 +24,7 @@ import torch
 from lumos.encoders import FrozenEncoders
 from lumos.encoders.frozen import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor, resize_center_crop
 from lumos.encoders.weights import resolve_weights_dir
+from lumos.errors import NotFoundError
 
 # OpenAI CLIP's input normalisation (used when the model directory has no preprocessor config).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -120,7 +121,7 @@ class ClipScorer:
         what = "a CLIP model in transformers format (CLIPModel: config.json + weights, tokenizer)"
         local = resolve_weights_dir(path, what, cache_dir)
         if not (local / "config.json").exists():
-            raise FileNotFoundError(f"no config.json in {str(local)!r}: put {what} there")
+            raise NotFoundError(f"no config.json in {str(local)!r}: put {what} there")
         model: torch.nn.Module = CLIPModel.from_pretrained(local)
         model = model.to(torch.device(device)).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(local)

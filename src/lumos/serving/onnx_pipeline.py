@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lumos.errors import NotFoundError
 from lumos.export.onnx_export import EXPORT_JSON, OUTPUT_NAME, read_export
 from lumos.export.tensorrt import onnxruntime_providers, select_providers
 
@@ -85,7 +86,7 @@ class OnnxPipeline:
         if isinstance(store, LocalStorage) and local_dir is None:
             return cls(store.root, providers)
         if not store.exists(EXPORT_JSON):
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"no {EXPORT_JSON} at {store.uri}: is it the output of `lumos export`?"
             )
         if local_dir is None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from lumos.configs.training import FeaturizeConfig
 from lumos.data.shards import iter_shard_records
-from lumos.errors import DatasetError, FeaturesError
+from lumos.errors import DatasetError, FeaturesError, NotFoundError
 from lumos.features.format import (
     FEATURES_DIR,
     is_eval_record,
@@ -278,7 +278,7 @@ def _result(
 
 def _read_manifest_bytes(dataset: Storage) -> bytes:
     if not dataset.exists("manifest.json"):
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"no dataset at {dataset.uri}: manifest.json is missing (ingest writes it last, so "
             "the dataset is absent or its ingest did not finish); run `lumos ingest` first"
         )
