@@ -687,7 +687,7 @@ def continue_training_from(
     the report (the lineage a checkpoint records) and its EMA weights, for the EMA."""
     source = load_checkpoint(uri, raw=True)
     if source.meta.get("head") != cfg.head or source.model is None:
-        raise ValueError(
+        raise CheckpointError(
             f"continue_from {uri} is a {source.meta.get('head')!r} checkpoint: a {cfg.head} run "
             "continues a checkpoint of its own head (init_from transfers another head's)"
         )
