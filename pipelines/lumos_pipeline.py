@@ -204,7 +204,7 @@ def build_pipeline(cfg: PipelineConfig):
                 clips=datasets["clips"].outputs["dataset"],
             )
         )
-        with dsl.If(fresh.output > 0, name="new-data"):
+        with dsl.If(fresh.outputs["Output"] > 0, name="new-data"):
             # Images featurize in a fan-out over shard ranges (one GPU pod each), then a merge that
             # writes features.json; views and clips featurize in their head's branch.
             featurize_work = cpu(

@@ -135,3 +135,9 @@ def test_nothing_new_skips_training_and_ends_green(tmp_path: Path) -> None:
     assert not {t for t in executed if t.startswith(("featurize", "pretrain", "finetune"))}
     assert all(h.passed is None for h in summary.heads)  # nothing evaluated
     assert not (Path(summary.run_root) / "checkpoints").exists()
+    # The UI shows what the ingests did (a Markdown artifact of the new-data step)
+    [report] = (tmp_path / "run" / "kfp").glob("*/new-data/ingest_report")
+    text = report.read_text()
+    assert (
+        "| images | 48 | 0 | 48 |" in text
+    )  # 24 images and their 24 caption sidecars and "nothing to train on, skipped" in text

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from conftest import Artifact
+from kfp import dsl
 
 from lumos.checkpoints import load_checkpoint, read_checkpoint_meta
 from lumos.config import load_config
@@ -15,7 +16,9 @@ from lumos.pipeline.layout import RunLayout
 from lumos.pipeline.steps import current_i2i, train_step
 
 
-def pretrain(features: str, run_root: Path, registry: Path, steps: int, incremental: bool) -> str:
+def pretrain(
+    features: str, run_root: Path, registry: Path, steps: int, incremental: bool, **artifacts
+) -> str:
     cfg = load_config(
         preset="tiny",
         overrides=[
@@ -27,8 +30,9 @@ def pretrain(features: str, run_root: Path, registry: Path, steps: int, incremen
         ],
     )
     features_artifact = Artifact(run_root / "features.json", {"uri": features})
+    checkpoint = Artifact(run_root / "ckpt")
     train_step(
-        cfg.model_dump_json(), "i2i", str(run_root), features_artifact, Artifact(run_root / "ckpt")
+        cfg.model_dump_json(), "i2i", str(run_root), features_artifact, checkpoint, **artifacts
     )
     return read_checkpoint_meta(RunLayout(str(run_root)).checkpoint("i2i"))["uri"]
 
@@ -41,7 +45,18 @@ def weights(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 def test_retraining_continues_the_current_i2i_checkpoint(images_features, tmp_path) -> None:
     registry = tmp_path / "registry"
-    first = pretrain(images_features, tmp_path / "run-1", registry, steps=3, incremental=True)
+    # What the KFP UI shows of the step: its metrics and the loss curve (kfp's own artifacts)
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={})
+    curve = dsl.HTML(name="loss_curve", uri=str(tmp_path / "loss.html"), metadata={})
+    first = pretrain(
+        images_features, tmp_path / "run-1", registry, steps=3, incremental=True,
+        metrics=metrics, loss_curve=curve,
+    )  # fmt: skip
+    assert metrics.metadata["step"] == 3 and metrics.metadata["final_loss"] > 0
+    assert (
+        "<svg" in Path(curve.path).read_text()
+        and "i2i: training loss" in Path(curve.path).read_text()
+    )
     assert read_checkpoint_meta(first)["parent"] is None  # nothing to continue yet: from scratch
     assert current_i2i(load_config(overrides=[f"promote.registry_uri={registry}"])) == first
 

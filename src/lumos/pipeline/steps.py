@@ -153,12 +153,18 @@ def ingest_merge_step(
     describe(dataset, dataset_uri, result)
 
 
-def new_data_step(datasets: dict[str, KfpArtifact]) -> int:
+def new_data_step(datasets: dict[str, KfpArtifact], metrics: Any = None, report: Any = None) -> int:
     """Items this run's ingests added, over every dataset; 0 ends the run here (the pipeline's
-    `dsl.If`), green, with nothing trained: there is nothing new to learn from."""
+    `dsl.If`), green, with nothing trained: there is nothing new to learn from. For the UI: each
+    ingest's counts and rejections by reason as metrics and a Markdown table."""
     from lumos.pipeline.run_guard import new_items
+    from lumos.pipeline.ui_artifacts import ingest_counts, ingest_markdown, log_metrics, write_text
 
-    counts = {kind: new_items(described_result(a)) for kind, a in datasets.items()}
+    results = {kind: described_result(a) for kind, a in datasets.items()}
+    counts = {kind: new_items(result) for kind, result in results.items()}
+    for kind, result in results.items():
+        log_metrics(metrics, ingest_counts(kind, result))
+    write_text(report, ingest_markdown(results, counts))
     total = sum(counts.values())
     shown = ", ".join(f"{kind}: {n}" for kind, n in counts.items())
     if total:
@@ -218,6 +224,8 @@ def train_step(
     features: KfpArtifact,
     checkpoint: KfpArtifact,
     init_from: KfpArtifact | None = None,
+    metrics: Any = None,
+    loss_curve: KfpArtifact | None = None,
 ) -> None:
     """Pretrain (head i2i) or fine-tune a head. On a cluster with `cluster.distributed` set the
     pretraining runs as a Kubeflow Trainer TrainJob; with several local GPUs, under accelerate.
@@ -251,7 +259,24 @@ def train_step(
         )
     if head == "i2i":
         record_current_i2i(cfg, out_uri)
+    _training_artifacts(head, result, metrics, loss_curve)
     describe(checkpoint, out_uri, result)
+
+
+def _training_artifacts(head: str, result: Any, metrics: Any, loss_curve: Any) -> None:
+    """The UI's view of a training step: final loss, throughput and the loss curve."""
+    from lumos.pipeline.ui_artifacts import log_metrics, loss_curve_html, write_text
+
+    data = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result)
+    meta: dict[str, Any] = data["checkpoint"] if isinstance(data.get("checkpoint"), dict) else {}
+    losses = [(int(s), float(v)) for s, v in data.get("losses") or []]
+    values = {
+        "step": data.get("step", meta.get("step")),
+        "final_loss": data.get("final_loss", meta.get("loss")),
+        "images_per_second": data.get("last_images_per_second"),
+    }
+    log_metrics(metrics, {k: float(v) for k, v in values.items() if v is not None})
+    write_text(loss_curve, loss_curve_html(head, losses, values["images_per_second"]))
 
 
 CURRENT_I2I = "current.json"
@@ -386,13 +411,24 @@ def _copy_report(result: Any, report: KfpArtifact) -> None:
 
 
 def export_step(
-    config_json: str, head: str, run_root: str, checkpoint: KfpArtifact, exported: KfpArtifact
+    config_json: str,
+    head: str,
+    run_root: str,
+    checkpoint: KfpArtifact,
+    exported: KfpArtifact,
+    metrics: Any = None,
 ) -> None:
     from lumos.export.onnx_export import export
 
     cfg = validate_config(config_json)
     out_uri = RunLayout(run_root).export(head)
     result = export(cfg.export, described_uri(checkpoint), out_uri)
+    from lumos.pipeline.ui_artifacts import log_metrics
+
+    # export parity for the UI: each graph's worst |onnx - torch| and the tolerance it met
+    parity = {f"max_abs_diff_{graph}": diff for graph, diff in result.max_abs_diff.items()}
+    atol = result.tolerance.get("atol")
+    log_metrics(metrics, {**parity, **({"atol": float(atol)} if atol is not None else {})})
     describe(exported, out_uri, result)
 
 
