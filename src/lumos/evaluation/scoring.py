@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from lumos.configs.training import MULTI_FRAME_HEADS
 from lumos.evaluation.attributes import ATTRIBUTES, Measurement, measure
 from lumos.evaluation.comparison import MODEL, FrechetMetric, MeanMetric, Metric
 from lumos.evaluation.image_metrics import psnr, ssim
@@ -43,7 +44,6 @@ from lumos.evaluation.image_metrics import psnr, ssim
 if TYPE_CHECKING:
     from lumos.evaluation.networks import ClipScorer, FeatureSpace
 
-MULTI_FRAME_HEADS = ("novel_view", "video")
 # PSNR of identical images is infinite; per-item values get this cap instead (JSON has no
 # infinity, and one perfect frame must not make a mean infinite).
 PSNR_CAP = 100.0

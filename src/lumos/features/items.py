@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lumos.configs.training import MULTI_FRAME_HEADS
 from lumos.errors import FeaturesError
 from lumos.features.format import ROW_DTYPE, absolute_camera
 from lumos.features.table import PACKED_TEXT, FeatureTable
 from lumos.heads import get_head
-
-MULTI_FRAME_HEADS = ("novel_view", "video")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lumos.configs.k8s import check_dns_label
+from lumos.configs.k8s import VERSION, check_dns_label
 from lumos.errors import LumosError
 from lumos.k8s.crd_validation import validate_custom_resource
 
@@ -78,7 +78,7 @@ def load_compiled_pipeline(path: Path) -> tuple[dict[str, Any], dict[str, Any] |
 def render_pipeline_resources(
     compiled_pipeline_yaml: Path,
     name: str = "lumos",
-    version: str = "0.1.0",
+    version: str = VERSION,
     *,
     namespace: str = "lumos",
 ) -> list[dict[str, Any]]:
@@ -155,7 +155,7 @@ def load_config_map(path: Path, overrides: list[str] | None = None) -> PipelineC
 
 
 def render_from_config_map(
-    config_map: Path, name: str = "lumos", version: str = "0.1.0", *, namespace: str = "lumos"
+    config_map: Path, name: str = "lumos", version: str = VERSION, *, namespace: str = "lumos"
 ) -> list[dict[str, Any]]:
     """[Pipeline, PipelineVersion] of the pipeline compiled from a ConfigMap file's config."""
     from pipelines.lumos_pipeline import compile_pipeline  # the KFP wiring (imports kfp)
