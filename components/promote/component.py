@@ -11,8 +11,9 @@ def promote(
     exported: dsl.Input[dsl.Model],
     evaluation: dsl.Input[dsl.Artifact],
     manifest: dsl.Output[dsl.Artifact],
+    decision: dsl.Output[dsl.Markdown],
 ):
     """Record a model that passed the gate and write its KServe InferenceService."""
     from lumos.pipeline.steps import promote_step
 
-    promote_step(config_json, head, run_root, exported, evaluation, manifest)
+    promote_step(config_json, head, run_root, exported, evaluation, manifest, decision)

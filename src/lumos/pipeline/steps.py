@@ -439,14 +439,22 @@ def promote_step(
     exported: KfpArtifact,
     evaluation: KfpArtifact,
     manifest: KfpArtifact,
+    decision: KfpArtifact | None = None,
 ) -> None:
+    """Promote a head that passed its gate; `decision` (for the UI) says what was decided, on
+    which metrics."""
     from lumos.evaluation.evaluate import EvalResult
+    from lumos.pipeline.ui_artifacts import promotion_markdown, write_text
     from lumos.serving.promote import promote
 
     cfg = validate_config(config_json)
     out_uri = RunLayout(run_root).serving(head)
     eval_result = EvalResult.model_validate(described_result(evaluation))
     result = promote(cfg.promote, described_uri(exported), eval_result, out_uri)
+    write_text(
+        decision,
+        promotion_markdown(result.model_dump(mode="json"), eval_result.model_dump(mode="json")),
+    )
     describe(manifest, out_uri, result)
 
 

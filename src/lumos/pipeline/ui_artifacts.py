@@ -109,3 +109,29 @@ def loss_curve_html(head: str, losses: list[tuple[int, float]], throughput: floa
         f"last loss {values[-1]:.4g} (min {v0:.4g})</text></svg>"
         f"<p>{rate}</p></body></html>"
     )
+
+
+def promotion_markdown(result: dict[str, Any], evaluation: dict[str, Any]) -> str:
+    """What promotion decided for a head that passed its gate, and on what evidence."""
+    head = result["head"]
+    if result["promoted"]:
+        previous = result.get("previous_version") or "none"
+        lines = [
+            f"## {head}: promoted version {result['version']} (previously {previous})",
+            "",
+            f"- serving from `{result.get('model_uri')}` as InferenceService "
+            f"`{result.get('inference_service_name')}`",
+            f"- registry record `{result.get('record_uri')}`",
+        ]
+    else:
+        lines = [f"## {head}: not promoted", ""]
+        lines += [f"- {reason}" for reason in result.get("reasons", [])]
+    lines += [f"- warning: {w}" for w in result.get("warnings", [])]
+    metrics = evaluation.get("metrics") or {}
+    if metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {float(value):.4g} |" for name, value in sorted(metrics.items())]
+    gate = evaluation.get("reasons") or []
+    if gate:
+        lines += ["", "Gate notes:"] + [f"- {reason}" for reason in gate]
+    return "\n".join(lines) + "\n"
