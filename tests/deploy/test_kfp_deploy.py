@@ -157,3 +157,12 @@ def test_a_bad_deploy_config_is_a_one_line_error(home, capsys) -> None:
         main(["deploy", "--config-map", str(cm)])
     err = capsys.readouterr().err
     assert "cron '@daily' must have 6 fields" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unreachable_api_is_a_one_line_error(home, capsys) -> None:
+    cm = config_map(home / "cm.yaml", "http://127.0.0.1:9", deploy={"namespace": "team"})
+    with pytest.raises(SystemExit):
+        main(["deploy", "--config-map", str(cm)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lumos: DeployError: KFP API: listing pipelines named 'lumos'")
+    assert "cannot reach the API server" in err[-1]

@@ -81,7 +81,8 @@ def _api(what: str, call: Callable[[], T]) -> T:
         raise DeployError(
             f"KFP API: {what} failed ({err.status} {err.reason}): {message}"
         ) from None
-    except urllib3.exceptions.HTTPError as err:
+    except (urllib3.exceptions.HTTPError, TimeoutError, OSError) as err:
+        # kfp.Client's health check gives up with a TimeoutError after 5 attempts
         raise DeployError(f"KFP API: {what} failed: cannot reach the API server: {err}") from None
 
 
