@@ -17,8 +17,6 @@ from lumos.storage import DiskFull, ObjectNotFound
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from small_disk import small_disk  # noqa: E402
 
-pytestmark = pytest.mark.slow  # two ONNX exports
-
 CONFIG = ExportConfig(dynamic_batch=False, check_batch_sizes=[1])
 
 

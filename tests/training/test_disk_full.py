@@ -20,7 +20,6 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-@pytest.mark.slow
 def test_a_checkpoint_on_a_full_disk_fails_clearly_keeps_the_previous_and_resumes(
     images_features, tiny_config, tmp_path
 ):
