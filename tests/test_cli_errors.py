@@ -4,6 +4,7 @@ comes before the work). Each case runs the real `lumos.cli.main` in this process
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from lumos.cli import main
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """raw/ (images), ds/ (ingested, not featurized), bad/ (a checkpoint whose JSON is torn),
+    torn/ (a checkpoint whose weight files are not safetensors),
     eval/ (an evaluation), cfg.yaml (tiny data) and config files with mistakes."""
     root = tmp_path_factory.mktemp("cli-errors")
     (root / "cfg.yaml").write_text("synth: {num_images: 8, num_objects: 0, num_clips: 0}\n")
@@ -22,6 +24,12 @@ def inputs(tmp_path_factory) -> Path:
           "--dataset", str(root / "ds")])  # fmt: skip
     (root / "bad").mkdir()
     (root / "bad" / "lumos_checkpoint.json").write_text('{"format": "lumos-checkpoint/1", ')
+    sys.path.insert(0, str(Path(__file__).parent / "export"))
+    from tiny_checkpoints import make_checkpoint
+
+    torn = Path(make_checkpoint(root / "torn", "i2i", vae=False)[0])
+    for weights in torn.rglob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
     (root / "version.yaml").write_text("version: 2\n")
     (root / "field.yaml").write_text("pretrain: {stepz: 3}\n")
     (root / "value.yaml").write_text("pretrain: {batch_size: -4}\n")
@@ -47,6 +55,10 @@ CASES = {
                                "{root}/none"),
     "ingest: dataset in a missing bucket": (["ingest", "--source", "{root}/raw", "--dataset",
                                              "s3://{bucket}-missing/ds"], "{bucket}-missing"),
+    "featurize: dataset missing": (["featurize", "--dataset", "{root}/none"], "{root}/none"),
+    "featurize: not a dataset": (["featurize", "--dataset", "{root}/raw"], "{root}/raw"),
+    "export: checkpoint weights unreadable": (["export", "--checkpoint", "{root}/torn", "--out",
+                                               "{root}/out"], "{root}/torn"),
     "pretrain: dataset missing": (["pretrain", "--dataset", "{root}/none", "--out", "{root}/out"],
                                   "{root}/none"),
     "pretrain: dataset not featurized": (["pretrain", "--dataset", "{root}/ds", "--out",
