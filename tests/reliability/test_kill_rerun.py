@@ -205,6 +205,9 @@ def test_export_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pipe)
 
 
 def test_promote_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pipe):
+    crds = os.environ.get("LUMOS_CRDS_DIR") or Path(__file__).parents[3] / "shared" / "crds"
+    if not Path(crds).is_dir():  # promote validates what it renders against them
+        pytest.skip(f"CRD directory {crds} not found (set LUMOS_CRDS_DIR)")
     # A passing evaluation of the exported model, as the serving tests make one: the tiny
     # 4-step model here does not pass the tiny preset's gate, and the gate is not under test.
     sys.path.insert(0, str(Path(__file__).parents[1] / "serving"))

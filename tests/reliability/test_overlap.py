@@ -87,6 +87,9 @@ def test_two_ingests_into_one_dataset_one_wins_the_other_fails_clearly(
 def test_two_promotions_of_one_head_one_wins_the_other_fails_clearly(
     s3_env, s3_endpoint, s3_bucket, tmp_path
 ):
+    crds = os.environ.get("LUMOS_CRDS_DIR") or Path(__file__).parents[3] / "shared" / "crds"
+    if not Path(crds).is_dir():  # promote validates what it renders against them
+        pytest.skip(f"CRD directory {crds} not found (set LUMOS_CRDS_DIR)")
     sys.path.insert(0, str(Path(__file__).parents[1] / "serving"))
     from test_promote import eval_result, make_export
 
