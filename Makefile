@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps run test lint compile clean
+.PHONY: setup system-deps run test test-fast lint compile clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: setup
 
 test: setup system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+# The everyday loop: every test not marked slow (the whole suite stays `make test`, CI's).
+test-fast: setup system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff format --check src components pipelines tests bench
