@@ -37,17 +37,22 @@ def test_fails_without_the_margin_and_says_why() -> None:
     passed, reasons, _ = decide("t2i", _summaries(0.5, 0.4), GATES)
     assert not passed and len(reasons) == 1
     assert reasons[0].startswith("clip_score = ") and "best baseline (shuffled = " in reasons[0]
-    assert "asks for at least 1" in reasons[0]
+    assert "asks for more than 1" in reasons[0]
     checks = gate_checks("t2i", _summaries(0.5, 0.4), GATES)
     assert checks["clip_score"]["passed"] is False and checks["color_accuracy"]["passed"] is True
 
 
 def test_a_model_equal_to_its_best_baseline_fails_even_with_margin_zero() -> None:
-    """Margin 0 still asks the lower end of the interval to be >= 0: equal to the baseline on
-    some items and worse on others is not a lead."""
+    """Margin 0 still asks the lower end of the interval to be above 0: equal to the baseline
+    (on every draw of items), or worse on some items, is not a lead."""
     values = np.random.default_rng(5).normal(size=50)
+    gates = {"video": {"psnr": {"margin": 0.0}}}
     s = summarise({"psnr": MeanMetric({"model": values - 0.01, "copy_input": values})})
-    assert not decide("video", s, {"video": {"psnr": {"margin": 0.0}}})[0]
+    assert not decide("video", s, gates)[0]
+    same = summarise(
+        {"psnr": MeanMetric({"model": values, "copy_input": values, "blank": values - 1})}
+    )
+    assert same["psnr"].margin_interval == (0.0, 0.0) and not decide("video", same, gates)[0]
 
 
 def test_relative_margin_scales_with_the_best_baseline() -> None:
@@ -59,7 +64,7 @@ def test_relative_margin_scales_with_the_best_baseline() -> None:
         {"psnr": MeanMetric({"model": np.full(10, 14.0), "copy_input": np.full(10, 10.0)})}
     )
     passed, reasons, _ = decide("video", s, GATES)
-    assert not passed and "asks for at least 5" in reasons[0]
+    assert not passed and "asks for more than 5" in reasons[0]
 
 
 def test_regression_against_the_promoted_model_in_the_metric_direction() -> None:

@@ -25,8 +25,8 @@ class MetricGate(BaseModel):
         0.0,
         ge=0.0,
         description="the model's lead over the best baseline, at the lower end of the lead's "
-        "bootstrap interval, must be at least this (in the metric's units, or a fraction of the "
-        "best baseline's value when relative); 0 asks for a lead the eval items cannot erase",
+        "bootstrap interval, must exceed this (in the metric's units, or a fraction of the best "
+        "baseline's value when relative); 0 asks for a lead the eval items cannot erase",
     )
     relative: bool = Field(
         False,

@@ -10,9 +10,10 @@ broken model would match (`BASELINES`). Each metric names the baselines a model 
 copied); for a distribution distance it is the blank image only, since a random training image
 *is* the data distribution (it is shown beside the model as the floor a perfect model reaches).
 
-Intervals are percentile bootstrap intervals over the eval items: items are drawn with
-replacement, the same draw for the model and every baseline (a paired bootstrap), so the margin's
-interval says whether the lead over the best baseline is more than the choice of items.
+Intervals are bootstrap intervals over the eval items (percentile intervals shifted by the
+bootstrap's bias): items are drawn with replacement, the same draw for the model and every
+baseline (a paired bootstrap), so the margin's interval says whether the lead over the best
+baseline is more than the choice of items.
 """
 
 from __future__ import annotations
@@ -133,10 +134,15 @@ def bootstrap_draws(num_items: int, resamples: int, seed: int) -> np.ndarray:
     return rng.integers(0, num_items, size=(resamples, num_items))
 
 
-def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+def _interval(samples: np.ndarray, estimate: float, confidence: float) -> tuple[float, float]:
+    """The percentile interval of the bootstrap `samples`, shifted by their bias (their mean
+    minus the estimate). A mean is unbiased and is not moved; a Fréchet distance of a resample
+    (with repeated items, so less spread) is biased upwards, and unshifted its interval can lie
+    above the estimate itself."""
     tail = (1.0 - confidence) / 2 * 100
     lo, hi = np.percentile(samples, [tail, 100 - tail])
-    return float(lo), float(hi)
+    bias = float(np.mean(samples)) - estimate
+    return float(lo) - bias, float(hi) - bias
 
 
 def summarise_metric(
@@ -150,7 +156,7 @@ def summarise_metric(
     summary = MetricSummary(
         name=name,
         value=metric.value(MODEL),
-        interval=_interval(model_draws, confidence),
+        interval=_interval(model_draws, metric.value(MODEL), confidence),
         higher_is_better=metric.higher_is_better,
         baselines={b: metric.value(b) for b in present},
         against=[b for b in present if b in metric.against],
@@ -163,7 +169,9 @@ def summarise_metric(
         summary.margin = sign * (summary.value - summary.baselines[best])
         per_draw = np.stack([metric.statistic(b, draws) for b in summary.against])  # (B, R)
         best_per_draw = per_draw.max(0) if sign > 0 else per_draw.min(0)  # (R,)
-        summary.margin_interval = _interval(sign * (model_draws - best_per_draw), confidence)
+        summary.margin_interval = _interval(
+            sign * (model_draws - best_per_draw), summary.margin, confidence
+        )
     return summary
 
 

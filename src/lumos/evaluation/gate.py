@@ -3,7 +3,7 @@
     passed, reasons, notes = decide("t2i", summaries, gates, promoted={"clip_score": 27.0})
 
 A gated metric passes when the model beats the best of the trivial baselines it is compared with
-(`lumos.evaluation.comparison`) by at least the gate's margin *at the lower end of the margin's
+(`lumos.evaluation.comparison`) by more than the gate's margin *at the lower end of the margin's
 bootstrap interval*: a lead that the choice of eval items could erase does not count, so a model
 that ignores its condition (whose metric equals a baseline's up to noise) cannot pass by luck.
 A margin is in the metric's units, or a fraction of the best baseline's value (`relative`; for
@@ -68,7 +68,7 @@ def gate_checks(
         if s is not None and s.margin_interval is not None and s.best_baseline is not None:
             entry["required"] = required_margin(gate, s)
             low = s.margin_interval[0]
-            entry["passed"] = bool(not math.isnan(low) and low >= entry["required"])
+            entry["passed"] = bool(not math.isnan(low) and low > entry["required"])
         out[name] = entry
     return out
 
@@ -124,11 +124,11 @@ def decide(
             raise GateError(f"head {head!r}: {name} has no baseline to gate against")
         need = required_margin(gated[name], s)
         low = s.margin_interval[0]
-        if math.isnan(low) or low < need:
+        if math.isnan(low) or low <= need:
             reasons.append(
                 f"{name} = {s.value:.4g} leads the best baseline ({s.best_baseline} = "
                 f"{s.baselines[s.best_baseline]:.4g}) by {s.margin:.4g} (interval from "
-                f"{low:.4g}); the gate asks for at least {need:.4g}"
+                f"{low:.4g}); the gate asks for more than {need:.4g}"
             )
         if promoted is None or name not in promoted:
             continue

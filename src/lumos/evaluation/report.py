@@ -119,7 +119,7 @@ def _metrics_table(section: HeadSection) -> str:
     head = "".join(f"<th>{html.escape(b)}</th>" for b in shown)
     return (
         '<table class="metrics"><tr><th>metric</th><th>model [95% interval]</th>' + head
-        + "<th>margin over best baseline [interval]</th><th>gate: margin at least</th><th></th>"
+        + "<th>margin over best baseline [interval]</th><th>gate: lead above</th><th></th>"
         "<th>promoted model</th></tr>" + "".join(rows) + "</table>"
         '<p class="note">&uarr; higher is better, &darr; lower. Baselines in bold are the best one '
         "the model must beat; grey ones are references (for a distribution distance, real images "
