@@ -40,6 +40,11 @@ def main(kind: str) -> None:
     for command in ("torchrun", "lumos") if kind == "train" else ():
         if shutil.which(command) is None:
             problems.append(f"{command} is not on PATH: TrainJobs run `torchrun --no-python lumos`")
+    if kind == "train":  # export.tensorrt: auto builds engines only where tensorrt imports
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as e:
+            problems.append(f"tensorrt does not import ({e}): export would skip its engines")
     import lumos  # noqa: F401  the project itself
 
     if problems:

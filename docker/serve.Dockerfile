@@ -1,5 +1,9 @@
 # The GPU serving image: the KServe model server over a Lumos ONNX export (ServingRuntime lumos-onnx).
-#   docker build -f docker/serve.Dockerfile -t ghcr.io/lumos-mlops/lumos-serve:0.1.0 .
+#   docker build -f docker/serve.Dockerfile -t ghcr.io/lumos-mlops/lumos-serve:0.1.0 \
+#     --build-arg VERSION=0.1.0 --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
+# The tag is the package version (lumos.configs.k8s, what the compiled pipeline names: a commit
+# in the tag would change the committed pipeline with every commit); the commit is the image's
+# OCI revision label, so `docker inspect` says which source a running image was built from.
 # The base image brings CUDA, cuDNN and the CUDA build of torch 2.13.0 (pyproject.toml's pin): the
 # frozen encoders (T5 in bfloat16, DINO, the VAE encoder) run on the pod's GPU. The ONNX graphs
 # run on onnxruntime-gpu's CUDA (or TensorRT) execution provider; it provides the `onnxruntime`
@@ -11,6 +15,10 @@
 # (manifests/base/serving-cache.yaml).
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
+ARG VERSION=unset
+ARG GIT_COMMIT=unset
+LABEL org.opencontainers.image.version=${VERSION} \
+      org.opencontainers.image.revision=${GIT_COMMIT}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV PYTHONUNBUFFERED=1 \

@@ -1,5 +1,9 @@
 # The GPU training image: every pipeline step and every TrainJob node runs in it.
-#   docker build -f docker/train.Dockerfile -t ghcr.io/lumos-mlops/lumos-train:0.1.0 .
+#   docker build -f docker/train.Dockerfile -t ghcr.io/lumos-mlops/lumos-train:0.1.0 \
+#     --build-arg VERSION=0.1.0 --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
+# The tag is the package version (lumos.configs.k8s, what the compiled pipeline names: a commit
+# in the tag would change the committed pipeline with every commit); the commit is the image's
+# OCI revision label, so `docker inspect` says which source a running image was built from.
 # The base image brings CUDA, cuDNN and the CUDA build of torch 2.13.0 (the version pyproject.toml
 # pins); pyproject's pin is then already satisfied, so pip keeps that build instead of fetching
 # another. The project's own dependency list names the CPU `onnxruntime`, so the dependencies come
@@ -7,6 +11,10 @@
 # with --no-deps.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
+ARG VERSION=unset
+ARG GIT_COMMIT=unset
+LABEL org.opencontainers.image.version=${VERSION} \
+      org.opencontainers.image.revision=${GIT_COMMIT}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV PYTHONUNBUFFERED=1 \

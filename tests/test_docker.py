@@ -27,7 +27,7 @@ NOT_IN_SERVE_IMAGE = {
     "opencv-python-headless",
 }  # pipeline, exporter, ingest
 SWAPS = {"onnxruntime": "onnxruntime-gpu"}  # same module, CUDA execution provider
-EXTRA = {"serve": {"kserve"}, "train": set()}
+EXTRA = {"serve": {"kserve"}, "train": {"tensorrt-cu12"}}  # TensorRT: engines at export
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -204,3 +204,22 @@ def test_serving_image_caches_encoder_weights_where_the_runtime_mounts_them() ->
     runtime = (REPO_ROOT / "manifests" / "base" / "serving-runtime.yaml").read_text()
     cache = re.search(r"LUMOS_CACHE_DIR=(\S+)", env)
     assert cache and f"value: {cache.group(1)}" in runtime
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_images_record_their_version_and_commit(image: str) -> None:
+    """The tag is the package version (what the compiled pipeline names); the commit travels as the
+    OCI revision label, from a build argument the build command passes."""
+    found = instructions(IMAGES[image])
+    args = {a.split("=", 1)[0] for kw, a in found if kw == "ARG"}
+    assert {"VERSION", "GIT_COMMIT"} <= args
+    [label] = [a for kw, a in found if kw == "LABEL"]
+    assert "org.opencontainers.image.revision=${GIT_COMMIT}" in label
+    assert "org.opencontainers.image.version=${VERSION}" in label
+
+
+def test_train_image_builds_tensorrt_engines() -> None:
+    """export.tensorrt: auto builds engines only where `import tensorrt` works: the train image
+    installs it and its build check fails when it does not import."""
+    assert "tensorrt-cu12" in requirements(DOCKER / "requirements-train-gpu.txt")
+    assert "import tensorrt" in (DOCKER / "check_image.py").read_text()
