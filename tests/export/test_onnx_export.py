@@ -16,6 +16,7 @@ from tiny_checkpoints import make_checkpoint
 
 from lumos.configs.export import ExportConfig
 from lumos.export.onnx_export import (
+    EXPORT_JSON,
     ExportCheckError,
     ExportResult,
     check_graph,
@@ -265,3 +266,11 @@ def test_select_providers_needs_cpu():
 
 def test_select_providers_on_this_onnxruntime():
     assert select_providers(ort.get_available_providers())[-1] == "CPUExecutionProvider"
+
+
+def test_read_export_of_another_format_is_one_clear_error(tmp_path: Path) -> None:
+    from lumos.errors import LumosError
+
+    (tmp_path / EXPORT_JSON).write_text('{"format": "lumos-export/0"}')
+    with pytest.raises(LumosError, match="re-export the checkpoint"):
+        read_export(str(tmp_path))

@@ -87,6 +87,10 @@ class ExportResult(BaseModel):
     tensorrt: TensorRTResult
 
 
+class ExportFormatError(LumosError, ValueError):
+    """An export.json this version of lumos cannot read (another format, or not an export)."""
+
+
 class ExportCheckError(LumosError, RuntimeError):
     """The ONNX graph does not reproduce PyTorch within tolerance."""
 
@@ -484,7 +488,7 @@ def read_export(export_uri: str) -> dict:
 
     meta = Storage.from_uri(export_uri).read_json(EXPORT_JSON)
     if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(
+        raise ExportFormatError(
             f"{export_uri}/{EXPORT_JSON} has format {meta.get('format')!r}, expected "
             f"{EXPORT_FORMAT!r}: re-export the checkpoint with this version of lumos"
         )
