@@ -109,9 +109,9 @@ def resize_cover(img: Image.Image, target: tuple[int, int]) -> Image.Image:
     Shrinking by a factor f: Pillow's k x k box reduction for the whole part k of f (only when
     reduce-on-decode could not do it, e.g. a large PNG), then the rest (a factor below 2) as
     scikit-image's `resize(anti_aliasing=True)` does it: a Gaussian low-pass of sigma (f - 1) / 2
-    source pixels and bilinear sampling, with OpenCV's vectorised kernels: 2-4x faster than
-    OpenCV's area averaging and 3-5x faster than Pillow's antialiased bicubic, on average within
-    about one grey level of a Lanczos resize (bench/resize.py). Enlarging (only when `min_size` is
+    source pixels and bilinear sampling, with OpenCV's vectorised kernels: faster than OpenCV's
+    area averaging and Pillow's antialiased bicubic, and close to a Lanczos resize (figures:
+    bench/resize.py, docs/benchmarks.md). Enlarging (only when `min_size` is
     set below the output size) is bicubic. The crop box is rounded to whole source pixels.
     """
     left, top, right, bottom = (round(v) for v in cover_crop_box(img.width, img.height, target))
