@@ -177,10 +177,12 @@ def _check_baseline_is_current(
 
 
 def _resumable(
-    registry: Storage, head: str, export_uri: str
+    registry: Storage, head: str, export_uri: str, ev: Mapping[str, Any]
 ) -> tuple[str, str, dict[str, Any]] | None:
     """(version, version token, record) of the head's newest record when it promotes
-    `export_uri`: a run of this promotion got that far before it was killed."""
+    `export_uri` on the same evaluation (the same baseline version and report): a run of this
+    promotion got that far before it was killed. The same export judged again, against another
+    baseline, is a new promotion."""
     latest = _next_version(registry, head)
     newest = f"v{int(latest[1:]) - 1:04d}"
     try:
@@ -188,6 +190,13 @@ def _resumable(
     except ObjectNotFound:
         return None
     if (record.get("lineage") or {}).get("export_uri") != export_uri:
+        return None
+    evaluation = record.get("evaluation") or {}
+    if any(evaluation.get(k) != ev.get(k) for k in ("baseline_version", "report_uri")):
+        return None
+    # A promotion that ended (its canary rolled back, or `lumos rollback` moved off it) is done:
+    # promoting the same export again is a new attempt, not the rest of that one.
+    if (record.get("rollout") or {}).get("outcome") == "rolled_back" or "rolled_back" in record:
         return None
     return newest, token, record
 
@@ -359,7 +368,7 @@ def promote(
         previous, seen = None, None
     # A run of this same promotion that was killed (after it registered its version, or after
     # it made it current) is taken up again: the same version, not one more.
-    resumed = _resumable(registry, head, export.uri)
+    resumed = _resumable(registry, head, export.uri, ev)
     if resumed is None or resumed[0] != (previous or {}).get("version"):
         # Race-free with the swap below: a promotion landing after this read fails that swap.
         _check_baseline_is_current(ev, previous, cfg.registry_uri)
