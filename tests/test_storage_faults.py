@@ -25,6 +25,9 @@ from lumos.storage import (
     StorageError,
 )
 
+# stalls past the client timeout and retries with backoff: about a minute in all
+pytestmark = pytest.mark.slow
+
 MIB = 1 << 20
 
 

@@ -51,6 +51,7 @@ def run_deploy(path: Path, capsys: pytest.CaptureFixture) -> dict:
     return _result(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # compiles the pipeline for each deploy: about 15 s
 def test_deploy_uploads_once_then_versions_and_replaces_the_schedule(home, capsys) -> None:
     with kfp_api_standin() as (url, api):
         cm = config_map(home / "cm.yaml", url)

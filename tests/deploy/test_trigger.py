@@ -75,6 +75,7 @@ def ingest_everything(cm: Path) -> None:
     )
 
 
+@pytest.mark.slow  # ingests into S3, then several trigger rounds: about 10 s
 def test_trigger_starts_one_run_for_new_objects_and_none_otherwise(
     s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

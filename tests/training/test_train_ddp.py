@@ -11,6 +11,9 @@ from two_processes import assert_resumed_exactly, launch, run_processes
 from lumos.checkpoints import list_checkpoints, read_checkpoint_meta
 from lumos.storage import Storage
 
+# several processes on gloo: tens of seconds each
+pytestmark = pytest.mark.slow
+
 
 def test_two_processes_train_and_resume_exactly(images_features, tmp_path):
     cfg = TINY_CONFIG

@@ -11,6 +11,9 @@ from lumos.checkpoints import load_checkpoint, read_checkpoint_meta
 from lumos.configs.training import TrainConfig
 from lumos.training.train import train
 
+# two FSDP processes: tens of seconds
+pytestmark = pytest.mark.slow
+
 CONFIG = {
     **TINY_CONFIG,
     # depth 2: two FSDP units plus the root, so the gather spans several units.

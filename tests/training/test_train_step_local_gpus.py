@@ -23,6 +23,9 @@ from lumos.pipeline import steps
 from lumos.storage import Storage
 from lumos.training.stopping import TrainingStopped
 
+# accelerate launch with several processes
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture()
 def two_local_gpus(monkeypatch):
