@@ -123,6 +123,7 @@ def test_deploy_uploads_once_then_versions_and_replaces_the_schedule(home, capsy
         assert api.recurring_runs == {}
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 def test_the_api_refuses_what_the_server_refuses(home, capsys) -> None:
     """The stand-in answers errors as the server does, and deploy reports them in one line."""
     with kfp_api_standin() as (url, api):
@@ -160,6 +161,7 @@ def test_a_bad_deploy_config_is_a_one_line_error(home, capsys) -> None:
     assert "cron '@daily' must have 6 fields" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 def test_an_unreachable_api_is_a_one_line_error(home, capsys) -> None:
     cm = config_map(home / "cm.yaml", "http://127.0.0.1:9", deploy={"namespace": "team"})
     with pytest.raises(SystemExit):

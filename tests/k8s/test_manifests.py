@@ -334,6 +334,7 @@ def test_pipeline_config_overrides_are_a_valid_config(manifests: Path, where: st
     validate_config(deep_merge(preset, overrides))
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 def test_kubernetes_native_pipeline_is_current(manifests: Path, crds_dir: Path) -> None:
     """overlays/kubernetes-native/pipeline.yaml is what `make compile` renders from the base's
     ConfigMap, and that overlay adds exactly those resources to the base."""
@@ -408,6 +409,7 @@ def test_deploy_job_and_trigger_read_the_mounted_config(
     assert mounted.deploy.namespace == (config_map["metadata"]["namespace"] if multi_user else "")
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 def test_gpu_overlay_deploys_its_own_config(manifests: Path, tmp_path: Path) -> None:
     """What the overlay's lumos-deploy Job registers: the pipeline compiled from the overlay's
     ConfigMap (its images, node pool and default config), on the overlay's schedule (weekly: an

@@ -126,6 +126,7 @@ def test_bad_config_maps_are_refused(tmp_path: Path) -> None:
         load_config_map(write_config_map(tmp_path / "bad.yaml", bad))
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 def test_main_renders_the_config_maps_pipeline(tmp_path: Path, crds_dir: Path) -> None:
     from pipelines.lumos_pipeline import compiled_config
 

@@ -243,6 +243,7 @@ def kfp_step_pods(compiled: Path) -> dict[str, dict]:
     return pods
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 @pytest.mark.parametrize("distributed", [False, True])
 def test_pipeline_steps_are_restricted(tmp_path: Path, distributed: bool) -> None:
     """Every step of the compiled pipeline (xl preset, pretraining in a step or as a TrainJob) has

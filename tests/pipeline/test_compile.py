@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import pytest
 import yaml
 from kfp import compiler
 
@@ -79,6 +80,7 @@ def _pretrain_executor(path) -> tuple[dict, dict]:
     return container, k8s
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 def test_pretrain_launching_a_trainjob_holds_no_gpu(tmp_path) -> None:
     """With `cluster.distributed` (the xl preset) the pretrain step only launches the TrainJob and
     waits for it: a CPU pod with the S3 secret, no GPU, GPU nodes, /dev/shm or feature cache.

@@ -22,6 +22,9 @@ from lumos.configs.serving import PromoteConfig, RolloutConfig
 from lumos.serving.promote import current_promoted, promote
 from lumos.serving.rollout import FIELD_MANAGER, Cluster, rollback
 
+# a real predictor process under a soak of live traffic: tens of seconds in all
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ISVC = "lumos-t2i"  # PromoteConfig's <prefix>-<head>; the ServingRuntime's --model_name
 

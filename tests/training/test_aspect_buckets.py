@@ -83,6 +83,7 @@ def test_featurize_stores_each_size_apart(dataset):
         table.gather([square, landscape])
 
 
+@pytest.mark.slow  # compiles the pipeline or trains: several seconds
 def test_compiled_training_compiles_each_size_once(dataset, tmp_path, tiny_config):
     """compile=True with two trained sizes: a static graph per size, never an eager fallback.
     With dynamo's limit at 1 and a hit made an error, the loop must raise the limit to its
