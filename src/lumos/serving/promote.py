@@ -454,6 +454,24 @@ def promote(
     except BaseException:
         registry.delete(record_key)  # nothing was promoted: the version is free again
         raise
+
+    def finish(promoted: bool, reasons: list[str]) -> PromoteResult:
+        """The result, also written beside the manifest."""
+        result = PromoteResult(
+            head=head,
+            promoted=promoted,
+            reasons=reasons,
+            version=version,
+            model_uri=model_uri,
+            record_uri=record_uri,
+            inference_service_name=isvc["metadata"]["name"],
+            inference_service_uri=isvc_uri,
+            previous_version=record["previous_version"],
+            warnings=warnings,
+        )
+        out.write_json(RESULT_FILE, result.model_dump(mode="json"))
+        return result
+
     if cfg.rollout.apply:
         from lumos.serving.rollout import roll_out
 
@@ -465,20 +483,7 @@ def promote(
         record["rollout"] = outcome.model_dump(mode="json")
         registry.write_json(record_key, record)  # both outcomes, with their evidence
         if outcome.outcome == "rolled_back":
-            result = PromoteResult(
-                head=head,
-                promoted=False,
-                reasons=[f"the canary was rolled back: {r}" for r in outcome.reasons],
-                version=version,
-                model_uri=model_uri,
-                record_uri=record_uri,
-                inference_service_name=isvc["metadata"]["name"],
-                inference_service_uri=isvc_uri,
-                previous_version=record["previous_version"],
-                warnings=warnings,
-            )
-            out.write_json(RESULT_FILE, result.model_dump(mode="json"))
-            return result
+            return finish(False, [f"the canary was rolled back: {r}" for r in outcome.reasons])
     try:  # current.json, only if no other promotion has replaced it since it was read above
         current = {**record, "record_uri": record_uri}
         registry.write_json(current_key, current, if_version=seen, if_absent=seen is None)
@@ -489,17 +494,4 @@ def promote(
             f"one ran: {version} is registered ({record_uri}) but not served; promote it again "
             "to serve it"
         ) from err
-    result = PromoteResult(
-        head=head,
-        promoted=True,
-        reasons=[],
-        version=version,
-        model_uri=model_uri,
-        record_uri=record_uri,
-        inference_service_name=isvc["metadata"]["name"],
-        inference_service_uri=isvc_uri,
-        previous_version=record["previous_version"],
-        warnings=warnings,
-    )
-    out.write_json(RESULT_FILE, result.model_dump(mode="json"))
-    return result
+    return finish(True, [])
