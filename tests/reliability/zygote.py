@@ -36,9 +36,10 @@ def _install_write_hook(kill_at: int | None, how: str, count_to: str | None) -> 
         def write(src, dst, *args, **kwargs):
             nonlocal count
             count += 1
-            if count_to:
-                with open(count_to, "w") as f:
+            if count_to:  # atomically: a timed kill may land here (an empty file read as 0)
+                with open(count_to + ".tmp", "w") as f:
                     f.write(str(count))
+                real_replace(count_to + ".tmp", count_to)
             if count == kill_at:
                 if how == "partial" and os.path.isfile(src):
                     with open(src, "r+b") as f:
