@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,7 @@ from PIL import Image
 from lumos.configs.data import IngestConfig
 from lumos.data.ingest import ingest, ingest_partition, merge_partitions, plan_partitions
 from lumos.data.ingest_run import is_paired
+from lumos.data.shards import iter_shard_records
 from lumos.data.sources import Source, read_with_retries
 from lumos.storage import ObjectNotFound, Storage, StorageError
 
@@ -29,6 +31,17 @@ def report_rows(dataset_uri: str) -> list[dict]:
     manifest = store.read_json("manifest.json")
     lines = store.read_bytes(manifest["runs"][-1]["report"]).decode().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def assert_report_names_the_shards(dataset_uri: str) -> None:
+    """Each ingested row of the last run names the shard, listed in the manifest, that holds it."""
+    store = Storage.from_uri(dataset_uri)
+    names = {s["name"] for s in store.read_json("manifest.json")["shards"]}
+    rows = [r for r in report_rows(dataset_uri) if r["outcome"] == "ingested"]
+    assert rows and {r["shard"] for r in rows} <= names
+    for shard in {r["shard"] for r in rows}:
+        held = [key for key, _ in iter_shard_records(store, shard)]
+        assert held == [r["key"] for r in rows if r["shard"] == shard]
 
 
 def assert_every_object_once(rows: list[dict], listed_keys: set[str]) -> None:
@@ -108,7 +121,8 @@ def test_rerun_is_idempotent_and_a_changed_source_rebuilds(tmp_path):
     assert not rebuilt.up_to_date and rebuilt.num_samples == first.num_samples + 1
     names = [p.name for p in sorted((tmp_path / "a" / "shards").iterdir())]
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert names == [s["name"] for s in manifest["shards"]] == ["shard-00001.tar"]
+    assert names == [s["name"] for s in manifest["shards"]]
+    assert re.fullmatch(r"shard-00001-[0-9a-f]{16}\.tar", names[0]) and len(names) == 1
     assert len(manifest["runs"]) == 1
 
 
@@ -232,6 +246,8 @@ def test_fan_out_partitions_then_merge_matches_single_node(tmp_path):
         r["source_key"]: [r.get(f) for f in outcome] for r in report_rows(merged.dataset_uri)
     }
     assert merged_rows == single_rows
+    assert_report_names_the_shards(single.dataset_uri)
+    assert_report_names_the_shards(merged.dataset_uri)
     # The exact copy sits in another partition than its original: found by the merge.
     part_of = {}
     for d in descs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,6 +83,80 @@ def test_two_ingests_into_one_dataset_one_wins_the_other_fails_clearly(
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["up_to_date"] is True
     assert store.read_json("manifest.json")["runs"] == manifest["runs"]
+
+
+def test_two_ingests_bringing_different_new_images_leave_the_winners_shards_intact(
+    s3_env, s3_endpoint, s3_bucket, tmp_path
+):
+    """Two incremental runs of one schedule over a source that grew between them: both build on
+    the same manifest and bring different new images. The loser's shard uploads are held until
+    the winner has committed, so they land on top of the winner's if the names collide."""
+    (tmp_path / "cfg.yaml").write_text(
+        "synth: {num_images: 24, num_objects: 2, num_clips: 2}\n"
+        "ingest: {shard_max_bytes: 20000, incremental: true}\n"
+    )
+    cfg = ["--config", str(tmp_path / "cfg.yaml")]
+    subprocess.run([LUMOS, "data", "synth", *cfg, "--out", str(tmp_path / "raw")], check=True,
+                   capture_output=True)  # fmt: skip
+    images = sorted((tmp_path / "raw" / "images").iterdir())
+    source = tmp_path / "source"
+    source.mkdir()
+
+    def arrive(first: int, stop: int) -> None:  # images first..stop-1, with their sidecars
+        for path in images:
+            if first <= int(path.stem.removeprefix("img-")) < stop:
+                shutil.copy(path, source / path.name)
+
+    dataset = f"s3://{s3_bucket}/ds"
+    argv = ["ingest", *cfg, "--source", str(source), "--dataset", dataset]
+    store = Storage.from_uri(dataset)
+    arrive(0, 8)
+    base = subprocess.run([LUMOS, *argv], capture_output=True, text=True, env=os.environ)
+    assert base.returncode == 0, base.stderr
+    base_manifest = store.read_json("manifest.json")
+
+    arrive(8, 16)  # the first run of the schedule sees these
+    shard_put = lambda r: r.method == "PUT" and "/ds/shards/" in r.path  # noqa: E731
+    with FaultProxy(s3_endpoint, hold=shard_put) as proxy:
+        first = _lumos(argv, {"LUMOS_S3_ENDPOINT": proxy.url, **PATIENT})
+        _wait_until_held(proxy, first)  # it read the manifest and is uploading its first shard
+        arrive(16, 24)  # the second run sees these too
+        second = subprocess.run([LUMOS, *argv], capture_output=True, text=True, env=os.environ)
+        assert second.returncode == 0, second.stderr
+        won = store.read_json("manifest.json")
+        proxy.release()  # the first run's shards land only now, after the second's commit
+        assert first.wait(timeout=300) == 1
+    errors = [line for line in first.stderr.read().splitlines() if line.startswith("lumos: ")]
+    assert len(errors) == 1 and "another ingest committed to" in errors[0], errors
+
+    # The history is the first run, then the winner's: nothing of the loser.
+    manifest = store.read_json("manifest.json")
+    assert manifest == won
+    assert manifest["runs"][0] == base_manifest["runs"][0] and len(manifest["runs"]) == 2
+    assert manifest["shards"][: len(base_manifest["shards"])] == base_manifest["shards"]
+    # Every shard the manifest names holds exactly the samples its runs' reports put there,
+    # with the count and size the manifest records, though the loser wrote shards after it.
+    reported: dict[str, list[str]] = {}
+    for run in manifest["runs"]:
+        for line in store.read_bytes(run["report"]).decode().splitlines():
+            row = json.loads(line)
+            if row["outcome"] == "ingested":
+                reported.setdefault(row["shard"], []).append(row["key"])
+    assert set(reported) == {s["name"] for s in manifest["shards"]}
+    sizes = {o.key: o.size for o in store.list("shards/")}
+    for shard in manifest["shards"]:
+        keys = [key for key, _ in iter_shard_records(store, shard["name"])]
+        assert keys == reported[shard["name"]], shard["name"]
+        assert len(keys) == shard["count"]
+        assert sizes[f"shards/{shard['name']}"] == shard["bytes"]
+    assert manifest["num_samples"] == sum(len(k) for k in reported.values())
+    assert manifest["runs"][1]["counts"]["previously_seen"] == 16  # 8 images and their sidecars
+
+    # The loser, run again, builds on the winner's dataset: nothing is new to it.
+    again = subprocess.run([LUMOS, *argv], capture_output=True, text=True, env=os.environ)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["up_to_date"] is True
+    assert store.read_json("manifest.json") == manifest
 
 
 def test_two_promotions_of_one_head_one_wins_the_other_fails_clearly(

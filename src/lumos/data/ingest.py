@@ -21,6 +21,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -450,7 +451,7 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
         with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
             report_path = Path(tmp) / "report.jsonl"
             run_counts, changed_examples = _write_merged_report(
-                staged, source_uri, history, changed, final_keys, report_path
+                staged, source_uri, history, changed, final_keys, writer.final_name, report_path
             )
             warn_changed(run_counts["changed"], changed_examples)
             if (
@@ -559,11 +560,12 @@ def _write_merged_report(
     history: DatasetHistory,
     changed: DiskMap,
     final_keys: DiskMap,
+    shard_name: Callable[[str], str],
     path: Path,
 ) -> tuple[dict[str, Any], list[str]]:
     """One report for the run at `path`: the staged rows in partition order, with the merge's
     decisions applied (an exact duplicate of a staged image points at what that image ended
-    as), and a "changed" row for each item the dataset has seen that changed since. Returns the
+    as; a kept one at its final shard, by `shard_name` of its pending name), and a "changed" row for each item the dataset has seen that changed since. Returns the
     run's counts, those of the rows written, and the first few changed items."""
     counts: Counter[str] = Counter()
     changed_examples: list[str] = []
@@ -598,6 +600,8 @@ def _write_merged_report(
                     )
                     if update is not None and update.get("outcome") == "duplicate":
                         row = {k: v for k, v in row.items() if k not in ("key", "shard", "paired")}
+                    if update is not None and "shard" in update:
+                        update = {**update, "shard": shard_name(update["shard"])}
                     row.update(update or {})
                     out.write(json.dumps(row, sort_keys=True) + "\n")
                     counts[row["outcome"]] += 1

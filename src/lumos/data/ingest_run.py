@@ -436,7 +436,11 @@ class IngestRun:
         return self.counts["ingested"] + self.counts["duplicate"] + self.counts["rejected"]
 
     def upload_report(self, key: str) -> None:
-        self.out.upload_file(self.report_path, key)
+        """Upload the report (after `run`), its rows naming the shards as they were uploaded."""
+        named = self.report_path.with_name("report-named.jsonl")
+        with open(self.report_path, encoding="utf-8") as rows, open(named, "w") as out:
+            out.writelines(with_shard_name(row, self.writer.final_name) for row in rows)
+        self.out.upload_file(named, key)
         self._report_dir.cleanup()
 
     def run_counts(self, listed: int, previously_seen: int) -> dict[str, Any]:
@@ -475,6 +479,16 @@ class IngestRun:
         stats["objects_per_s"] = round(processed / self.elapsed_s, 2)
         stats["bytes_per_s"] = round(self.bytes_read / self.elapsed_s, 1)
         return stats
+
+
+def with_shard_name(line: str, final_name: Callable[[str], str]) -> str:
+    """A report row (a JSON line) with its shard's pending name replaced by the shard's name
+    (`ShardWriter.final_name`); rows that name no shard are returned as they are."""
+    if '"shard": ' not in line:
+        return line
+    row = json.loads(line)
+    row["shard"] = final_name(row["shard"])
+    return json.dumps(row, sort_keys=True) + "\n"
 
 
 class ListingTally:

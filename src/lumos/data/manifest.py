@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lumos.data.decode import REJECTION_REASONS
 from lumos.data.dedup import DedupIndex
 from lumos.data.scratch import DiskMap, ScratchDB
-from lumos.data.shards import SHARD_PREFIX, ShardInfo
+from lumos.data.shards import SHARD_PREFIX, ShardInfo, shard_index
 from lumos.errors import DatasetError, LumosError
 from lumos.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
 
@@ -137,13 +137,12 @@ def _load_runs(store: Storage, cfg: IngestConfig, manifest: dict, history: Datas
 
 
 def next_shard_index(manifest: dict | None) -> int:
-    """Shards of a new run never reuse a name the current manifest refers to (readers of the old
-    manifest keep reading consistent shards until the new manifest replaces it)."""
+    """Shards of a new run come after every position the current manifest refers to (readers of
+    the old manifest keep reading consistent shards until the new manifest replaces it; the hash
+    in a name keeps two runs that build on one manifest apart)."""
     if not manifest or not manifest["shards"]:
         return 0
-    return 1 + max(
-        int(s["name"].removeprefix("shard-").removesuffix(".tar")) for s in manifest["shards"]
-    )
+    return 1 + max(shard_index(s["name"]) for s in manifest["shards"])
 
 
 def add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,20 @@ Shards are written to a local temporary file and uploaded whole in the backgroun
 local rename), so a shard object is always complete. Tar headers carry fixed metadata (mtime 0, no
 owner), so the same samples give byte-identical shards: re-running an ingest is idempotent to the
 byte.
+
+A shard's name is its position and a hash of its bytes (`shard-00003-<sha256[:16]>.tar`), so a
+name always stands for the same bytes: two ingests that build on one manifest at once and bring
+different images write different names, and the one that loses the manifest's commit never
+replaces a shard the winner's manifest names (identical names are identical bytes). The name is
+known when the shard is finished; until then a sample's shard goes by its position
+(`pending_name`), which `final_name` maps to the name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -22,8 +31,28 @@ from lumos.storage import Storage
 SHARD_PREFIX = "shards"
 
 
-def shard_name(index: int) -> str:
+_NAME_DIGITS = 16  # hex digits of the SHA-256 in a name: 64 bits, no collision in practice
+
+
+def pending_name(index: int) -> str:
+    """What a sample's shard is called until that shard is finished (see `ShardWriter`)."""
     return f"shard-{index:05d}.tar"
+
+
+def shard_name(index: int, sha256_hex: str) -> str:
+    return f"shard-{index:05d}-{sha256_hex[:_NAME_DIGITS]}.tar"
+
+
+_INDEX_IN_NAME = re.compile(r"shard-(\d+)(?:-[0-9a-f]+)?\.tar")
+
+
+def shard_index(name: str) -> int:
+    """The position in a shard's name (`shard-00003-<hash>.tar`, or `shard-00003.tar` as
+    datasets written before names carried a hash call it)."""
+    match = _INDEX_IN_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a shard name")
+    return int(match.group(1))
 
 
 @dataclass(frozen=True)
@@ -74,25 +103,30 @@ def tar_member_bytes(name: str, data: bytes) -> bytes:
 
 
 class ShardWriter:
-    """Writes samples into numbered shards of at most `max_bytes` each and uploads them."""
+    """Writes samples into numbered shards of at most `max_bytes` each and uploads them.
+
+    `add` returns the shard's pending name; once the shard is finished, `final_name` maps it to
+    the name the shard is uploaded as (`close` finishes the last one)."""
 
     def __init__(self, store: Storage, *, first_index: int, max_bytes: int) -> None:
         self.store = store
         self.max_bytes = max_bytes
         self.next_index = first_index
         self.written: list[ShardInfo] = []
+        self._final: dict[str, str] = {}  # pending name -> name, of every finished shard
         self._tmpdir = tempfile.TemporaryDirectory(prefix="lumos-shards-")
         self._file: BinaryIO | None = None
         self._path: Path | None = None
         self._count = 0
         self._bytes = 0
+        self._hash = hashlib.sha256()
         # Uploads run in the background, one at a time, while the next shard fills: a 1 GB PUT
         # does not stall decoding, and at most two shards sit on local disk.
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lumos-shard-upload")
         self._upload: Future | None = None
 
     def add(self, key: str, image_ext: str, image: bytes, meta: dict) -> str:
-        """Append one sample; returns the name of the shard it went into."""
+        """Append one sample; returns the pending name of the shard it went into."""
         meta_bytes = json.dumps(meta, sort_keys=True).encode("utf-8")
         record = tar_member_bytes(f"{key}.{image_ext}", image) + tar_member_bytes(
             f"{key}.json", meta_bytes
@@ -103,12 +137,13 @@ class ShardWriter:
         ):
             self._finish_shard()
         if self._file is None:
-            self._path = Path(self._tmpdir.name) / shard_name(self.next_index)
+            self._path = Path(self._tmpdir.name) / pending_name(self.next_index)
             self._file = open(self._path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in _finish_shard
         self._file.write(record)
+        self._hash.update(record)
         self._count += 1
         self._bytes += len(record)
-        return shard_name(self.next_index)
+        return pending_name(self.next_index)
 
     def _finish_shard(self) -> None:
         if self._file is None or self._path is None:
@@ -117,13 +152,19 @@ class ShardWriter:
             )
         self._file.write(_END_OF_ARCHIVE)
         self._file.close()
-        name, path = shard_name(self.next_index), self._path
+        self._hash.update(_END_OF_ARCHIVE)
+        name, path = shard_name(self.next_index, self._hash.hexdigest()), self._path
+        self._final[pending_name(self.next_index)] = name
         self.written.append(ShardInfo(name, self._count, path.stat().st_size))
         self._wait_for_upload()
         self._upload = self._uploader.submit(self._upload_and_remove, path, name)
         self._file, self._path = None, None
-        self._count, self._bytes = 0, 0
+        self._count, self._bytes, self._hash = 0, 0, hashlib.sha256()
         self.next_index += 1
+
+    def final_name(self, pending: str) -> str:
+        """The name of the finished shard `add` called `pending`."""
+        return self._final[pending]
 
     def _upload_and_remove(self, path: Path, name: str) -> None:
         self.store.upload_file(path, f"{SHARD_PREFIX}/{name}")
