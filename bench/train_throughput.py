@@ -160,7 +160,7 @@ class RefDiT(nn.Module):
             [RefBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
         )
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.final_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -169,14 +169,14 @@ class RefDiT(nn.Module):
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         t_freq = lumos_dit_module.sinusoidal_embedding(t, 256)  # (N, 256)
         c = self.t_embedder(t_freq)  # (N, D)
-        y = cond  # (N, Dc)
+        y = F.normalize(cond, dim=-1)  # (N, Dc)
         if self.training and self.cond_dropout_prob > 0:
             drop = torch.rand(n, device=x.device) < self.cond_dropout_prob  # (N,)
             y = torch.where(drop[:, None], self.null_embedding, y)  # (N, Dc)
-        y = self.y_embedder(F.normalize(y, dim=-1)).unsqueeze(1)  # (N, 1, D)
+        y = self.y_embedder(y).unsqueeze(1)  # (N, 1, D)
         for block in self.blocks:
             x = block(x, c, y)  # (N, T, D)
-        shift, scale = self.final_adaLN(c).chunk(2, dim=1)  # (N, D) each
+        shift, scale = (self.final_table[None] + c[:, None]).unbind(1)  # (N, D) each
         x = self.final_norm(x) * (1 + scale[:, None]) + shift[:, None]  # (N, T, D)
         x = self.final_linear(x)  # (N, T, p * p * C)
         x = x.reshape(n, hh // p, ww // p, p, p, self.out_channels)  # (N, gh, gw, p, p, C)
@@ -193,8 +193,7 @@ def ref_from_lumos(lumos: nn.Module, ref: RefDiT) -> RefDiT:
         "x_embedder.weight": sd["x_embedder.weight"],
         "x_embedder.bias": sd["x_embedder.bias"],
         "null_embedding": sd["cond_projector.null_embedding"],
-        "final_adaLN.1.weight": sd["final_layer.adaLN_modulation.1.weight"],
-        "final_adaLN.1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+        "final_table": sd["final_layer.scale_shift_table"],
         "final_linear.weight": sd["final_layer.linear.weight"],
         "final_linear.bias": sd["final_layer.linear.bias"],
     }

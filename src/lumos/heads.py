@@ -47,7 +47,7 @@ HEADS: dict[str, HeadSpec] = {
         name="t2i",
         description="text-to-image: T5 tokens replace the DINO token; size/aspect embeddings",
         multi_frame=False,
-        allowed_new=("cond_projector.", "micro_embedder."),
+        allowed_new=("cond_projector.", "csize_embedder.", "ar_embedder."),
         batch_keys=("latents", "text_embeds", "text_mask"),
     ),
     "novel_view": HeadSpec(

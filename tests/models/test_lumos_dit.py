@@ -100,10 +100,96 @@ def test_one_training_step_is_finite(size):
 
 
 def test_xl2_parameter_count_matches_the_paper():
+    """XL/2 as the authors' LumosI2I_XL_2 (DINO ViT-B/16 CLS, 768-d): 822.0M parameters.
+
+    28 blocks x 29,218,176 (self-attention 4D^2+4D, cross-attention 4D^2+4D, MLP 8D^2+5D, the
+    block's adaLN 6D^2+6D; D = 1152) = 818,108,928; condition MLP 768 -> 1152 -> 1152: 2,214,144;
+    timestep MLP 256 -> 1152 -> 1152: 1,624,320; final layer (PixArt's table, 2D, plus the
+    linear to 2 x 2 x 8): 39,200; patch embedding 4 -> 1152 at 2 x 2: 19,584.
+    """
     with torch.device("meta"):
         model = lumos_dit("XL/2")
     count = sum(p.numel() for p in model.parameters())
-    assert abs(count - 822e6) / 822e6 < 0.01, f"XL/2 has {count / 1e6:.1f}M parameters"
+    assert abs(count - 822.0e6) / 822.0e6 < 0.001, f"XL/2 has {count / 1e6:.2f}M parameters"
+    by_part: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        by_part[name.split(".")[0]] = by_part.get(name.split(".")[0], 0) + p.numel()
+    assert by_part == {
+        "x_embedder": 19_584,
+        "t_embedder": 1_624_320,
+        "cond_projector": 2_214_144,
+        "blocks": 818_108_928,
+        "final_layer": 39_200,
+    }
+    assert count == 822_006_176
+
+
+def test_final_layer_is_pixarts_table_plus_timestep_embedding():
+    model = randomize(LumosDiT(**tiny_config("tiny"))).eval()
+    final = model.final_layer
+    d = model.config.hidden_size
+    assert [n for n, _ in final.named_parameters()] == [
+        "scale_shift_table",
+        "linear.weight",
+        "linear.bias",
+    ]
+    x = torch.randn(2, 5, d)
+    c = torch.randn(2, d)
+    shift = final.scale_shift_table[0] + c  # (2, D): row 0 shifts, row 1 scales
+    scale = final.scale_shift_table[1] + c
+    normed = torch.nn.functional.layer_norm(x, (d,), eps=1e-6)
+    expected = final.linear(normed * (1 + scale[:, None]) + shift[:, None])
+    torch.testing.assert_close(final(x, c), expected)
+    # Initialised as PixArt: table ~ N(0, 1/D), output projection zero.
+    torch.manual_seed(0)
+    wide = LumosDiT(**tiny_config("tiny", hidden_size=512, num_heads=8))
+    table = wide.final_layer.scale_shift_table
+    assert table.shape == (2, 512)
+    assert abs(table.std().item() - 512**-0.5) < 0.1 * 512**-0.5
+    assert torch.count_nonzero(wide.final_layer.linear.weight) == 0
+
+
+def test_size_and_aspect_embedders_are_pixart_ms():
+    cfg = tiny_config(
+        "tiny", hidden_size=48, cond_kind="text", cond_tokens=5, micro_conditions=True
+    )
+    model = randomize(LumosDiT(**cfg)).eval()
+    third = 48 // 3
+    assert model.csize_embedder.mlp[0].weight.shape == (third, 256)
+    assert model.ar_embedder.mlp[2].weight.shape == (third, third)
+    size = torch.tensor([[64.0, 96.0]])
+    # csize embeds height and width separately (2 x D/3), the aspect ratio h / w once (D/3).
+    emb_h = model.csize_embedder(size[:, :1])
+    emb_w = model.csize_embedder(size[:, 1:])
+    torch.testing.assert_close(model.csize_embedder(size), torch.cat([emb_h, emb_w], dim=1))
+    assert model.csize_embedder(size).shape == (1, 2 * third)
+    # The model adds [csize(h, w), ar(h / w)] to the timestep embedding: a block sees exactly it.
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda mod, args, out: seen.update(c=args[1]))
+    x, t, _ = inputs(batch=1)
+    model(x, t, torch.randn(1, 5, COND_DIM), micro_cond=size)
+    expected = model.t_embedder(t) + torch.cat(
+        [emb_h, emb_w, model.ar_embedder(torch.tensor([[64.0 / 96.0]]))], dim=1
+    )
+    torch.testing.assert_close(seen["c"], expected)
+    # The authors' initialisation: N(0, 0.02) weights, so the sizes matter from the first step.
+    fresh = LumosDiT(**cfg)
+    assert 0.01 < fresh.ar_embedder.mlp[2].weight.std().item() < 0.03
+
+
+def test_a_width_not_divisible_by_three_leaves_its_last_channels_without_sizes():
+    cfg = tiny_config(
+        "tiny", hidden_size=32, cond_kind="text", cond_tokens=5, micro_conditions=True
+    )
+    model = randomize(LumosDiT(**cfg)).eval()
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda mod, args, out: seen.update(c=args[1]))
+    x, t, _ = inputs()
+    text = torch.randn(2, 5, COND_DIM)
+    model(x, t, text, micro_cond=torch.tensor([[64.0, 64.0], [32.0, 96.0]]))
+    c = seen["c"]
+    torch.testing.assert_close(c[:, 30:], model.t_embedder(t)[:, 30:])  # 32 - 3 * 10 = 2 left
+    assert not torch.allclose(c[:, :30], model.t_embedder(t)[:, :30])
 
 
 def test_single_token_shortcut_equals_general_attention():

@@ -79,3 +79,47 @@ def test_relative_camera_is_zero_for_view_zero_and_periodic_in_azimuth():
     torch.testing.assert_close(rel[0, 0], torch.tensor([0.0, 0.0, 1.0, 0.0]))
     torch.testing.assert_close(rel[0, 2], rel[0, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(rel[0, 1, 1:3], torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def randomized(model: LumosDiT, seed: int = 0) -> LumosDiT:
+    """Random weights everywhere: the zero-initialised concat channels would hide the view."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("head", ["novel_view", "video"])
+def test_condition_dropout_drops_the_input_view_or_first_frame_too(head):
+    model = randomized(LumosDiT(**head_model_config(BASE, head, **DIMS))).eval()
+    x0, kwargs = batch_to_model_inputs(head, feature_batch(head))
+    t = torch.tensor([10, 700])
+    other_view = {**kwargs, "concat_latent": torch.randn_like(kwargs["concat_latent"])}
+    other_cond = {**other_view, "cond": torch.randn_like(kwargs["cond"])}
+    drop = torch.tensor([True, False])
+    out = model(x0, t, **kwargs, force_drop=drop)
+    # The dropped item sees neither its DINO token nor its view / frame; the kept one sees both.
+    torch.testing.assert_close(model(x0, t, **other_cond, force_drop=drop)[0], out[0])
+    assert not torch.allclose(model(x0, t, **other_view, force_drop=drop)[1], out[1])
+    # Training's random dropout is the same operation as force_drop.
+    model.cond_projector.dropout_prob = 1.0
+    torch.testing.assert_close(model.train()(x0, t, **other_cond)[0], out[0])
+
+
+@pytest.mark.parametrize("head", ["novel_view", "video"])
+def test_guided_sampling_gives_the_unconditional_half_no_view(head):
+    from lumos.diffusion.sampling import sample
+
+    model = randomized(LumosDiT(**head_model_config(BASE, head, **DIMS)))
+    x0, kwargs = batch_to_model_inputs(head, feature_batch(head))
+    b, f = x0.shape[:2]
+    seen: list[torch.Tensor] = []
+    model.x_embedder.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    sample(model, x0.shape, kwargs, steps=3, guidance_scale=4.5, generator=torch.Generator())
+    assert len(seen) == 3
+    view = kwargs["concat_latent"].unsqueeze(1).expand(-1, f, -1, -1, -1).reshape(b * f, 4, 8, 8)
+    for patch_input in seen:  # (2 * B * F, C + C_cat, H, W): [conditional; unconditional]
+        assert patch_input.shape == (2 * b * f, 8, 8, 8)
+        torch.testing.assert_close(patch_input[: b * f, 4:], view)
+        assert torch.count_nonzero(patch_input[b * f :, 4:]) == 0

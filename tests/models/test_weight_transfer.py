@@ -42,7 +42,8 @@ def test_transfer_report_per_head(head):
         # The condition projector (and its null embedding) is re-initialised for text.
         assert "cond_projector.mlp.fc2.weight" in report.new
         assert "cond_projector.null_embedding" in report.dropped
-        assert any(n.startswith("micro_embedder.") for n in report.new)
+        assert any(n.startswith("csize_embedder.") for n in report.new)
+        assert any(n.startswith("ar_embedder.") for n in report.new)
     if head in ("novel_view", "video"):
         assert report.partially_loaded == ["x_embedder.weight"]
         grown = target.x_embedder.weight

@@ -1,9 +1,11 @@
 """The loss curve of a few tiny steps per head, pinned: a refactor of the loop must not move it.
 
-The values were recorded before `train()` was split into setup functions (issue 15); the same
-seed, data and config must give the same losses. Tolerance covers the last bits a CPU of another
-instruction set may round differently, far below what any change to the loop's order of
-operations (seeding, data order, EMA, clipping, accumulation) moves them.
+The values were recorded before `train()` was split into setup functions (issue 15), and again
+when the model took PixArt's final layer and size embedders and the CLS normalisation moved before
+the null replacement (issue 18, a change of the model): the same seed, data and config must give
+the same losses. Tolerance covers the last bits a CPU of another instruction set may round
+differently, far below what any change to the loop's order of operations (seeding, data order,
+EMA, clipping, accumulation) moves them.
 """
 
 from __future__ import annotations
@@ -24,16 +26,36 @@ CASES = {
 }
 
 PINNED: dict[str, list[float]] = {
-    "i2i-accum": [1.0406498908996582, 0.9798460006713867, 0.968569278717041, 0.9965208768844604],
+    "i2i-accum": [
+        1.0406498908996582,
+        0.9800618886947632,
+        0.9694449305534363,
+        0.9984872341156006,
+    ],
     "i2i-bf16-weights": [
         1.0371837615966797,
-        1.0402536392211914,
-        0.9987345933914185,
-        0.9367583394050598,
+        1.0405945777893066,
+        0.9985814690589905,
+        0.9374660849571228,
     ],
-    "novel_view": [1.0263054370880127, 0.9612113237380981, 1.0128984451293945, 1.0622296333312988],
-    "t2i": [1.0371837615966797, 1.040433645248413, 0.9980283975601196, 0.9354771375656128],
-    "video": [1.0272226333618164, 0.9606527090072632, 0.9516981840133667, 0.995130181312561],
+    "novel_view": [
+        1.0263054370880127,
+        0.9612847566604614,
+        1.012488842010498,
+        1.0620719194412231,
+    ],
+    "t2i": [
+        1.0371837615966797,
+        1.0406858921051025,
+        0.9985101819038391,
+        0.9369065165519714,
+    ],
+    "video": [
+        1.0272226333618164,
+        0.9606162309646606,
+        0.9518114328384399,
+        0.9969593286514282,
+    ],
 }
 
 

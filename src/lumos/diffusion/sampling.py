@@ -1,7 +1,9 @@
 """Sampling: DPM-Solver++ (multistep, order 2) with classifier-free guidance; I2I interpolation.
 
 Guidance batches the conditional and the unconditional halves into one forward: the second half
-has `force_drop=True`, which replaces the raw condition by the model's saved null embedding.
+has `force_drop=True`, which replaces the raw condition by the model's saved null embedding and
+zeroes a multi-frame head's concatenated input view / first frame (as condition dropout did in
+training), so guidance acts on the view too.
 """
 
 from __future__ import annotations

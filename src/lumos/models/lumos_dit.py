@@ -135,24 +135,28 @@ class CameraEmbedder(nn.Module):
         return self.mlp(camera.to(self.mlp.fc1.weight.dtype))  # (B, F, D)
 
 
-class MicroConditionEmbedder(nn.Module):
-    """Image (height, width) and aspect ratio -> vector added to the timestep embedding (PixArt-MS).
+class SizeEmbedder(nn.Module):
+    """Each scalar of (B, K) -> its own vector of `out_size`, concatenated to (B, K * out_size).
 
-    Lets one T2I model train on several resolutions and aspect ratios; zero at init.
+    PixArt-alpha's SizeEmbedder (a TimestepEmbedder applied per value): sinusoidal features of the
+    raw value (pixels for sizes, h / w for the aspect ratio), Linear, SiLU, Linear.
     """
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, out_size: int, frequency_embedding_size: int = 256):
         super().__init__()
+        self.out_size = out_size
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = Mlp(3 * frequency_embedding_size, hidden_size, hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, out_size),
+            nn.SiLU(),
+            nn.Linear(out_size, out_size),
+        )
 
-    def forward(self, micro_cond: torch.Tensor) -> torch.Tensor:
-        size = micro_cond.float()  # (B, 2) height, width in pixels
-        aspect = size[:, :1] / size[:, 1:]  # (B, 1)
-        values = torch.cat([size, aspect], dim=1)  # (B, 3)
-        freq = sinusoidal_embedding(values, self.frequency_embedding_size)  # (B, 3, 256)
-        freq = freq.flatten(1)  # (B, 768)
-        return self.mlp(freq.to(self.mlp.fc1.weight.dtype))  # (B, D)
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        b, k = values.shape
+        freq = sinusoidal_embedding(values, self.frequency_embedding_size)  # (B, K, 256)
+        emb = self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, K, out_size)
+        return emb.reshape(b, k * self.out_size)  # (B, K * out_size)
 
 
 class ConditionProjector(nn.Module):
@@ -164,6 +168,8 @@ class ConditionProjector(nn.Module):
     The null embedding lives in the projector's *input* space, so classifier-free guidance drops
     replace the raw condition and the projector learns what "no condition" maps to. It is a fixed
     random buffer saved with the model: a fresh random one would break guidance of a trained model.
+    As in the authors' code, the CLS is normalised and the null replaces it as it is (the authors
+    normalise outside the model; their `y_embedding` is this buffer).
     """
 
     null_embedding: torch.Tensor
@@ -185,29 +191,34 @@ class ConditionProjector(nn.Module):
             "null_embedding", torch.randn(null_shape) / cond_dim**0.5, persistent=True
         )
 
+    def drop_mask(
+        self, n: int, device: torch.device, force_drop: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(N,) bool: the rows whose condition is replaced by the null (random in training)."""
+        drop = torch.zeros(n, dtype=torch.bool, device=device)  # (N,)
+        if self.training and self.dropout_prob > 0:
+            # This enables classifier-free guidance: the model also learns p(x) without condition.
+            drop = torch.rand(n, device=device) < self.dropout_prob  # (N,)
+        if force_drop is not None:
+            drop = drop | force_drop.to(device=device, dtype=torch.bool)  # (N,)
+        return drop
+
     def forward(
         self,
         cond: torch.Tensor,
         cond_mask: torch.Tensor | None,
-        force_drop: torch.Tensor | None,
+        drop: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n = cond.shape[0]
         null_shape = tuple(self.null_embedding.shape[1:])
         if tuple(cond.shape[1:]) != null_shape:
             raise ValueError(
                 f"cond_kind={self.cond_kind!r} expects cond of shape (N, {', '.join(map(str, null_shape))}) "
                 f"(cond_dim, and cond_tokens for text), got {tuple(cond.shape)}"
             )
-        drop = torch.zeros(n, dtype=torch.bool, device=cond.device)  # (N,)
-        if self.training and self.dropout_prob > 0:
-            # This enables classifier-free guidance: the model also learns p(x) without condition.
-            drop = torch.rand(n, device=cond.device) < self.dropout_prob  # (N,)
-        if force_drop is not None:
-            drop = drop | force_drop.to(device=cond.device, dtype=torch.bool)  # (N,)
         null = self.null_embedding.to(cond.dtype)  # (1, Dc) or (1, L, Dc)
         if self.cond_kind == "image":
-            cond = torch.where(drop[:, None], null, cond)  # (N, Dc)
             cond = F.normalize(cond, dim=-1)  # (N, Dc) unit norm, as the paper's CLS
+            cond = torch.where(drop[:, None], null, cond)  # (N, Dc)
             tokens = self.mlp(cond).unsqueeze(1)  # (N, 1, D)
             return tokens, None
         cond = torch.where(drop[:, None, None], null, cond)  # (N, L, Dc)
@@ -333,16 +344,22 @@ class LumosBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Norm, timestep-driven shift/scale, linear projection to patch pixels (DiT)."""
+    """Norm, shift/scale from a learned (2, D) table plus the timestep embedding, linear to patch
+    pixels: PixArt's T2IFinalLayer, which the authors' Lumos models use.
+
+    Unlike DiT's final layer there is no SiLU + Linear on the timestep embedding: `c` is added to
+    the table as it is (2 * D parameters instead of 2 * D * (D + 1)).
+    """
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
+        mod = self.scale_shift_table[None] + c[:, None]  # (N, 2, D)
+        shift, scale = mod.unbind(1)  # (N, D) each: row 0 shifts, row 1 scales (PixArt's order)
         x = modulate(self.norm_final(x), shift, scale)  # (N, T, D)
         return self.linear(x)  # (N, T, p * p * C_out)
 
@@ -425,7 +442,11 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.cond_projector = ConditionProjector(
             cond_kind, cond_dim, hidden_size, cond_tokens, cond_dropout_prob
         )
-        self.micro_embedder = MicroConditionEmbedder(hidden_size) if micro_conditions else None
+        # PixArt-MS: the size (h, w) and the aspect ratio each get a third of the width; their
+        # concatenation is added to the timestep embedding. A width not divisible by 3 leaves its
+        # last hidden_size % 3 channels without size information (XL/2's 1152 has none left).
+        self.csize_embedder = SizeEmbedder(hidden_size // 3) if micro_conditions else None
+        self.ar_embedder = SizeEmbedder(hidden_size // 3) if micro_conditions else None
         self.frame_embedder: nn.Module | None = None
         if frame_embed == "index":
             self.frame_embedder = FrameIndexEmbedder(hidden_size)
@@ -478,10 +499,15 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
             elif isinstance(module, TemporalAttention):
                 # Inserted temporal layers leave the pretrained per-frame function unchanged.
                 zero_module(module.attn.proj)
-            elif isinstance(module, FrameIndexEmbedder | CameraEmbedder | MicroConditionEmbedder):
+            elif isinstance(module, FrameIndexEmbedder | CameraEmbedder):
                 zero_module(module.mlp.fc2)
+            elif isinstance(module, SizeEmbedder):
+                # As PixArt-MS and the authors' LumosT2IMS (not zero: a small perturbation of the
+                # timestep embedding when the T2I head is initialised from the prior).
+                nn.init.normal_(module.mlp[0].weight, std=0.02)
+                nn.init.normal_(module.mlp[2].weight, std=0.02)
             elif isinstance(module, FinalLayer):
-                zero_module(module.adaLN_modulation)
+                # The output starts at zero; the (2, D) table keeps its random init (PixArt).
                 zero_module(module.linear)
 
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -534,6 +560,9 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         # Cached features are float16; compute in the model's own dtype (bf16/fp32).
         dtype = self.x_embedder.weight.dtype
         b = x.shape[0]
+        # One drop decision per item for everything that conditions it: the condition token(s)
+        # and the concatenated input view / first frame, so guidance acts on both.
+        drop = self.cond_projector.drop_mask(b, x.device, force_drop)  # (B,)
         num_frames = x.shape[1] if self.multi_frame else 1
         h, w = x.shape[-2], x.shape[-1]
         p = self.patch_size
@@ -543,7 +572,9 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = x.reshape(b * num_frames, x.shape[-3], h, w).to(dtype)  # (N, C, H, W), N = B * F
         if concat_latent is not None:
             # The input view / first frame conditions every frame through its channels.
-            extra = concat_latent.to(dtype).unsqueeze(1).expand(-1, num_frames, -1, -1, -1)
+            # A dropped item sees zeros: the unconditional branch knows nothing of the view.
+            concat_latent = torch.where(drop[:, None, None, None], 0.0, concat_latent.to(dtype))
+            extra = concat_latent.unsqueeze(1).expand(-1, num_frames, -1, -1, -1)
             extra = extra.reshape(b * num_frames, -1, h, w)  # (N, C_cat, H, W)
             x = torch.cat([x, extra], dim=1)  # (N, C + C_cat, H, W)
         x = self.x_embedder(x)  # (N, D, gh, gw)
@@ -552,9 +583,12 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = x + self.position_embedding(grid_h, grid_w).to(dtype)  # (N, T, D)
 
         c = self.t_embedder(t)  # (B, D)
-        if self.micro_embedder is not None:
-            c = c + self.micro_embedder(micro_cond)  # (B, D)
-        tokens, mask = self.cond_projector(cond.to(dtype), cond_mask, force_drop)  # (B, L, D)
+        if self.csize_embedder is not None and self.ar_embedder is not None:
+            size = micro_cond.float()  # (B, 2) height, width in pixels
+            aspect = size[:, :1] / size[:, 1:]  # (B, 1) height / width
+            sizes = torch.cat([self.csize_embedder(size), self.ar_embedder(aspect)], dim=1)
+            c = c + F.pad(sizes, (0, c.shape[1] - sizes.shape[1]))  # (B, D)
+        tokens, mask = self.cond_projector(cond.to(dtype), cond_mask, drop)  # (B, L, D)
         if self.multi_frame:
             c = c.unsqueeze(1).expand(-1, num_frames, -1)  # (B, F, D)
             if self.frame_embedder is not None:
