@@ -8,6 +8,8 @@
     lumos featurize --dataset URI
     lumos pretrain --dataset URI --out URI
     lumos finetune --head t2i --dataset URI --init URI --out URI
+    lumos finetune --head t2i --dataset URI --from-scratch --out URI   # T2I without the prior
+    lumos convert --from lumos-i2i --checkpoint Lumos_I2I.pth --output URI   # authors' weights
     lumos evaluate --checkpoint URI --dataset URI --out URI
     lumos export --checkpoint URI --out URI
     lumos promote --export URI --evaluation URI --out URI
@@ -90,10 +92,24 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from lumos.training.world import check_launched_world
 
     check_launched_world()
+    from lumos.config import ConfigError
     from lumos.training.train import train
 
     train_cfg = getattr(_config(args).finetune, args.head)
+    if args.from_scratch:
+        train_cfg = train_cfg.model_copy(update={"init": "scratch"})
+    if train_cfg.init == "prior" and not args.init:
+        raise ConfigError(
+            f"finetune --head {args.head} starts from a checkpoint: give --init URI (the I2I "
+            "prior, e.g. from `lumos pretrain` or `lumos convert`), or --from-scratch"
+        )
     _print_result(train(train_cfg, args.dataset, args.out, init_from=args.init))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lumos.models.convert import convert_checkpoint
+
+    _print_result(convert_checkpoint(args.source, args.checkpoint, args.output))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -203,9 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", parents=[common], help="fine-tune a head from I2I")
     p.add_argument("--head", required=True, choices=["t2i", "novel_view", "video"])
     p.add_argument("--dataset", required=True)
-    p.add_argument("--init", required=True, help="the I2I checkpoint URI")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init", help="the checkpoint URI to start from (the I2I prior)")
+    start.add_argument(
+        "--from-scratch", action="store_true", help="fresh weights, no prior (sets init: scratch)"
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "convert", parents=[common], help="the authors' Lumos-I2I / Lumos-T2I -> a checkpoint"
+    )
+    p.add_argument(
+        "--from", dest="source", required=True, choices=["lumos-i2i", "lumos-t2i"],
+        help="the released model the file holds",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="the released .pth (path or s3:// URI)")
+    p.add_argument("--output", required=True, help="the Lumos checkpoint directory to write")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("evaluate", parents=[common], help="metrics, report and gate verdict")
     p.add_argument("--checkpoint", required=True)

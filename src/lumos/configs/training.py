@@ -98,6 +98,14 @@ class TrainConfig(BaseModel):
     num_frames: int | None = Field(
         None, ge=2, description="frames per item for novel_view / video (default 4)"
     )
+    # "prior": the fine-tune starts from another head's checkpoint (train's `init_from`, `lumos
+    # finetune --init`): the I2I prior, or a T2I model for the second claim's comparison.
+    # "scratch": fresh weights, no init checkpoint: T2I from scratch, the paper's baseline.
+    init: Literal["prior", "scratch"] = Field(
+        "prior",
+        description="fine-tunes: prior starts from the checkpoint given as init_from (lumos "
+        "finetune --init), scratch from fresh weights (T2I from scratch, the paper's baseline)",
+    )
     init_from_ema: bool = Field(
         True,
         description="fine-tunes start from the I2I checkpoint's EMA weights (else its raw weights)",

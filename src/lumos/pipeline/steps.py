@@ -234,7 +234,9 @@ def train_step(
     cfg = validate_config(config_json)
     dataset_uri = described_uri(features)
     out_uri = RunLayout(run_root).checkpoint(head)
-    init_uri = described_uri(init_from) if init_from is not None else None
+    # A fine-tune with init: scratch (T2I from scratch) ignores the prior it is wired to.
+    starts_from_prior = _train_config(cfg, head).init == "prior"
+    init_uri = described_uri(init_from) if init_from is not None and starts_from_prior else None
     continue_uri = current_i2i(cfg) if head == "i2i" and cfg.ingest.incremental else None
     cli_args = ["--dataset", dataset_uri, "--out", out_uri]
     if init_uri:

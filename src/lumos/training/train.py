@@ -164,6 +164,11 @@ def train(
     """
     if init_from is not None and continue_from is not None:
         raise ValueError("give init_from (another head's checkpoint) or continue_from, not both")
+    if cfg.init == "scratch" and init_from is not None:
+        raise ConfigError(
+            f"{cfg.head}: init is 'scratch' (fresh weights) but an init checkpoint was given "
+            f"({init_from}): drop it, or set init: prior"
+        )
     # --- setup: processes, the run being resumed, data, model and EMA, optimizer -------------
     launch = setup_launch(cfg)
     resume_meta = find_resume_point(out_uri, launch)
