@@ -7,7 +7,10 @@ and Mlp), independently of `lumos.models.convert`: the tests check the converter
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from lumos.models.lumos_dit import get_2d_sincos_pos_embed
 
@@ -74,3 +77,90 @@ def random_state(source: str, seed: int = 0, scale: float = 1.0, **dims) -> dict
     grid = dims["grid"]
     state["pos_embed"] = get_2d_sincos_pos_embed(dims["hidden"], grid, grid, grid, scale)
     return state
+
+
+def _sinusoid(values: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Their TimestepEmbedder.timestep_embedding: [cos, sin] of values * 10000^(-i / half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def authors_forward(
+    state: dict[str, torch.Tensor],
+    num_heads: int,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    img_hw: torch.Tensor | None = None,
+    aspect_ratio: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Their LumosI2I / LumosT2IMS forward in eval mode, written out with plain torch ops from
+    the state dict. x (N, C, H, W); y (N, L, Cy), the CLS already normalised (their demo does it
+    outside the model) or their null `y_embedding`; mask (N, L); img_hw (N, 2), aspect_ratio
+    (N, 1) for T2I-MS."""
+    s = state
+    n, _, hh, ww = x.shape
+    p = s["x_embedder.proj.weight"].shape[-1]
+    d = s["x_embedder.proj.weight"].shape[0]
+    h = F.conv2d(x, s["x_embedder.proj.weight"], s["x_embedder.proj.bias"], stride=p)
+    h = h.flatten(2).transpose(1, 2) + s["pos_embed"]  # (N, T, D)
+
+    def mlp(prefix: str, v: torch.Tensor, act) -> torch.Tensor:
+        first, second = ("fc1", "fc2") if f"{prefix}.fc1.weight" in s else ("0", "2")
+        v = act(F.linear(v, s[f"{prefix}.{first}.weight"], s[f"{prefix}.{first}.bias"]))
+        return F.linear(v, s[f"{prefix}.{second}.weight"], s[f"{prefix}.{second}.bias"])
+
+    def gelu(v: torch.Tensor) -> torch.Tensor:
+        return F.gelu(v, approximate="tanh")
+
+    t = mlp("t_embedder.mlp", _sinusoid(timestep), F.silu)  # (N, D)
+    if img_hw is not None and aspect_ratio is not None:  # SizeEmbedder: each value on its own
+        csize = torch.cat(
+            [mlp("csize_embedder.mlp", _sinusoid(img_hw[:, i]), F.silu) for i in (0, 1)], 1
+        )
+        ar = mlp("ar_embedder.mlp", _sinusoid(aspect_ratio[:, 0]), F.silu)
+        t = t + torch.cat([csize, ar], dim=1)
+    cond = mlp("y_embedder.y_proj", y, gelu)  # (N, L, D)
+    heads, dh = num_heads, d // num_heads
+    blocks = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
+
+    def ln(v: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(v, (d,), eps=1e-6)
+
+    for i in range(blocks):
+        b = f"blocks.{i}."
+        mod = F.linear(
+            F.silu(t), s[b + "adaLN_modulation.1.weight"], s[b + "adaLN_modulation.1.bias"]
+        )
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
+        a = ln(h) * (1 + sc1[:, None]) + sh1[:, None]
+        qkv = F.linear(a, s[b + "attn.qkv.weight"], s[b + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(n, -1, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)
+        h = h + g1[:, None] * F.linear(a, s[b + "attn.proj.weight"], s[b + "attn.proj.bias"])
+        out = []
+        for j in range(n):  # their xformers BlockDiagonalMask: each image sees its valid tokens
+            c = cond[j] if mask is None else cond[j][mask[j].bool()]
+            q = F.linear(
+                h[j], s[b + "cross_attn.q_linear.weight"], s[b + "cross_attn.q_linear.bias"]
+            )
+            kv = F.linear(
+                c, s[b + "cross_attn.kv_linear.weight"], s[b + "cross_attn.kv_linear.bias"]
+            )
+            k, v = kv.reshape(-1, 2, heads, dh).unbind(1)
+            q = q.reshape(-1, heads, dh).transpose(0, 1)
+            o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1))
+            out.append(o.transpose(0, 1).reshape(-1, d))
+        ca = torch.stack(out)
+        h = h + F.linear(ca, s[b + "cross_attn.proj.weight"], s[b + "cross_attn.proj.bias"])
+        a = ln(h) * (1 + sc2[:, None]) + sh2[:, None]
+        h = h + g2[:, None] * mlp(b + "mlp", a, gelu)
+    shift, scale = (s["final_layer.scale_shift_table"][None] + t[:, None]).chunk(2, dim=1)
+    h = ln(h) * (1 + scale) + shift
+    h = F.linear(h, s["final_layer.linear.weight"], s["final_layer.linear.bias"])
+    c_out = h.shape[-1] // (p * p)
+    h = h.reshape(n, hh // p, ww // p, p, p, c_out)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(n, c_out, hh, ww)

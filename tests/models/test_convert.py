@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from authors_lumos import authors_shapes, random_state
+import torch.nn.functional as F
+from authors_lumos import authors_forward, authors_shapes, random_state
 
 from lumos.checkpoints import load_checkpoint
 from lumos.models.convert import (
@@ -77,6 +78,36 @@ def test_conversion_copies_every_weight_under_our_name(source, dims, scale):
     assert sum(v.sum().item() for k, v in state.items() if k != "pos_embed") == pytest.approx(
         sum(v.sum().item() for v in ours.values()), rel=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "source, dims, scale", [("lumos-i2i", TINY_I2I, 1.0), ("lumos-t2i", TINY_T2I, 2.0)]
+)
+def test_the_converted_model_computes_what_the_authors_model_computes(source, dims, scale):
+    state = random_state(source, scale=scale, **dims)
+    state = {k: v if k == "pos_embed" else v * 0.3 for k, v in state.items()}  # tame activations
+    model = convert_state_dict(source, state, num_heads=4)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([17, 901])
+    null = state["y_embedder.y_embedding"][None].expand(2, -1, -1)  # their `null_y`
+    with torch.no_grad():
+        if source == "lumos-i2i":
+            cls = torch.randn(2, 16, generator=gen)
+            theirs = authors_forward(state, 4, x, t, F.normalize(cls, dim=-1)[:, None])
+            torch.testing.assert_close(model(x, t, cls), theirs, rtol=1e-3, atol=1e-4)
+            uncond = model(x, t, cls, force_drop=torch.tensor([True, True]))
+            torch.testing.assert_close(
+                uncond, authors_forward(state, 4, x, t, null), rtol=1e-3, atol=1e-4
+            )
+            return
+        text = torch.randn(2, 6, 12, generator=gen)
+        mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+        hw = torch.tensor([[48.0, 64.0], [64.0, 32.0]])
+        ratio = hw[:, :1] / hw[:, 1:]  # their data_info["aspect_ratio"]: h / w
+        ours = model(x, t, text, mask, micro_cond=hw)
+        theirs = authors_forward(state, 4, x, t, text, mask, img_hw=hw, aspect_ratio=ratio)
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
 
 
 def test_the_null_condition_is_the_authors_y_embedding_used_as_it_is():
