@@ -116,6 +116,8 @@ def test_interpolation_endpoints_are_the_two_images_with_fixed_noise():
     assert row.shape == (3, 4, 8, 8)
     only_a = sample(model, (1, 4, 8, 8), {"cond": a[None]}, steps=3, noise=noise)
     only_b = sample(model, (1, 4, 8, 8), {"cond": (b * 7)[None]}, steps=3, noise=noise)
-    torch.testing.assert_close(row[:1], only_a, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(row[2:], only_b, rtol=1e-4, atol=1e-5)
+    # The random tiny model's latents reach a few hundred: a batch of 3 and a batch of 1 round
+    # differently by about 1e-6 of that (float64 agrees exactly); the blends differ by units.
+    torch.testing.assert_close(row[:1], only_a, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(row[2:], only_b, rtol=1e-4, atol=1e-3)
     assert not torch.allclose(row[1], row[0])
