@@ -4,24 +4,31 @@ comes before the work). Each case runs the real `lumos.cli.main` in this process
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lumos.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    """raw/ (images), ds/ (ingested, not featurized), bad/ (a checkpoint whose JSON is torn),
-    torn/ (a checkpoint whose weight files are not safetensors),
-    eval/ (an evaluation), cfg.yaml (tiny data) and config files with mistakes."""
+    """raw/ (images), ds/ (ingested, not featurized), fds/ (the same, featurized), bad/ (a
+    checkpoint whose JSON is torn), torn/ (a checkpoint whose weight files are not safetensors),
+    cfg.yaml (tiny data), config files with mistakes, and the deployment's ConfigMap with a
+    mistake, as a file (configmap.yaml) and mounted (mounted/)."""
     root = tmp_path_factory.mktemp("cli-errors")
     (root / "cfg.yaml").write_text("synth: {num_images: 8, num_objects: 0, num_clips: 0}\n")
     main(["data", "synth", "--config", str(root / "cfg.yaml"), "--out", str(root / "raw")])
     main(["ingest", "--config", str(root / "cfg.yaml"), "--source", str(root / "raw"),
           "--dataset", str(root / "ds")])  # fmt: skip
+    shutil.copytree(root / "ds", root / "fds")
+    main(["featurize", "--config", str(root / "cfg.yaml"), "--dataset", str(root / "fds")])
     (root / "bad").mkdir()
     (root / "bad" / "lumos_checkpoint.json").write_text('{"format": "lumos-checkpoint/1", ')
     sys.path.insert(0, str(Path(__file__).parent / "export"))
@@ -34,6 +41,12 @@ def inputs(tmp_path_factory) -> Path:
     (root / "field.yaml").write_text("pretrain: {stepz: 3}\n")
     (root / "value.yaml").write_text("pretrain: {batch_size: -4}\n")
     (root / "notyaml.yaml").write_text("pretrain: [unclosed\n")
+    config_map = yaml.safe_load((REPO / "manifests/base/pipeline-config.yaml").read_text())
+    config_map["data"]["deploy.yaml"] += "kfp_hots: http://typo\n"
+    (root / "configmap.yaml").write_text(yaml.safe_dump(config_map))
+    (root / "mounted").mkdir()
+    (root / "mounted" / "preset").write_text("tiny\n")
+    (root / "mounted" / "overrides.yaml").write_text("pretrain: {stepz: 3}\n")
     return root
 
 
@@ -72,8 +85,37 @@ CASES = {
     "promote: evaluation missing": (["promote", "--export", "{root}/none", "--evaluation",
                                      "{root}/none-eval", "--out", "{root}/out"],
                                     "{root}/none-eval/eval.json"),
+    "finetune: init checkpoint missing (said before the data's problems)": (
+        ["finetune", "--head", "t2i", "--dataset", "{root}/ds", "--init", "{root}/none", "--out",
+         "{root}/out"], "{root}/none"),
+    "finetune: a dataset of the wrong kind for the head": (
+        ["finetune", "--head", "novel_view", "--dataset", "{root}/fds", "--init", "{root}/torn",
+         "--out", "{root}/out"], "meta.group"),
+    "run: run directory cannot be created": (["run", "--run-dir", "/proc/lumos-not-here"],
+                                             "/proc/lumos-not-here"),
+    "run: runs root in a missing bucket": (["run", "--runs-root", "s3://{bucket}-missing/runs",
+                                            "--run-dir", "{root}/out"], "{bucket}-missing"),
+    "compile: output directory missing": (["compile", "--out", "{root}/none/pipeline.yaml"],
+                                          "{root}/none"),
+    "deploy: ConfigMap file missing": (["deploy", "--config-map", "{root}/none.yaml"],
+                                       "{root}/none.yaml"),
+    "deploy: ConfigMap with an unknown deploy field": (["deploy", "--config-map",
+                                                        "{root}/configmap.yaml"], "kfp_hots"),
+    "trigger: ConfigMap not mounted": (["trigger", "--config-dir", "{root}/none"],
+                                       "{root}/none"),
+    "trigger: mounted config with an unknown field": (["trigger", "--config-dir",
+                                                       "{root}/mounted"], "pretrain.stepz"),
     "data synth: output not writable": (["data", "synth", "--config", "{root}/cfg.yaml", "--out",
                                          "/proc/lumos-not-here"], "/proc/lumos-not-here"),
+    "finetune: neither --init nor --from-scratch": (["finetune", "--head", "t2i", "--dataset",
+                                                     "{root}/ds", "--out", "{root}/out"],
+                                                    "--from-scratch"),
+    "convert: checkpoint missing": (["convert", "--from", "lumos-i2i", "--checkpoint",
+                                     "{root}/none.pth", "--output", "{root}/out"],
+                                    "{root}/none.pth"),
+    "convert: not a torch checkpoint": (["convert", "--from", "lumos-t2i", "--checkpoint",
+                                         "{root}/cfg.yaml", "--output", "{root}/out"],
+                                        "{root}/cfg.yaml"),
 }  # fmt: skip
 
 
