@@ -155,7 +155,7 @@ class SizeEmbedder(nn.Module):
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         b, k = values.shape
         freq = sinusoidal_embedding(values, self.frequency_embedding_size)  # (B, K, 256)
-        emb = self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, K, out_size)
+        emb = self.mlp(freq.to(next(self.mlp.parameters()).dtype))  # (B, K, out_size)
         return emb.reshape(b, k * self.out_size)  # (B, K * out_size)
 
 
@@ -504,8 +504,9 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
             elif isinstance(module, SizeEmbedder):
                 # As PixArt-MS and the authors' LumosT2IMS (not zero: a small perturbation of the
                 # timestep embedding when the T2I head is initialised from the prior).
-                nn.init.normal_(module.mlp[0].weight, std=0.02)
-                nn.init.normal_(module.mlp[2].weight, std=0.02)
+                for layer in module.mlp:
+                    if isinstance(layer, nn.Linear):
+                        nn.init.normal_(layer.weight, std=0.02)
             elif isinstance(module, FinalLayer):
                 # The output starts at zero; the (2, D) table keeps its random init (PixArt).
                 zero_module(module.linear)
@@ -583,7 +584,11 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = x + self.position_embedding(grid_h, grid_w).to(dtype)  # (N, T, D)
 
         c = self.t_embedder(t)  # (B, D)
-        if self.csize_embedder is not None and self.ar_embedder is not None:
+        if (
+            self.csize_embedder is not None
+            and self.ar_embedder is not None
+            and micro_cond is not None
+        ):
             size = micro_cond.float()  # (B, 2) height, width in pixels
             aspect = size[:, :1] / size[:, 1:]  # (B, 1) height / width
             sizes = torch.cat([self.csize_embedder(size), self.ar_embedder(aspect)], dim=1)
