@@ -33,6 +33,7 @@ from lumos.config import FINETUNE_HEADS, PipelineConfig, load_config
 from lumos.configs.k8s import FEATURE_CACHE_ENV, FEATURE_CACHE_PATH, IMAGE_UID
 from lumos.pipeline.layout import HEAD_DATASET
 from lumos.pipeline.run_form import RunForm
+from lumos.storage import StorageError
 
 COMPILED_PATH = Path(__file__).with_name("lumos_pipeline.yaml")
 COMPILED_PRESET = "xl"
@@ -290,6 +291,10 @@ def compiled_config(pipeline_spec: dict) -> PipelineConfig:
 
 
 def compile_pipeline(cfg: PipelineConfig, path: Path) -> Path:
+    if not path.parent.is_dir():  # said before compiling, not as the compiler's traceback
+        raise StorageError(
+            f"cannot write the compiled pipeline to {path}: no directory {path.parent}"
+        )
     compiler.Compiler().compile(build_pipeline(cfg), package_path=str(path))
     return path
 

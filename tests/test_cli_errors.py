@@ -89,7 +89,8 @@ CASES = {
         ["finetune", "--head", "t2i", "--dataset", "{root}/ds", "--init", "{root}/none", "--out",
          "{root}/out"], "{root}/none"),
     "finetune: a dataset of the wrong kind for the head": (
-        ["finetune", "--head", "novel_view", "--dataset", "{root}/fds", "--init", "{root}/torn",
+        ["finetune", "--head", "novel_view", "--dataset", "{root}/fds", "--init",
+         "{root}/torn/ckpt-i2i",
          "--out", "{root}/out"], "meta.group"),
     "run: run directory cannot be created": (["run", "--run-dir", "/proc/lumos-not-here"],
                                              "/proc/lumos-not-here"),

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from lumos.config import FINETUNE_HEADS, PipelineConfig
 from lumos.pipeline.layout import RunLayout
-from lumos.storage import ObjectNotFound, Storage
+from lumos.storage import ObjectNotFound, Storage, StorageError
 
 
 class HeadSummary(BaseModel):
@@ -152,7 +152,12 @@ def run_local(
     from pipelines.lumos_pipeline import build_pipeline
 
     run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if runs_root is not None:  # a wrong bucket or endpoint: said now, not by the first step
+        next(iter(Storage.from_uri(runs_root).list()), None)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"cannot create the run directory {run_dir}: {err.strerror}") from err
     runs_root = runs_root or str(run_dir / "data")
     log_file = run_dir / "steps.log"
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))

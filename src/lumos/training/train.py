@@ -172,6 +172,10 @@ def train(
     # --- setup: processes, the run being resumed, data, model and EMA, optimizer -------------
     launch = setup_launch(cfg)
     resume_meta = find_resume_point(out_uri, launch)
+    if resume_meta is None:  # the checkpoint to start from is read first: its error, not the data's
+        for start in (init_from, continue_from):
+            if start is not None:
+                read_checkpoint_meta(start)
     spec = read_features_spec(dataset_uri)
     if resume_meta is not None:
         _check_resumable(cfg, resume_meta, spec, init_from or continue_from)
