@@ -14,6 +14,7 @@
     lumos export --checkpoint URI --out URI
     lumos promote --export URI --evaluation URI --out URI
     lumos rollback --head t2i                   # the previous promoted version serves again
+    lumos experiment claim --preset experiment-cpu   # the paper's claims, arms A-D, a report
 
 Each takes --preset (tiny | xl), --config FILE and --set key.path=value (repeatable); the config is
 validated before any work starts. An error a user can cause (a `lumos.errors.LumosError`) prints one
@@ -168,6 +169,18 @@ def cmd_compile(args: argparse.Namespace) -> None:
     print(compile_pipeline(_config(args), Path(args.out)))
 
 
+def cmd_experiment_claim(args: argparse.Namespace) -> None:
+    from lumos.config import parse_set
+    from lumos.configs.experiment import ExperimentConfig
+    from lumos.experiments.claim import run_claim
+
+    cfg = ExperimentConfig.from_preset(args.preset, parse_set(args.set))
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or Path("runs") / f"claim-{args.preset}-{stamp}")
+    results = run_claim(cfg, out)
+    print(f"report: {results['report']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or xl (paper recipe)")
@@ -273,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", parents=[common], help="compile the pipeline to IR YAML")
     p.add_argument("--out", default="lumos_pipeline.yaml")
     p.set_defaults(func=cmd_compile)
+
+    experiment = sub.add_parser("experiment", help="experiments that test the paper's claims")
+    experiment_sub = experiment.add_subparsers(dest="experiment_command", required=True)
+    p = experiment_sub.add_parser(
+        "claim", help="arms A-D and the multi-frame priors over seeds, into one report"
+    )
+    p.add_argument(
+        "--preset", default="experiment-cpu",
+        help="experiment-cpu (this machine), experiment-gpu (one H100/H200), experiment-micro",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one field"
+    )
+    p.add_argument("--out", help="output directory (default runs/claim-<preset>-<timestamp>)")
+    p.set_defaults(func=cmd_experiment_claim)
 
     from lumos.deploy.commands import add_commands  # deploy, trigger: through the KFP API
 

@@ -19,8 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lumos.configs.data import SynthConfig
 from lumos.configs.encoders import TinyT5Config
 from lumos.configs.evaluation import EvaluateConfig
+from lumos.errors import LumosError
 
 EXPERIMENT_PRESETS = ("experiment-micro", "experiment-cpu", "experiment-gpu")
+
+
+class ExperimentConfigError(LumosError, ValueError):
+    """An experiment preset or override that does not exist."""
 
 
 class _Strict(BaseModel):
@@ -175,19 +180,24 @@ class ExperimentConfig(_Strict):
 
     @classmethod
     def from_preset(cls, name: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-        """A preset of src/lumos/presets/ (`experiment-cpu` ...) with `overrides` merged on top."""
+        """A preset of src/lumos/presets/ (`experiment-cpu` ...) with nested `overrides` (as
+        `lumos.config.parse_set` makes them from `--set a.b=value`) merged on top."""
         import yaml
 
         if name not in EXPERIMENT_PRESETS:
-            raise ValueError(
-                f"unknown experiment preset {name!r}; choose one of {EXPERIMENT_PRESETS}"
+            raise ExperimentConfigError(
+                f"unknown experiment preset {name!r}; choose one of {', '.join(EXPERIMENT_PRESETS)}"
             )
         text = resources.files("lumos.presets").joinpath(f"{name}.yaml").read_text()
-        data = yaml.safe_load(text) or {}
-        for dotted, value in (overrides or {}).items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
+        data = _merge(yaml.safe_load(text) or {}, overrides or {})
         return cls.model_validate({"name": name, **data})
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
