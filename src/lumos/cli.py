@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     from lumos.errors import LumosError
 
     args = build_parser().parse_args(argv)
+    from lumos.tempdirs import remove_abandoned
+
+    remove_abandoned()  # what killed runs left in the temp directory (lumos.tempdirs)
     try:
         try:
             args.func(args)

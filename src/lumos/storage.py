@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlparse
 
 from lumos.errors import LumosError
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 _T = TypeVar("_T")
 
@@ -230,9 +231,11 @@ class Storage:
         object changed since it was listed, and nothing is written."""
         raise NotImplementedError
 
-    def staging_dir(self) -> tempfile.TemporaryDirectory:
-        """A temporary directory to assemble files in, then `upload_dir(staged, move=True)`."""
-        return tempfile.TemporaryDirectory(prefix="lumos-stage-")
+    def staging_dir(self) -> tempfile.TemporaryDirectory | OwnedTemporaryDirectory:
+        """A temporary directory to assemble files in, then `upload_dir(staged, move=True)`.
+        For an object store, in the local temp directory, where the next run removes it if this
+        one is killed (`lumos.tempdirs`)."""
+        return OwnedTemporaryDirectory("lumos-stage-")
 
     def local_path(self, key: str) -> Path | None:
         """The object's own file when the store is a local directory (to memory-map it), else
@@ -445,7 +448,7 @@ class LocalStorage(Storage):
                     raise StorageError(f"cannot move {src} to {dst}: {err}") from err
         self._copy_atomically(src, dst, "upload")
 
-    def staging_dir(self) -> tempfile.TemporaryDirectory:
+    def staging_dir(self) -> tempfile.TemporaryDirectory | OwnedTemporaryDirectory:
         """Beside the store's directory, so `upload_dir(..., move=True)` renames each file into
         place: a multi-GB checkpoint is written once instead of written and then copied (which
         also needed twice its size of free disk). Its name keeps it out of `list`."""

@@ -70,13 +70,15 @@ def _kill_and_rerun(
 ) -> tuple[list[str], list[Run]]:
     """Run `argv` uninterrupted in a fresh directory; then, in fresh directories prepared the
     same way, runs killed at seeded points and a run to the end, whose `outputs` are compared
-    with the uninterrupted run's. `chain` kills in a row before the run to the end (a rerun
-    killed again, as a preempted pod's retry can be): 1 for the cheap stages, more for the ones
-    whose single run costs seconds. Stops after KILLS_PER_STAGE real kills. Returns the
+    with the uninterrupted run's, and whose temp directory (each directory's own `.tmp`) must
+    hold nothing of lumos's afterwards: the run to the end removes what the killed ones left.
+    `chain` kills in a row before the run to the end (a rerun killed again, as a preempted pod's
+    retry can be): 1 for the cheap stages, more for the ones whose single run costs seconds. Stops after KILLS_PER_STAGE real kills. Returns the
     failures (one line each) and the runs that completed, the uninterrupted one first."""
     ref_dir = base / name / "ref"
     prepare(ref_dir)
-    ref = _ok(zygote.run(argv, ref_dir))
+    ref = _ok(zygote.run(argv, ref_dir, env=_own_tmp(ref_dir)))
+    assert _leftovers(ref_dir) == [], f"{name}: an uninterrupted run left {_leftovers(ref_dir)}"
     want = {out: snapshot(ref_dir / out, ref_dir) for out in outputs}
     assert all(want.values()), f"{name}: the uninterrupted run wrote nothing under {outputs}"
     points = iter(kill_points(seed, 4 * KILLS_PER_STAGE, ref.writes, ref.seconds))
@@ -91,7 +93,7 @@ def _kill_and_rerun(
         where = []
         for _ in range(chain):
             point = next(points)
-            killed = zygote.run(argv, work, **point.run_kwargs())
+            killed = zygote.run(argv, work, env=_own_tmp(work), **point.run_kwargs())
             if killed.killed:
                 kills += 1
                 where.append(str(point))
@@ -99,17 +101,28 @@ def _kill_and_rerun(
                 failures.append(
                     f"{name} after kills at {where}: a run failed: {killed.log[-400:]!r}"
                 )
-        again = zygote.run(argv, work)
+        again = zygote.run(argv, work, env=_own_tmp(work))
         if again.status != 0:
             failures.append(f"{name} killed at {where}: the rerun failed: {again.log[-400:]!r}")
             continue
         finished.append(again)
         diffs = [(out, differences(snapshot(work / out, work), want[out])) for out in outputs]
+        diffs.append((".tmp", [f"left {name}" for name in _leftovers(work)]))
         failures += [f"{name} killed at {where}: {out}: {d[:5]}" for out, d in diffs if d]
         if not any(d for _, d in diffs):
             shutil.rmtree(work)  # kept when it failed, to look at
     assert kills >= KILLS_PER_STAGE, f"{name}: only {kills} runs were killed"
     return failures, finished
+
+
+def _own_tmp(work: Path) -> dict[str, str]:
+    """The run's temp directory: its own, so what it leaves there can be told apart."""
+    (work / ".tmp").mkdir(parents=True, exist_ok=True)
+    return {"TMPDIR": str(work / ".tmp")}
+
+
+def _leftovers(work: Path) -> list[str]:
+    return sorted(p.name for p in (work / ".tmp").iterdir() if p.name.startswith("lumos-"))
 
 
 def _losses(run: Run) -> dict[int, float]:
@@ -197,6 +210,15 @@ def test_finetune_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pip
     failures, runs = _kill_and_rerun(zygote, base, "finetune", argv, ["ck"], chain=4)
     assert failures == []
     _check_resumed_losses(runs)
+
+
+def test_evaluate_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pipe):
+    """The metrics, the per-sample scores, the report and the verdict (eval.json)."""
+    argv = ["evaluate", *_cfg(base), "--checkpoint", str(pipe / "ck/t2i"),
+            "--dataset", str(pipe / "ds"), "--out", "ev"]  # fmt: skip
+    assert _kill_and_rerun(zygote, base, "evaluate", argv, ["ev"])[0] == []
+    files = {p.name for p in (base / "evaluate" / "ref" / "ev").iterdir()}
+    assert files == {"eval.json", "metrics.json", "samples.json", "report.html"}
 
 
 def test_export_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pipe):

@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 
 
 def _install_write_hook(kill_at: int | None, how: str, count_to: str | None) -> None:
@@ -62,6 +63,7 @@ def _child(request: dict) -> None:
         os.setpgid(0, 0)  # the run and its workers: one group, killed together as a pod's are
         os.chdir(request["cwd"])
         os.environ.update(request.get("env") or {})
+        tempfile.tempdir = None  # TMPDIR may be the run's own: not the one this process cached
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -94,6 +96,7 @@ def main() -> None:
 
     import lumos.cli  # noqa: F401
     import lumos.data.ingest  # noqa: F401
+    import lumos.evaluation.evaluate  # noqa: F401
     import lumos.export.onnx_export  # noqa: F401
     import lumos.serving.promote  # noqa: F401
     import lumos.training.featurize  # noqa: F401

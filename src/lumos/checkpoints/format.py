@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from lumos.errors import CheckpointError, LumosError
 from lumos.models.lumos_dit import LumosDiT
 from lumos.storage import LocalStorage, Storage, reporting_disk_full
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 CHECKPOINT_FORMAT = "lumos-checkpoint/1"
 META_FILE = "lumos_checkpoint.json"
@@ -215,12 +215,12 @@ class local_copy:
     def __init__(self, checkpoint_uri: str, subdirs: list[str]) -> None:
         self.store = Storage.from_uri(checkpoint_uri)
         self.subdirs = subdirs
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: OwnedTemporaryDirectory | None = None
 
     def __enter__(self) -> Path:
         if isinstance(self.store, LocalStorage):
             return self.store.root
-        self._tmp = tempfile.TemporaryDirectory(prefix="lumos-ckpt-")
+        self._tmp = OwnedTemporaryDirectory("lumos-ckpt-")
         for sub in self.subdirs:
             self.store.download_dir(sub, Path(self._tmp.name) / sub)
         return Path(self._tmp.name)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -59,6 +58,7 @@ from lumos.data.shards import ShardWriter, iter_shard_records
 from lumos.data.sources import Source, group_boundaries, group_items
 from lumos.errors import DatasetError
 from lumos.storage import ObjectNotFound, Storage
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def save_run(
 
 def save_index(store: Storage, key: str, index: DedupIndex, start: int) -> None:
     """Index entries [start:] (this run's) to `key`, streamed through a local file."""
-    with tempfile.TemporaryDirectory(prefix="lumos-index-") as tmp:
+    with OwnedTemporaryDirectory("lumos-index-") as tmp:
         path = Path(tmp) / "index.jsonl.gz"
         index.export(path, start)
         store.upload_file(path, key)
@@ -448,7 +448,7 @@ def merge_partitions(cfg: IngestConfig, staging_uris: list[str], dataset_uri: st
             raise
         shards = writer.close()
         report_key = f"reports/ingest-{run_id}.jsonl"
-        with tempfile.TemporaryDirectory(prefix="lumos-merge-") as tmp:
+        with OwnedTemporaryDirectory("lumos-merge-") as tmp:
             report_path = Path(tmp) / "report.jsonl"
             run_counts, changed_examples = _write_merged_report(
                 staged, source_uri, history, changed, final_keys, writer.final_name, report_path

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +29,7 @@ from lumos.data.scratch import DiskMap
 from lumos.data.shards import ShardWriter
 from lumos.data.sources import Source, SourceItem, parse_sidecars, read_with_retries
 from lumos.storage import Storage, StorageError
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class IngestRun:
         self.run_id = run_id
         self.index = history.index  # its keys are every dataset key in use
         self.writer = ShardWriter(out, first_index=first_shard, max_bytes=cfg.shard_max_bytes)
-        self._report_dir = tempfile.TemporaryDirectory(prefix="lumos-ingest-report-")
+        self._report_dir = OwnedTemporaryDirectory("lumos-ingest-report-")
         self.report_path = Path(self._report_dir.name) / "report.jsonl"
         self._report = open(self.report_path, "w", encoding="utf-8")  # noqa: SIM115
         self.counts: Counter[str] = Counter()

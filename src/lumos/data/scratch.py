@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 _MISSING = object()
 CACHE_KIB = 64 * 1024  # SQLite's page cache per database: the memory the bookkeeping may use
@@ -31,7 +32,7 @@ class ScratchDB:
     """A private SQLite database in a temporary directory, removed by close()."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="lumos-ingest-state-")
+        self._dir = OwnedTemporaryDirectory("lumos-ingest-state-")
         # One thread uses it (ingest's main thread); decoding processes forked later never do.
         self.conn = sqlite3.connect(Path(self._dir.name) / "state.sqlite", isolation_level=None)
         for pragma in (

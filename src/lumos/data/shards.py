@@ -19,7 +19,6 @@ import hashlib
 import json
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lumos.storage import Storage
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 SHARD_PREFIX = "shards"
 
@@ -114,7 +114,7 @@ class ShardWriter:
         self.next_index = first_index
         self.written: list[ShardInfo] = []
         self._final: dict[str, str] = {}  # pending name -> name, of every finished shard
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="lumos-shards-")
+        self._tmpdir = OwnedTemporaryDirectory("lumos-shards-")
         self._file: BinaryIO | None = None
         self._path: Path | None = None
         self._count = 0

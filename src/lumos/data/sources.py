@@ -12,9 +12,7 @@ import hashlib
 import json
 import posixpath
 import re
-import shutil
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +22,7 @@ from pathlib import Path
 from lumos.data.decode import IMAGE_EXTENSIONS
 from lumos.errors import DatasetError
 from lumos.storage import LocalStorage, ObjectInfo, ObjectNotFound, Storage, StorageError
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 SIDECAR_EXTENSIONS = (".json", ".txt")
 
@@ -153,7 +152,7 @@ class Source:
         self._tar: tarfile.TarFile | None = None
         self._tar_members: dict[str, tarfile.TarInfo] = {}
         self._tar_lock = threading.Lock()
-        self._tmpdir: str | None = None
+        self._tmpdir: OwnedTemporaryDirectory | None = None
         if self.is_tar:
             self._open_tar()
             self.store = None
@@ -167,8 +166,8 @@ class Source:
         parent_uri, _, name = self.uri.rpartition("/")
         if self.uri.startswith("s3://"):
             # Stream the archive to local disk once (bounded memory), then read members by offset.
-            self._tmpdir = tempfile.mkdtemp(prefix="lumos-ingest-tar-")
-            path = Path(self._tmpdir) / name
+            self._tmpdir = OwnedTemporaryDirectory("lumos-ingest-tar-")
+            path = Path(self._tmpdir.name) / name
             Storage.from_uri(parent_uri).download_file(name, path)
         else:
             path = Path(self.uri)
@@ -263,7 +262,7 @@ class Source:
             self._tar.close()
             self._tar = None
         if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir.cleanup()
             self._tmpdir = None
 
     def __enter__(self) -> Source:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from lumos.export.tensorrt import (
     build_engines,
     tensorrt_version,
 )
+from lumos.tempdirs import OwnedTemporaryDirectory
 
 EXPORT_FORMAT = "lumos-export/1"
 DENOISER_FILE = "model.onnx"
@@ -389,6 +389,9 @@ def export(cfg: ExportConfig, checkpoint_uri: str, out_uri: str) -> ExportResult
     ema, meta = loaded.ema_model, loaded.meta
     head = meta["head"]
     model_config = dict(ema.config)
+    # from_pretrained records the directory it read: for a checkpoint in an object store, a
+    # temporary copy that is gone after this run. The checkpoint's own weights are the source.
+    model_config["_name_or_path"] = Storage.from_uri(loaded.uri).key_uri("transformer_ema")
     ema = ema.cpu().float().eval()
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -397,7 +400,7 @@ def export(cfg: ExportConfig, checkpoint_uri: str, out_uri: str) -> ExportResult
     # The graphs hold at least the float32 weights: a full temporary disk says so, naming it.
     weights = sum(t.numel() * 4 for t in ema.state_dict().values())
     with (
-        tempfile.TemporaryDirectory(prefix="lumos-export-") as tmp,
+        OwnedTemporaryDirectory("lumos-export-") as tmp,
         reporting_disk_full(tmp, weights, at_least=True),
     ):
         tmp_dir = Path(tmp)
