@@ -120,12 +120,15 @@ class OwnedTemporaryDirectory:
         if root not in _swept:
             remove_abandoned(root)
         self.name = tempfile.mkdtemp(prefix=prefix, dir=root)
+        # Own before its lock file appears: a sweep in another thread of this process would
+        # take that lock as its own (POSIX locks do not conflict within a process).
+        _owned.add(self.name)
         try:
             fd = _hold_lock(Path(self.name))
         except BaseException:
+            _owned.discard(self.name)
             shutil.rmtree(self.name, ignore_errors=True)
             raise
-        _owned.add(self.name)
         self._finalizer = weakref.finalize(self, _cleanup, self.name, fd)
 
     def __enter__(self) -> str:
