@@ -67,7 +67,11 @@ def test_blank_outputs_score_as_the_blank_baseline(space: FeatureSpace) -> None:
     s = summarise(score_items(items, blank, space).metrics, resamples=100)
     for name in ("fd_dino", "dino_similarity", "color_accuracy"):
         assert s[name].value == pytest.approx(s[name].baselines["blank"]), name
+    for name in ("fd_dino", "color_accuracy"):  # what gates the blank image
         assert s[name].margin_interval[0] <= 0, name
+    # A per-item closeness is shown beside the blank image but not gated against it (a blank
+    # image is mean-like: closer to the truth than faithful samples; test_faithful_sampler.py).
+    assert s["dino_similarity"].against == ["random_train", "shuffled"]
 
 
 def test_multi_frame_items_score_frames_after_the_first(space: FeatureSpace) -> None:

@@ -5,10 +5,23 @@
 
 A metric is a set of *candidates* scored on the same eval items: the model and the baselines a
 broken model would match (`BASELINES`). Each metric names the baselines a model must beat
-(`against`): for a metric of how well each output follows its condition that is every baseline
-(a blank image, a random training image, the model's own outputs for other items, the input
-copied); for a distribution distance it is the blank image only, since a random training image
-*is* the data distribution (it is shown beside the model as the floor a perfect model reaches).
+(`against`), the same in every preset:
+- a distribution distance (the Fréchet distance): the blank image only, since a random training
+  image *is* the data distribution (it is shown beside the model as the floor a perfect model
+  reaches);
+- a per-item closeness to the one true output (PSNR, SSIM, the patch-token distance, the CLS
+  cosine): `CLOSENESS_BASELINES`, the baselines that are images of the data (a random training
+  image, the model's own outputs for other items, the input copied), not the blank image. Such a
+  distance is minimised by the *mean* of the outputs the condition allows, not by a sample of
+  them: where the condition leaves the output uncertain and the image is mostly background, a
+  blank image is a mean-like output that beats every faithful sampler. Measured on the embedded
+  clips (24 clips, the tiny preset's feature space): a sampler of the true conditional
+  distribution (the same first frame, the object moving to another random end point, as the
+  generator draws it) scores PSNR 19.0 dB and patch distance 0.078 against the blank image's
+  20.1 dB and 0.057, while its Fréchet distance is 0.39 against the blank image's 5.19. So the
+  blank image is gated by the Fréchet distance (and the attribute checks, where it scores 0),
+  where a faithful model is far ahead, and still reported beside every metric;
+- every other metric (the attribute checks, the CLIP score): every baseline.
 
 Intervals are bootstrap intervals over the eval items (percentile intervals shifted by the
 bootstrap's bias): items are drawn with replacement, the same draw for the model and every
@@ -35,6 +48,9 @@ MODEL = "model"
 #   caption-shuffled samples): the model's image quality with the condition ignored;
 # - copy_input: the input view or first frame repeated (novel view, video).
 BASELINES = ("blank", "random_train", "shuffled", "copy_input")
+# What a per-item closeness to the true output must beat (see the module docstring): the
+# baselines that are images of the data, drawn without regard to the condition or copied from it.
+CLOSENESS_BASELINES = ("random_train", "shuffled", "copy_input")
 
 
 @dataclass

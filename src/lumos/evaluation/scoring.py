@@ -9,6 +9,9 @@ Metrics that work on any dataset (from the frozen networks of `lumos.evaluation.
   (FD-DINO; lower is better). A distribution metric: gated against the blank image only.
 - ``dino_similarity``: per item, the cosine of the output's and the true image's CLS (i2i: the
   conditioning image; t2i: the image the caption describes; views and frames: the true ones).
+  This and the other per-item closeness metrics below (perceptual distance, PSNR, SSIM) are
+  gated against the data's images (random training image, shuffled outputs, copied input), not
+  the blank image, which the Fréchet distance gates (`lumos.evaluation.comparison`).
 - ``perceptual_distance`` (i2i, novel_view, video): the LPIPS-like distance of patch tokens
   (lower is better).
 - ``clip_score`` (t2i, when a CLIP model is configured): 100 x the cosine of CLIP's image and
@@ -38,7 +41,13 @@ from PIL import Image
 
 from lumos.configs.training import MULTI_FRAME_HEADS
 from lumos.evaluation.attributes import ATTRIBUTES, Measurement, measure
-from lumos.evaluation.comparison import MODEL, FrechetMetric, MeanMetric, Metric
+from lumos.evaluation.comparison import (
+    CLOSENESS_BASELINES,
+    MODEL,
+    FrechetMetric,
+    MeanMetric,
+    Metric,
+)
 from lumos.evaluation.image_metrics import psnr, ssim
 
 if TYPE_CHECKING:
@@ -171,23 +180,29 @@ def score_items(
         {k: v for k, v in feats.items() if k != "shuffled"}, ref,
         description="Fréchet distance to the true images in the DINO CLS space",
     )  # fmt: skip
+    # Per-item closeness to the truth: gated against the data's images, not the blank image
+    # (a mean-like output; `lumos.evaluation.comparison` says why).
     metrics["dino_similarity"] = MeanMetric(
         {k: _cosine(v, ref).mean(1) for k, v in feats.items()},
+        against=CLOSENESS_BASELINES,
         description="cosine of the DINO CLS of output and truth, per item",
     )
     if items.head != "t2i":
         metrics["perceptual_distance"] = MeanMetric(
             {k: _pairwise(space.perceptual_distance, c, truth) for k, c in cands.items()},
             higher_is_better=False,
+            against=CLOSENESS_BASELINES,
             description="LPIPS-like distance of DINO patch tokens to the truth",
         )
     if items.head != "t2i":
         metrics["psnr"] = MeanMetric(
             {k: _per_item(lambda a, b: min(psnr(a, b), PSNR_CAP), c, truth) for k, c in cands.items()},
+            against=CLOSENESS_BASELINES,
             description="PSNR (dB) against the true image(s)",
         )  # fmt: skip
         metrics["ssim"] = MeanMetric(
             {k: _per_item(ssim, c, truth) for k, c in cands.items()},
+            against=CLOSENESS_BASELINES,
             description="SSIM against the true image(s)",
         )
     if items.head == "t2i" and clip is not None:
