@@ -196,17 +196,43 @@ def load_checkpoint(
     with local_copy(
         resolved, ["transformer_ema", "transformer"] if raw else ["transformer_ema"]
     ) as root:
-        try:
-            ema_model = LumosDiT.from_pretrained(root / "transformer_ema").to(device).eval()
-            model = (
-                LumosDiT.from_pretrained(root / "transformer").to(device).eval() if raw else None
-            )
-        except OSError as err:  # diffusers' error for missing or unreadable weight files
-            raise CheckpointError(
-                f"the weights of checkpoint {resolved} cannot be read ({err}); it is damaged: "
-                "use another checkpoint (the run's previous one is kept beside it)"
-            ) from err
+        ema_model = _load_weights(root / "transformer_ema", resolved).to(device).eval()
+        model = _load_weights(root / "transformer", resolved).to(device).eval() if raw else None
     return LoadedCheckpoint(model=model, ema_model=ema_model, meta=meta, uri=resolved)
+
+
+def _load_weights(weights_dir: Path, uri: str) -> LumosDiT:
+    try:
+        model = LumosDiT.from_pretrained(weights_dir)
+    except OSError as err:  # diffusers' error for missing or unreadable weight files
+        raise CheckpointError(
+            f"the weights of checkpoint {uri} cannot be read ({err}); it is damaged: "
+            "use another checkpoint (the run's previous one is kept beside it)"
+        ) from err
+    check_weight_names(weights_dir, model, uri)
+    return model
+
+
+def check_weight_names(weights_dir: Path, model: LumosDiT, uri: str) -> None:
+    """The saved tensors are exactly the model's. diffusers' from_pretrained only warns about a
+    file of another layout and leaves the model's missing tensors uninitialised (on the meta
+    device): a checkpoint written before a model change (issue 18's final layer) would fail later
+    with an obscure error, or load without its trained weights."""
+    from safetensors import safe_open
+
+    saved: set[str] = set()
+    for path in sorted(weights_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            saved |= set(weights.keys())
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {uri} was written by another layout of the model (missing: "
+            f"{', '.join(missing[:5]) or 'none'}; not in the model: "
+            f"{', '.join(unexpected[:5]) or 'none'}): retrain it, or convert released weights "
+            "with `lumos convert`"
+        )
 
 
 class local_copy:
