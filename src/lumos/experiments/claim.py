@@ -76,6 +76,7 @@ def run_claim(
         with _timed(timings, f"seed {seed}", log):
             results["seeds"][str(seed)] = run_seed(cfg, root, data, seed, log, results)
         _write_json(root / "report" / "results.json", results)
+        write_report(results, root / "report")  # the seeds so far, should a later one fail
     timings["total"] = time.perf_counter() - started
     report = write_report(results, root / "report")
     results["report"] = str(report)
