@@ -28,6 +28,10 @@ class ExperimentConfigError(LumosError, ValueError):
     """An experiment preset or override that does not exist."""
 
 
+SceneKind = Literal["single", "count", "relation"]
+_DEFAULT_KINDS: dict[SceneKind, float] = {"single": 0.5, "count": 0.25, "relation": 0.25}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,8 +44,8 @@ class SceneConfig(_Strict):
     eval_fraction: float = Field(
         0.06, gt=0.0, lt=0.5, description="fraction of the images marked split=eval"
     )
-    kinds: dict[Literal["single", "count", "relation"], float] = Field(
-        default_factory=lambda: {"single": 0.5, "count": 0.25, "relation": 0.25},
+    kinds: dict[SceneKind, float] = Field(
+        default_factory=lambda: dict(_DEFAULT_KINDS),
         description="share of each scene kind: one object; two or three identical objects "
         "(counting); two different objects in a spatial relation",
     )

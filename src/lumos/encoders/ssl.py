@@ -119,14 +119,17 @@ def train_ssl_encoder(
         raise DatasetError(f"image side {size} is not a multiple of patch_size {cfg.patch_size}")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = ViTModel(vit_config(cfg, size), add_pooling_layer=False).to(device).train()
+    model = ViTModel(vit_config(cfg, size), add_pooling_layer=False)
+    torch.nn.Module.to(model, device).train()
     d, r = cfg.hidden_size, min(cfg.recon_size, size)
+    head: torch.nn.Module
     if cfg.objective == "reconstruct":
-        head = torch.nn.Linear(d, 3 * r * r).to(device)
+        head = torch.nn.Linear(d, 3 * r * r)
     else:
         head = torch.nn.Sequential(
             torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Linear(d, cfg.projection_dim)
-        ).to(device)
+        )
+    head.to(device)
     params = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
     data = _normalise(images)  # (N, 3, S, S)

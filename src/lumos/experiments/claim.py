@@ -114,9 +114,9 @@ def prepare_data(cfg: ExperimentConfig, root: Path, log: Callable[[str], None]) 
     source = root / "source"
     done = source / "generated.json"
     if not done.exists():
-        counts = generate_scenes(cfg.scenes, str(source / "scenes"))
+        scenes = generate_scenes(cfg.scenes, str(source / "scenes"))
         mf = generate_default_dataset(cfg.multiframe, str(source / "multiframe"))
-        _write_json(done, {"scenes": counts, "multiframe": mf.counts})
+        _write_json(done, {"scenes": scenes, "multiframe": mf.counts})
     generated = json.loads(done.read_text())
     base = IngestConfig(
         resolution=cfg.scenes.resolution,
@@ -406,7 +406,7 @@ def run_seed(
         log(f"reference: {json.dumps(results['reference'])}")
     paired = {uri: paired_training_images(uri) for uri in set(arm_data.values())}
     for arm in ARMS:
-        curve = []
+        curve: list[dict[str, Any]] = []
         points = _eval_checkpoints(str(ck / arm), s.eval_points)
         for i, (step, uri) in enumerate(points):
             final = i == len(points) - 1
@@ -416,7 +416,7 @@ def run_seed(
             if final and m.samples:
                 _save_samples(root / "report" / "samples" / f"seed-{seed}-{arm}.npz", m)
         out["t2i"][arm] = curve
-        last = curve[-1]["metrics"]
+        last: dict[str, dict[str, float]] = curve[-1]["metrics"]
         shown = {g: round(v.get("overall", float("nan")), 3) for g, v in last.items()}
         log(f"seed {seed}: arm {arm} overall accuracy by guidance {shown}")
     for head, ds in (("novel_view", uris["views"]), ("video", uris["clips"])):
@@ -429,5 +429,6 @@ def run_seed(
 
 def _save_samples(path: Path, m: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.stack(v) for k, v in m.samples.items()}
-    np.savez_compressed(path, captions=np.array(m.captions), **arrays)
+    arrays: dict[str, Any] = {k: np.stack(v) for k, v in m.samples.items()}
+    arrays["captions"] = np.array(m.captions)
+    np.savez_compressed(path, **arrays)

@@ -85,7 +85,7 @@ def _grid(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2) -> Non
         top = r * (h * scale + gap)
         draw.text((4, top + h * scale // 2 - 6), label, fill=(0, 0, 0))
         for c, im in enumerate(images):
-            tile = Image.fromarray(im).resize((w * scale, h * scale), Image.NEAREST)
+            tile = Image.fromarray(im).resize((w * scale, h * scale), Image.Resampling.NEAREST)
             img.paste(tile, (label_w + c * (w * scale + gap), top))
     img.save(path)
 
