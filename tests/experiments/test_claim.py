@@ -86,3 +86,38 @@ def test_held_out_combinations_are_never_paired_for_training(claim_run: Path) ->
         assert not any(r.get("paired") for r in held)
         evals = [r for r, _ in samples if (r.get("meta") or {}).get("split") == "eval"]
         assert all(r.get("caption") for r in evals)
+
+
+def test_the_kfp_step_reruns_into_the_same_directory_and_shows_the_report(
+    claim_run: Path, tmp_path: Path
+) -> None:
+    """The pipeline's step on the finished run's directory: every stage reuses what is there
+    (no training runs again), and the report becomes a Markdown artifact with inline images."""
+    from types import SimpleNamespace
+
+    from lumos.experiments.pipeline_step import claim_step
+
+    before = {p: p.stat().st_mtime for p in (claim_run / "checkpoints").rglob("*.safetensors")}
+    report = SimpleNamespace(path=str(tmp_path / "report.md"), metadata={})
+    results = SimpleNamespace(path=str(tmp_path / "results.json"), metadata={})
+    claim_step("experiment-micro", "{}", str(claim_run), report, results)
+    after = {p: p.stat().st_mtime for p in (claim_run / "checkpoints").rglob("*.safetensors")}
+    assert before == after and before
+    shown = Path(report.path).read_text()
+    assert "## Second claim" in shown
+    assert shown.count("](data:image/png;base64,") >= 4 and ".png)" not in shown
+    assert json.loads(Path(results.path).read_text())["seeds"]["0"]["t2i"]["C"]
+    assert report.metadata["uri"].endswith("/report")
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_the_claim_pipeline_compiles(tmp_path: Path, gpus: int) -> None:
+    import yaml
+
+    from pipelines.claim_pipeline import compile_claim_pipeline
+
+    spec = yaml.safe_load(compile_claim_pipeline(tmp_path / "claim.yaml", gpus).read_text())
+    container = spec["deploymentSpec"]["executors"]["exec-experiment-claim"]["container"]
+    assert ("accelerator" in container.get("resources", {})) == bool(gpus)
+    outputs = spec["components"]["comp-experiment-claim"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
