@@ -85,7 +85,9 @@ class Zygote:
     """tests/reliability/zygote.py as a subprocess: each `run` is a fork of it."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        # One thread per run: the models are tiny, and on a shared CI machine torch's threads only
+        # contend with each other and with the other tests (docs/benchmarks.md has the cost).
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self._proc = subprocess.Popen(
             [sys.executable, str(_ZYGOTE)],
             stdin=subprocess.PIPE,

@@ -1,5 +1,6 @@
 """Kill anywhere, run again, same result: each stage's CLI SIGKILLed at 20 seeded points (at its
-writes and at random times), run again to the end, and compared with an uninterrupted run.
+writes and at random times), each kill followed by a run to the end that is compared with an
+uninterrupted run; then one run killed three times in a row before its run to the end.
 
 Runs are forks of one zygote process (tests/reliability/zygote.py) that imported the stages
 once; each is still a real process killed by a real SIGKILL. Tiny data and the fastest stage
@@ -22,6 +23,7 @@ from lumos.export.onnx_export import read_export
 pytestmark = pytest.mark.slow
 
 KILLS_PER_STAGE = int(os.environ.get("LUMOS_KILL_POINTS", "20"))  # fewer: to debug one stage
+CHAINED_KILLS = 3  # then one run killed this many times in a row before its run to the end
 
 CONFIG = """\
 synth: {num_images: 24, num_objects: 3, num_clips: 3}
@@ -65,16 +67,16 @@ def _kill_and_rerun(
     argv: list[str],
     outputs: list[str],
     prepare: Callable[[Path], None] = lambda work: None,
-    chain: int = 1,
     seed: int = 0,
 ) -> tuple[list[str], list[Run]]:
     """Run `argv` uninterrupted in a fresh directory; then, in fresh directories prepared the
-    same way, runs killed at seeded points and a run to the end, whose `outputs` are compared
-    with the uninterrupted run's, and whose temp directory (each directory's own `.tmp`) must
-    hold nothing of lumos's afterwards: the run to the end removes what the killed ones left.
-    `chain` kills in a row before the run to the end (a rerun killed again, as a preempted pod's
-    retry can be): 1 for the cheap stages, more for the ones whose single run costs seconds. Stops after KILLS_PER_STAGE real kills. Returns the
-    failures (one line each) and the runs that completed, the uninterrupted one first."""
+    same way, KILLS_PER_STAGE runs each killed at a seeded point and followed by a run to the
+    end, and last one chain of CHAINED_KILLS kills in a row before its run to the end (a rerun
+    killed again, as a preempted pod's retry can be). After each run to the end, its `outputs`
+    are compared with the uninterrupted run's, and its temp directory (each directory's own
+    `.tmp`) must hold nothing of lumos's: the run to the end removed what the killed ones left.
+    Returns the failures (one line each) and the runs that completed, the uninterrupted one
+    first."""
     ref_dir = base / name / "ref"
     prepare(ref_dir)
     ref = _ok(zygote.run(argv, ref_dir, env=_own_tmp(ref_dir)))
@@ -86,8 +88,9 @@ def _kill_and_rerun(
     finished = [ref]
     kills = 0
     for attempt in range(4 * KILLS_PER_STAGE):
-        if kills >= KILLS_PER_STAGE:
+        if kills >= KILLS_PER_STAGE + CHAINED_KILLS:
             break
+        chain = 1 if kills < KILLS_PER_STAGE else CHAINED_KILLS
         work = base / name / f"kill-{attempt:02d}"
         prepare(work)
         where = []
@@ -107,11 +110,11 @@ def _kill_and_rerun(
             continue
         finished.append(again)
         diffs = [(out, differences(snapshot(work / out, work), want[out])) for out in outputs]
-        diffs.append((".tmp", [f"left {name}" for name in _leftovers(work)]))
+        diffs.append((".tmp", [f"left {left}" for left in _leftovers(work)]))
         failures += [f"{name} killed at {where}: {out}: {d[:5]}" for out, d in diffs if d]
         if not any(d for _, d in diffs):
             shutil.rmtree(work)  # kept when it failed, to look at
-    assert kills >= KILLS_PER_STAGE, f"{name}: only {kills} runs were killed"
+    assert kills >= KILLS_PER_STAGE + 1, f"{name}: only {kills} runs were killed"
     return failures, finished
 
 
@@ -173,12 +176,12 @@ def test_featurize_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pi
         shutil.copytree(pipe / "ds", work / "ds", ignore=shutil.ignore_patterns("features"))
 
     argv = ["featurize", *_cfg(base), "--dataset", "ds"]
-    assert _kill_and_rerun(zygote, base, "featurize", argv, ["ds"], ingested, chain=2)[0] == []
+    assert _kill_and_rerun(zygote, base, "featurize", argv, ["ds"], ingested)[0] == []
 
 
 def test_pretrain_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pipe):
     argv = ["pretrain", *_cfg(base), "--dataset", str(pipe / "ds"), "--out", "ck"]
-    failures, runs = _kill_and_rerun(zygote, base, "pretrain", argv, ["ck"], chain=4)
+    failures, runs = _kill_and_rerun(zygote, base, "pretrain", argv, ["ck"])
     assert failures == []
     _check_resumed_losses(runs)
 
@@ -207,7 +210,7 @@ def test_finetune_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pip
         "--out",
         "ck",
     ]
-    failures, runs = _kill_and_rerun(zygote, base, "finetune", argv, ["ck"], chain=4)
+    failures, runs = _kill_and_rerun(zygote, base, "finetune", argv, ["ck"])
     assert failures == []
     _check_resumed_losses(runs)
 
@@ -223,7 +226,7 @@ def test_evaluate_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pip
 
 def test_export_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pipe):
     argv = ["export", *_cfg(base), "--checkpoint", str(pipe / "ck/t2i"), "--out", "ex"]
-    assert _kill_and_rerun(zygote, base, "export", argv, ["ex"], chain=5)[0] == []
+    assert _kill_and_rerun(zygote, base, "export", argv, ["ex"])[0] == []
 
 
 def test_promote_killed_anywhere_ends_as_an_uninterrupted_run(zygote, base, pipe):
