@@ -15,6 +15,7 @@
     lumos promote --export URI --evaluation URI --out URI
     lumos rollback --head t2i                   # the previous promoted version serves again
     lumos experiment claim --preset experiment-cpu   # the paper's claims, arms A-D, a report
+    lumos experiment report --runs DIR1 DIR2 --out DIR  # one report over runs of other seeds
 
 Each takes --preset (tiny | xl), --config FILE and --set key.path=value (repeatable); the config is
 validated before any work starts. An error a user can cause (a `lumos.errors.LumosError`) prints one
@@ -181,6 +182,12 @@ def cmd_experiment_claim(args: argparse.Namespace) -> None:
     print(f"report: {results['report']}")
 
 
+def cmd_experiment_report(args: argparse.Namespace) -> None:
+    from lumos.experiments.report import merge_runs
+
+    print(f"report: {merge_runs([Path(d) for d in args.runs], Path(args.out))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or xl (paper recipe)")
@@ -301,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="output directory (default runs/claim-<preset>-<timestamp>)")
     p.set_defaults(func=cmd_experiment_claim)
+    p = experiment_sub.add_parser(
+        "report", help="one report over claim runs of the same preset with different seeds"
+    )
+    p.add_argument("--runs", nargs="+", required=True, help="the runs' --out directories")
+    p.add_argument("--out", required=True, help="where the merged report goes")
+    p.set_defaults(func=cmd_experiment_report)
 
     from lumos.deploy.commands import add_commands  # deploy, trigger: through the KFP API
 

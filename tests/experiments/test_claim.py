@@ -121,3 +121,14 @@ def test_the_claim_pipeline_compiles(tmp_path: Path, gpus: int) -> None:
     assert ("accelerator" in container.get("resources", {})) == bool(gpus)
     outputs = spec["components"]["comp-experiment-claim"]["outputDefinitions"]["artifacts"]
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+
+
+def test_runs_of_other_seeds_merge_into_one_report(claim_run: Path, tmp_path: Path) -> None:
+    from lumos.configs.experiment import ExperimentConfigError
+    from lumos.experiments.report import merge_runs
+
+    main(["experiment", "report", "--runs", str(claim_run), "--out", str(tmp_path / "m")])
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert list(merged["seeds"]) == ["0"] and (tmp_path / "m" / "grid-g4.5.png").exists()
+    with pytest.raises(ExperimentConfigError, match="more than one run"):
+        merge_runs([claim_run, claim_run], tmp_path / "twice")

@@ -90,6 +90,39 @@ def _grid(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2) -> Non
     img.save(path)
 
 
+def merge_runs(run_dirs: list[Path], out: Path) -> Path:
+    """One report over several runs of the same preset with different seeds (`--set seeds=[1]`
+    run as separate processes or on separate machines): their seeds side by side, the first run's
+    data, encoder and reference; the sample grids are the first seed's."""
+    import json
+    import shutil
+
+    from lumos.configs.experiment import ExperimentConfigError
+
+    runs = [json.loads((d / "report" / "results.json").read_text()) for d in run_dirs]
+    merged = runs[0] | {"seeds": {}, "timings_s": {}, "merged_from": [str(d) for d in run_dirs]}
+    for d, run in zip(run_dirs, runs, strict=True):
+        if run["config"] | {"seeds": []} != runs[0]["config"] | {"seeds": []}:
+            raise ExperimentConfigError(
+                f"{d} ran another config than {run_dirs[0]}: not one experiment"
+            )
+        overlap = set(merged["seeds"]) & set(run["seeds"])
+        if overlap:
+            raise ExperimentConfigError(f"seed(s) {sorted(overlap)} appear in more than one run")
+        merged["seeds"].update(run["seeds"])
+        merged["timings_s"].update({f"{k} ({d.name})": v for k, v in run["timings_s"].items()})
+        samples = d / "report" / "samples"
+        if samples.is_dir():
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            for f in samples.glob("*.npz"):
+                shutil.copy2(f, out / "samples" / f.name)
+    merged["seeds"] = dict(sorted(merged["seeds"].items(), key=lambda kv: int(kv[0])))
+    merged["config"]["seeds"] = [int(k) for k in merged["seeds"]]
+    path = write_report(merged, out)
+    (out / "results.json").write_text(json.dumps(merged | {"report": str(path)}, indent=1))
+    return path
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg = results["config"]
