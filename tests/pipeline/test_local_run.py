@@ -12,7 +12,7 @@ PSNR and the patch distance; the T2I head does not follow its captions yet (colo
 chance, also with three times the steps); the video head cannot pass at the local run's size even
 if it were perfect: a faithful sampler of the clips leads the copied first frame on the patch
 distance by less than 10 eval clips can show (tests/evaluation/test_faithful_sampler.py). So no
-head of the local run is promoted today, and this test says what would change if one passed.
+head of the local run is promoted today; the promotion checks below run for any head that passes.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ def test_untrained_models_are_rejected_and_nothing_is_promoted(
         assert head.reasons, "a rejection says why"
         assert head.serving_manifest_uri is None
         assert head.export_uri is not None  # exported, but not promoted
+    # What the trained novel-view head passes, the untrained one does not (its samples are noise).
+    novel_view = next(h for h in summary.heads if h.head == "novel_view")
+    assert any(r.startswith("fd_dino") for r in novel_view.reasons), novel_view.reasons
     after = {h: current(h) for h in FINETUNE_HEADS}
     assert after == before
     # the data went to the object store
