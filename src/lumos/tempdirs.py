@@ -69,7 +69,7 @@ def remove_abandoned(temp_root: str | Path | None = None) -> list[str]:
     locks are held."""
     root = Path(temp_root or tempfile.gettempdir())
     _swept.add(str(root))
-    removed = []
+    removed: list[str] = []
     try:
         locks = sorted(
             p for p in root.iterdir() if p.name.startswith(_PREFIX) and p.suffix == OWNER_SUFFIX
