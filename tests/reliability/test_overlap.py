@@ -1,9 +1,10 @@
 """Two runs at once on one dataset or one head, as two runs of a schedule overlap: real `lumos`
 processes against the S3 test server. The overlap is made certain, not left to timing:
 the first run goes through the fault proxy, which holds its commit (the manifest's or
-current.json's PUT) unforwarded; the second runs from start to end meanwhile; then the held
-commit goes on. The first must fail with one line saying what happened, and the dataset or
-registry must hold exactly the second one's run."""
+current.json's PUT), or for two ingests that bring different images its shard uploads,
+unforwarded; the second runs from start to end meanwhile; then the held requests go on. The
+first must fail with one line saying what happened, and the dataset or registry must hold
+exactly the second one's run."""
 
 from __future__ import annotations
 
