@@ -196,12 +196,13 @@ def load_checkpoint(
     with local_copy(
         resolved, ["transformer_ema", "transformer"] if raw else ["transformer_ema"]
     ) as root:
-        ema_model = _load_weights(root / "transformer_ema", resolved).to(device).eval()
-        model = _load_weights(root / "transformer", resolved).to(device).eval() if raw else None
+        ema_model = _load_weights(root / "transformer_ema", resolved, device)
+        model = _load_weights(root / "transformer", resolved, device) if raw else None
     return LoadedCheckpoint(model=model, ema_model=ema_model, meta=meta, uri=resolved)
 
 
-def _load_weights(weights_dir: Path, uri: str) -> LumosDiT:
+def _load_weights(weights_dir: Path, uri: str, device: str | torch.device) -> LumosDiT:
+    """The model saved in `weights_dir`, checked for the current layout, on `device`, in eval mode."""
     try:
         model = LumosDiT.from_pretrained(weights_dir)
     except OSError as err:  # diffusers' error for missing or unreadable weight files
@@ -210,7 +211,7 @@ def _load_weights(weights_dir: Path, uri: str) -> LumosDiT:
             "use another checkpoint (the run's previous one is kept beside it)"
         ) from err
     check_weight_names(weights_dir, model, uri)
-    return model
+    return model.to(device).eval()
 
 
 def check_weight_names(weights_dir: Path, model: LumosDiT, uri: str) -> None:
