@@ -21,6 +21,7 @@ from lumos.configs.data import IngestConfig, SynthConfig
 from lumos.configs.evaluation import EvaluateConfig
 from lumos.configs.export import ExportConfig
 from lumos.configs.k8s import TRAIN_IMAGE, DistributedConfig, StepsResources, Toleration
+from lumos.configs.merge import deep_merge
 from lumos.configs.serving import PromoteConfig
 from lumos.configs.training import FeaturizeConfig, TrainConfig
 from lumos.errors import LumosError
@@ -246,16 +247,6 @@ def preset_overrides(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
     text = resources.files("lumos.presets").joinpath(f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def parse_set(assignments: list[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lumos.configs.data import SynthConfig
 from lumos.configs.encoders import TinyT5Config
 from lumos.configs.evaluation import EvaluateConfig
+from lumos.configs.merge import deep_merge
 from lumos.errors import LumosError
 
 EXPERIMENT_PRESETS = ("experiment-micro", "experiment-cpu", "experiment-gpu")
@@ -193,15 +194,5 @@ class ExperimentConfig(_Strict):
                 f"unknown experiment preset {name!r}; choose one of {', '.join(EXPERIMENT_PRESETS)}"
             )
         text = resources.files("lumos.presets").joinpath(f"{name}.yaml").read_text()
-        data = _merge(yaml.safe_load(text) or {}, overrides or {})
+        data = deep_merge(yaml.safe_load(text) or {}, overrides or {})
         return cls.model_validate({"name": name, **data})
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -35,15 +35,12 @@ import numpy as np
 
 from lumos.configs.experiment import SceneConfig
 from lumos.data.synthetic import BACKGROUND, png_bytes
+from lumos.data.synthetic import PALETTE as DEFAULT_PALETTE
 from lumos.errors import DatasetError
 
+# The embedded dataset's six colours and two more, in that order.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 45, 45),
-    "green": (45, 175, 65),
-    "blue": (45, 75, 220),
-    "yellow": (235, 200, 35),
-    "magenta": (205, 55, 205),
-    "cyan": (40, 195, 205),
+    **DEFAULT_PALETTE,
     "orange": (245, 135, 30),
     "black": (35, 35, 35),
 }
