@@ -45,16 +45,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/convert_checkpoint.json"))
     args = parser.parse_args()
 
-    from lumos.models.lumos_dit import get_2d_sincos_pos_embed
+    from lumos.models.convert import SOURCES
 
-    layout = authors_layout()
+    spec = SOURCES[args.source]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        shapes = layout.authors_shapes(args.source)
-        gen = torch.Generator().manual_seed(0)
-        state = {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
-        grid = int(shapes["pos_embed"][1] ** 0.5)
-        scale = 2.0 if args.source == "lumos-t2i" else 1.0
-        state["pos_embed"] = get_2d_sincos_pos_embed(1152, grid, grid, grid, scale)
+        state = authors_layout().random_state(
+            args.source,
+            scale=spec.pos_embed_scale,
+            hidden=1152,
+            grid=spec.input_size // 2,  # XL/2: patch 2
+        )
         source = Path(tmp) / "released.pth"
         torch.save(state, source)
         file_bytes = source.stat().st_size
