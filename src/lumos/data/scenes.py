@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from lumos.configs.experiment import SceneConfig
-from lumos.data.synthetic import BACKGROUND, png_bytes
+from lumos.data.synthetic import BACKGROUND, _downsample, _pixel_grid, png_bytes
 from lumos.data.synthetic import PALETTE as DEFAULT_PALETTE
+from lumos.data.synthetic import shape_mask as synthetic_shape_mask
 from lumos.errors import DatasetError
 
 # The embedded dataset's six colours and two more, in that order.
@@ -115,25 +116,15 @@ def holdout_combinations(count: int, seed: int) -> list[tuple[str, str]]:
 # Drawing
 
 
-def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(n, dtype=np.float64) + 0.5) / n
-    return np.meshgrid(c, c, indexing="xy")
-
-
 def shape_mask(shape: str, center: tuple[float, float], half: float, n: int) -> np.ndarray:
-    """Boolean (n, n) coverage of a shape (image fractions: centre, half-extent)."""
-    x, y = _grid(n)
-    dx, dy = x - center[0], y - center[1]
-    if shape == "circle":
-        return dx**2 + dy**2 <= half**2
-    if shape == "square":
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if shape == "triangle":  # apex up: the half-width grows from 0 at the top to `half` at the base
-        t = (dy + half) / (2 * half)
-        return (t >= 0) & (t <= 1) & (np.abs(dx) <= half * t)
+    """Boolean (n, n) coverage of a shape (image fractions: centre, half-extent): the embedded
+    data's circle, square and triangle (`lumos.data.synthetic.shape_mask`) and a diamond."""
     if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= half
-    raise DatasetError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        x, y = _pixel_grid(n)
+        return np.abs(x - center[0]) + np.abs(y - center[1]) <= half
+    if shape not in SHAPES:
+        raise DatasetError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return synthetic_shape_mask(shape, center, half, n)
 
 
 def render_scene(scene: Scene, resolution: int, jitters: list[tuple[float, float]]) -> np.ndarray:
@@ -143,8 +134,7 @@ def render_scene(scene: Scene, resolution: int, jitters: list[tuple[float, float
     canvas[:] = BACKGROUND
     for obj, jitter in zip(scene.objects, jitters, strict=True):
         canvas[shape_mask(obj.shape, obj.center(jitter), SIZES[obj.size], n)] = PALETTE[obj.color]
-    out = canvas.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return _downsample(canvas, SUPERSAMPLE)
 
 
 # ---------------------------------------------------------------------------------------------
