@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,10 +50,11 @@ def claim_step(
     from lumos.configs.experiment import ExperimentConfig
     from lumos.experiments.claim import run_claim
     from lumos.storage import Storage
+    from lumos.tempdirs import OwnedTemporaryDirectory
 
     cfg = ExperimentConfig.from_preset(preset, json.loads(overrides_json or "{}"))
     remote = out_uri.startswith("s3://")
-    with tempfile.TemporaryDirectory(prefix="lumos-claim-") as tmp:
+    with OwnedTemporaryDirectory("lumos-claim-") as tmp:  # a killed step's: the next run removes it
         work = Path(tmp) if remote else Path(out_uri)
         run_claim(cfg, work)
         if remote:
