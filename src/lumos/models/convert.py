@@ -80,6 +80,15 @@ _POS_EMBED = "pos_embed"
 _WRAPPERS = ("state_dict_ema", "state_dict", "ema", "model")  # PixArt-style training files
 
 
+def source_spec(source: str) -> SourceSpec:
+    """The released model family `source` (a key of SOURCES), else a one-line error."""
+    if source not in SOURCES:
+        raise CheckpointConversionError(
+            f"unknown source {source!r}; choose one of {sorted(SOURCES)}"
+        )
+    return SOURCES[source]
+
+
 def our_name(name: str) -> str:
     """The Lumos parameter name of one of the authors' parameter names."""
     for pattern, replacement in _RENAMES:
@@ -145,7 +154,7 @@ def model_config_for(
 ) -> dict[str, Any]:
     """The LumosDiT config of a source state dict: widths and depth read from its tensors, the
     head count from the size registry (or `num_heads`), the resolution from its pos_embed."""
-    spec = SOURCES[source]
+    spec = source_spec(source)
     hidden = _shape(state, "t_embedder.mlp.2.weight", source)[0]
     patch_w = _shape(state, "x_embedder.proj.weight", source)
     in_channels, patch = patch_w[1], patch_w[-1]
@@ -214,10 +223,6 @@ def map_state_dict(
     """The LumosDiT config of `state` and its tensors under our names. Raises
     CheckpointConversionError (one line) if any source tensor is left over, any model tensor
     missing, or a shape differs. Works on meta tensors too (shapes only)."""
-    if source not in SOURCES:
-        raise CheckpointConversionError(
-            f"unknown source {source!r}; choose one of {sorted(SOURCES)}"
-        )
     config = model_config_for(source, state, num_heads)
     with torch.device("meta"):
         target_shapes = {k: v.shape for k, v in LumosDiT(**config).state_dict().items()}
@@ -288,13 +293,9 @@ def convert_checkpoint(
     accepts. Returns the checkpoint's metadata."""
     from lumos.checkpoints import save_checkpoint
 
-    if source not in SOURCES:
-        raise CheckpointConversionError(
-            f"unknown source {source!r}; choose one of {sorted(SOURCES)}"
-        )
+    spec = source_spec(source)  # before reading a file of gigabytes
     state, found_at = load_source(checkpoint_uri)
     model = convert_state_dict(source, state, num_heads)
-    spec = SOURCES[source]
     meta = {
         "head": spec.head,
         "step": 0,
