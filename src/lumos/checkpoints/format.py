@@ -202,31 +202,18 @@ def load_checkpoint(
 
 
 def _load_weights(weights_dir: Path, uri: str, device: str | torch.device) -> LumosDiT:
-    """The model saved in `weights_dir`, checked for the current layout, on `device`, in eval mode."""
+    """The model saved in `weights_dir`, on `device`, in eval mode. The saved tensors must be
+    exactly the model's: diffusers' from_pretrained only warns about a file of another layout and
+    leaves the model's missing tensors uninitialised, so a checkpoint written before a model change
+    (issue 18's final layer) would fail later with an obscure error, or load without its weights."""
     try:
-        model = LumosDiT.from_pretrained(weights_dir)
+        model, info = LumosDiT.from_pretrained(weights_dir, output_loading_info=True)
     except OSError as err:  # diffusers' error for missing or unreadable weight files
         raise CheckpointError(
             f"the weights of checkpoint {uri} cannot be read ({err}); it is damaged: "
             "use another checkpoint (the run's previous one is kept beside it)"
         ) from err
-    check_weight_names(weights_dir, model, uri)
-    return model.to(device).eval()
-
-
-def check_weight_names(weights_dir: Path, model: LumosDiT, uri: str) -> None:
-    """The saved tensors are exactly the model's. diffusers' from_pretrained only warns about a
-    file of another layout and leaves the model's missing tensors uninitialised (on the meta
-    device): a checkpoint written before a model change (issue 18's final layer) would fail later
-    with an obscure error, or load without its trained weights."""
-    from safetensors import safe_open
-
-    saved: set[str] = set()
-    for path in sorted(weights_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as weights:
-            saved |= set(weights.keys())
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {uri} was written by another layout of the model (missing: "
@@ -234,6 +221,7 @@ def check_weight_names(weights_dir: Path, model: LumosDiT, uri: str) -> None:
             f"{', '.join(unexpected[:5]) or 'none'}): retrain it, or convert released weights "
             "with `lumos convert`"
         )
+    return model.to(device).eval()
 
 
 class local_copy:
