@@ -173,3 +173,22 @@ def test_convert_checkpoint_writes_a_checkpoint_finetune_can_start_from(tmp_path
     convert_checkpoint("lumos-i2i", str(tmp_path / "train.pth"), str(tmp_path / "c2"), num_heads=4)
     with pytest.raises(CheckpointConversionError, match="no source checkpoint"):
         convert_checkpoint("lumos-i2i", str(tmp_path / "absent.pth"), str(tmp_path / "c3"))
+
+
+def test_a_source_in_an_object_store_converts_as_a_local_file(tmp_path, s3_bucket):
+    from safetensors.torch import save_file
+
+    from lumos.storage import Storage
+
+    state = random_state("lumos-i2i", **TINY_I2I)
+    store = Storage.from_uri(f"s3://{s3_bucket}/released")
+    torch.save(state, tmp_path / "Lumos_I2I.pth")
+    save_file(state, tmp_path / "Lumos_I2I.safetensors")
+    for name in ("Lumos_I2I.pth", "Lumos_I2I.safetensors"):
+        store.upload_file(tmp_path / name, name)
+        meta = convert_checkpoint(
+            "lumos-i2i", store.key_uri(name), str(tmp_path / f"ckpt-{name}"), num_heads=4
+        )
+        assert meta["converted_from"]["tensors"] == len(state)
+        ckpt = load_checkpoint(str(tmp_path / f"ckpt-{name}"))
+        assert torch.equal(ckpt.model.x_embedder.weight, state["x_embedder.proj.weight"])

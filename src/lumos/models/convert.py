@@ -32,7 +32,6 @@ its final norm at 224 px, which the model L2-normalises; T5 v1.1-XXL with 120 to
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections.abc import Mapping
@@ -116,23 +115,31 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def load_source(uri: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Read a .pth / .pt (torch.load, tensors only) or .safetensors file from a path or s3:// URI."""
+    """Read a .pth / .pt (torch.load, tensors only) or .safetensors file from a path or s3:// URI
+    (an object is downloaded to a temporary file first, not held in memory as bytes)."""
     from lumos.storage import Storage
+    from lumos.tempdirs import OwnedTemporaryDirectory
 
     parent, _, name = uri.rstrip("/").rpartition("/")
     store = Storage.from_uri(parent or ".")
     if not store.exists(name):
         raise CheckpointConversionError(f"no source checkpoint at {uri}")
     local = store.local_path(name)
-    data = None if local is not None else store.read_bytes(name)
-    if name.endswith(".safetensors"):
-        from safetensors.torch import load, load_file
+    if local is not None:
+        return _read_source(local, uri)
+    with OwnedTemporaryDirectory("lumos-convert-") as tmp:
+        path = Path(tmp) / name
+        store.download_file(name, path)
+        return _read_source(path, uri)
 
-        return (load_file(str(local)) if local else load(data or b"")), "safetensors"
+
+def _read_source(path: Path, uri: str) -> tuple[dict[str, torch.Tensor], str]:
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), "safetensors"
     try:
-        obj = torch.load(
-            str(local) if local else io.BytesIO(data or b""), map_location="cpu", weights_only=True
-        )
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file, or one that needs arbitrary code to unpickle
         raise CheckpointConversionError(
             f"cannot read {uri} as a torch checkpoint of tensors ({type(err).__name__}: "
