@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lumos_dit import randomize  # zero-initialised concat channels would hide the view
 
 from lumos.diffusion import GaussianDiffusion
 from lumos.heads import HEADS, batch_to_model_inputs, head_model_config, relative_camera
@@ -81,18 +82,9 @@ def test_relative_camera_is_zero_for_view_zero_and_periodic_in_azimuth():
     torch.testing.assert_close(rel[0, 1, 1:3], torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
 
 
-def randomized(model: LumosDiT, seed: int = 0) -> LumosDiT:
-    """Random weights everywhere: the zero-initialised concat channels would hide the view."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
 @pytest.mark.parametrize("head", ["novel_view", "video"])
 def test_condition_dropout_drops_the_input_view_or_first_frame_too(head):
-    model = randomized(LumosDiT(**head_model_config(BASE, head, **DIMS))).eval()
+    model = randomize(LumosDiT(**head_model_config(BASE, head, **DIMS))).eval()
     x0, kwargs = batch_to_model_inputs(head, feature_batch(head))
     t = torch.tensor([10, 700])
     other_view = {**kwargs, "concat_latent": torch.randn_like(kwargs["concat_latent"])}
@@ -111,7 +103,7 @@ def test_condition_dropout_drops_the_input_view_or_first_frame_too(head):
 def test_guided_sampling_gives_the_unconditional_half_no_view(head):
     from lumos.diffusion.sampling import sample
 
-    model = randomized(LumosDiT(**head_model_config(BASE, head, **DIMS)))
+    model = randomize(LumosDiT(**head_model_config(BASE, head, **DIMS)))
     x0, kwargs = batch_to_model_inputs(head, feature_batch(head))
     b, f = x0.shape[:2]
     seen: list[torch.Tensor] = []
