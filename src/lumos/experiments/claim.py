@@ -130,21 +130,19 @@ def prepare_data(cfg: ExperimentConfig, root: Path, log: Callable[[str], None]) 
         "views": root / "datasets" / "views",
         "clips": root / "datasets" / "clips",
     }
-    results = {
-        "pairs_all": ingest(base.model_copy(update={"paired_fraction": 1.0}),
-                            str(source / "scenes" / "images"), str(datasets["pairs_all"]), False),
-        "pairs_few": ingest(base.model_copy(update={"paired_fraction": cfg.paired_fraction}),
-                            str(source / "scenes" / "images"), str(datasets["pairs_few"]), False),
-        "views": ingest(base, str(source / "multiframe" / "views"), str(datasets["views"]), False),
-        "clips": ingest(base, str(source / "multiframe" / "clips"), str(datasets["clips"]), False),
-    }  # fmt: skip
+    scenes_src = source / "scenes" / "images"
+    sources = {
+        "pairs_all": (base.model_copy(update={"paired_fraction": 1.0}), scenes_src),
+        "pairs_few": (base.model_copy(update={"paired_fraction": cfg.paired_fraction}), scenes_src),
+        "views": (base, source / "multiframe" / "views"),
+        "clips": (base, source / "multiframe" / "clips"),
+    }
     counts: dict[str, Any] = {"generated": generated}
     for name, uri in datasets.items():
-        manifest = json.loads((uri / "manifest.json").read_text())
-        counts[name] = {
-            "ingested": manifest.get("counts", {}).get("samples", results[name].ingested),
-            "paired": _count_paired(uri),
-        }
+        ingest_cfg, source_dir = sources[name]
+        ingest(ingest_cfg, str(source_dir), str(uri), False)
+        manifest = json.loads((uri / "manifest.json").read_text())  # a full ingest: every sample
+        counts[name] = {"ingested": manifest["num_samples"], "paired": manifest["counts"]["paired"]}
     log(f"datasets: {json.dumps(counts)}")
     return {"uris": {k: str(v) for k, v in datasets.items()}, "counts": counts}
 
@@ -167,10 +165,6 @@ def dataset_samples(dataset_uri: str) -> list[tuple[dict[str, Any], np.ndarray]]
             with Image.open(io.BytesIO(data)) as img:
                 out.append((record, np.asarray(img.convert("RGB"), dtype=np.uint8)))
     return out
-
-
-def _count_paired(uri: Path) -> int:
-    return sum(bool(r.get("paired")) for r, _ in dataset_samples(str(uri)))
 
 
 def paired_training_images(dataset_uri: str) -> np.ndarray:
