@@ -89,11 +89,13 @@ def test_held_out_combinations_are_never_paired_for_training(claim_run: Path) ->
 
 
 def test_the_kfp_step_reruns_into_the_same_directory_and_shows_the_report(
-    claim_run: Path, tmp_path: Path
+    claim_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pipeline's step on the finished run's directory: every stage reuses what is there
     (no training runs again), and the report becomes a Markdown artifact with inline images."""
     from types import SimpleNamespace
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # in a pod it wants s3://
 
     from lumos.experiments.pipeline_step import claim_step
 
@@ -121,6 +123,9 @@ def test_the_claim_pipeline_compiles(tmp_path: Path, gpus: int) -> None:
     assert ("accelerator" in container.get("resources", {})) == bool(gpus)
     outputs = spec["components"]["comp-experiment-claim"]["outputDefinitions"]["artifacts"]
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    # ... and the run's own output, shown on the run's page
+    [selector] = spec["root"]["dag"]["outputs"]["artifacts"]["Output"]["artifactSelectors"]
+    assert selector == {"outputArtifactKey": "report", "producerSubtask": "experiment-claim"}
 
 
 def test_runs_of_other_seeds_merge_into_one_report(claim_run: Path, tmp_path: Path) -> None:

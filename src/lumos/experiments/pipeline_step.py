@@ -12,10 +12,14 @@ grids inline (as data URIs), since it cannot fetch the PNG files beside it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from lumos.configs.experiment import ExperimentConfig
 
 
 class KfpArtifact(Protocol):
@@ -44,21 +48,57 @@ def write_ui_artifacts(report_dir: Path, report: KfpArtifact, results: KfpArtifa
     Path(results.path).write_text((report_dir / "results.json").read_text())
 
 
+def step_config(preset: str, overrides_json: str) -> ExperimentConfig:
+    """The step's experiment config: the preset with the run form's JSON overrides on top; a bad
+    preset, JSON or field is an ExperimentConfigError naming it (one line in the step's log)."""
+    from pydantic import ValidationError
+
+    from lumos.config import format_validation_error
+    from lumos.configs.experiment import ExperimentConfig, ExperimentConfigError
+
+    try:
+        overrides = json.loads(overrides_json or "{}")
+    except json.JSONDecodeError as err:
+        raise ExperimentConfigError(
+            f"overrides_json is not JSON ({err.msg} at character {err.pos}): give an object "
+            'such as {"seeds": [0], "steps": {"t2i": 50}}'
+        ) from err
+    if not isinstance(overrides, dict):
+        raise ExperimentConfigError(
+            f"overrides_json must be a JSON object of config fields, got {type(overrides).__name__}"
+        )
+    try:
+        return ExperimentConfig.from_preset(preset, overrides)
+    except ValidationError as err:
+        head, *problems = format_validation_error(err).split("\n  - ")
+        raise ExperimentConfigError(f"overrides_json: {head} {'; '.join(problems)}") from err
+
+
 def claim_step(
     preset: str, overrides_json: str, out_uri: str, report: KfpArtifact, results: KfpArtifact
 ) -> None:
-    from lumos.configs.experiment import ExperimentConfig
+    from lumos.configs.experiment import ExperimentConfigError
     from lumos.experiments.claim import run_claim
+    from lumos.pipeline.run_guard import on_kubernetes
     from lumos.storage import Storage
     from lumos.tempdirs import OwnedTemporaryDirectory
 
-    cfg = ExperimentConfig.from_preset(preset, json.loads(overrides_json or "{}"))
+    cfg = step_config(preset, overrides_json)
     remote = out_uri.startswith("s3://")
-    with OwnedTemporaryDirectory("lumos-claim-") as tmp:  # a killed step's: the next run removes it
-        work = Path(tmp) if remote else Path(out_uri)
+    if not remote and on_kubernetes():
+        raise ExperimentConfigError(
+            f"out_uri {out_uri!r} is a path inside the step's pod, which is deleted with the "
+            "report: give an s3:// URI in the run form"
+        )
+    with contextlib.ExitStack() as stack:
+        if remote:  # a killed step's directory: the next run removes it
+            work = Path(stack.enter_context(OwnedTemporaryDirectory("lumos-claim-")))
+        else:
+            work = Path(out_uri).resolve()
         run_claim(cfg, work)
         if remote:
             Storage.from_uri(out_uri).upload_dir(work / "report", prefix="report")
         write_ui_artifacts(work / "report", report, results)
+    where = f"{out_uri.rstrip('/')}/report" if remote else str(work / "report")
     for artifact in (report, results):
-        artifact.metadata["uri"] = f"{out_uri.rstrip('/')}/report"
+        artifact.metadata["uri"] = where
