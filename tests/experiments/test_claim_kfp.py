@@ -1,7 +1,8 @@
 """The claim pipeline run by KFP itself (`kfp.local`, the step as a subprocess, as `lumos run`
-runs the main pipeline) on the micro preset (about 11 s on 2 cores): what KFP recorded for the
-step (its status, its executor output, the Markdown artifact in the pipeline root) and the report
-under out_uri; and a step that fails says why in one line."""
+runs the main pipeline) on the micro preset (about 12 s each on 2 cores): what KFP recorded for
+the step (its status, its executor output, the Markdown artifact in the pipeline root) and the
+report under a local out_uri or, as on a cluster, in the object store; and a step that fails says
+why in one line."""
 
 from __future__ import annotations
 
@@ -97,3 +98,32 @@ def test_the_step_names_what_is_wrong_before_running(tmp_path: Path, monkeypatch
     with pytest.raises(ExperimentConfigError, match="give an s3:// URI"):
         claim_step("experiment-micro", "{}", str(tmp_path / "out"), artifact, artifact)
     assert not (tmp_path / "out").exists()
+
+
+def test_kfp_runs_the_claim_into_the_object_store_as_in_a_pod(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """The cluster's path: out_uri in the object store (the step's pod sees KUBERNETES_SERVICE_HOST
+    and the S3 secret's env, both inherited by the local runner's subprocess): the experiment runs
+    in a temporary directory and only its report is uploaded; KFP's artifact is that report."""
+    from lumos.storage import Storage
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    out_uri = f"s3://{s3_bucket}/claim-1"
+    run = run_claim_local(tmp_path / "run", "experiment-micro", '{"seeds": [0]}', out_uri)
+    captured = capfd.readouterr()
+    log = ANSI.sub("", captured.out + captured.err)
+    assert "Task 'experiment-claim' finished with status SUCCESS" in log
+    [step_dir] = (tmp_path / "run" / "kfp").glob("lumos-claim-*/experiment-claim")
+    recorded = json.loads((step_dir / "executor_output.json").read_text())["artifacts"]
+    assert recorded["report"]["artifacts"][0]["metadata"]["uri"] == f"{out_uri}/report"
+
+    store = Storage.from_uri(out_uri)
+    keys = {o.key for o in store.list()}
+    assert {"report/report.md", "report/results.json", "report/grid-g4.5.png"} <= keys
+    assert all(k.startswith("report/") for k in keys)  # datasets, checkpoints stayed in the pod
+    uploaded = tmp_path / "uploaded"
+    store.download_dir("report", uploaded)
+    assert run.report.read_text() == inline_images((uploaded / "report.md").read_text(), uploaded)
+    assert "## Second claim" in run.report.read_text()
+    assert json.loads((step_dir / "results").read_text()) == store.read_json("report/results.json")
