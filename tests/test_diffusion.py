@@ -69,6 +69,25 @@ def test_vb_term_is_the_kl_for_t_above_zero():
     torch.testing.assert_close(losses["vb"], torch.zeros(2), atol=1e-5, rtol=0)
 
 
+def test_min_snr_gamma_scales_the_epsilon_term_by_min_snr_gamma_over_snr():
+    """Hang et al. 2023 (diffusers' --snr_gamma for epsilon prediction): weight min(SNR, g) / SNR
+    with SNR = alpha_bar / (1 - alpha_bar); the vb term is left as it is."""
+    d = GaussianDiffusion()
+    x0 = torch.randn(4, 3, 8, 8)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 150, 400, 999])
+    model = FixedOutput(torch.cat([torch.zeros_like(x0), torch.zeros_like(x0)], dim=1))
+    plain = d.training_losses(model, x0, t, {}, noise=noise)
+    weighted = d.training_losses(model, x0, t, {}, noise=noise, snr_gamma=5.0)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = (torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr).float()
+    assert weight[0] < 1e-3 and weight[-1] == 1.0  # nearly clean steps lose weight, noisy keep it
+    torch.testing.assert_close(weighted["mse"], plain["mse"] * weight)
+    torch.testing.assert_close(weighted["vb"], plain["vb"])
+    torch.testing.assert_close(weighted["loss"], weighted["mse"] + weighted["vb"])
+
+
 def test_scheduler_is_dpm_solver_pp_on_the_training_schedule():
     config = make_scheduler().config
     assert config.algorithm_type == "dpmsolver++" and config.solver_order == 2

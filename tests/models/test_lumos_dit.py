@@ -272,6 +272,19 @@ def test_position_embedding_is_pixarts(grid_h, grid_w, base, scale):
     torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-6)
 
 
+def test_condition_projector_init_is_pixarts_unless_asked_for_xavier():
+    pixart = LumosDiT(**tiny_config("tiny", hidden_size=64, cond_dim=256))
+    xavier = LumosDiT(**tiny_config("tiny", hidden_size=64, cond_dim=256, cond_init_std=None))
+    fc1 = pixart.cond_projector.mlp.fc1.weight
+    assert abs(fc1.std().item() - 0.02) < 0.002
+    # xavier-uniform: std = sqrt(2 / (fan_in + fan_out)) = sqrt(2 / 320)
+    fc1 = xavier.cond_projector.mlp.fc1.weight
+    assert abs(fc1.std().item() - (2 / 320) ** 0.5) < 0.01
+    assert xavier.config.cond_init_std is None  # saved with the model
+    with pytest.raises(ValueError, match="cond_init_std"):
+        LumosDiT(**tiny_config("tiny", cond_init_std=0.0))
+
+
 def test_bad_configs_and_inputs_fail_loudly():
     with pytest.raises(ValueError, match="unknown Lumos size"):
         lumos_dit_config("XXL/2")

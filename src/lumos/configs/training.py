@@ -74,6 +74,14 @@ class TrainConfig(BaseModel):
     adam_eps: float = Field(1e-10, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     warmup_steps: int = Field(500, ge=0, description="linear warm-up, then constant LR")
+    # Min-SNR-gamma (Hang et al. 2023): not in the paper's recipe; short runs need it to learn the
+    # noisy steps, where the condition matters (docs/benchmarks.md, "The tiny models beside ...").
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR-gamma weighting of the epsilon loss (5 is the method's recommended "
+        "value); null: unweighted, the paper's recipe",
+    )
     ema_decay: float = Field(
         0.9999, ge=0, lt=1, description="decay of the EMA weights that evaluation and export use"
     )

@@ -140,8 +140,15 @@ class GaussianDiffusion:
         t: torch.Tensor,
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
+        snr_gamma: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample hybrid loss {"loss", "mse", "vb"} each (B,); average them for the step."""
+        """Per-sample hybrid loss {"loss", "mse", "vb"} each (B,); average them for the step.
+
+        snr_gamma: Min-SNR-gamma weighting of the epsilon term (Hang et al. 2023, as diffusers'
+        training scripts' --snr_gamma): each step's mse is scaled by min(SNR_t, gamma) / SNR_t,
+        which lowers the weight of the nearly clean steps that otherwise dominate the loss (the
+        noisy steps, where the layout and the condition are decided, keep weight 1). The vb term
+        is not weighted. None: the plain sum (the paper's recipe)."""
         model_kwargs = model_kwargs or {}
         if t.shape != (x0.shape[0],):
             raise ValueError(f"t must be (B,), got {tuple(t.shape)}")
@@ -160,6 +167,9 @@ class GaussianDiffusion:
         frozen = torch.cat([eps.detach(), var_values], dim=-3)
         vb = self._vb_terms_bpd(frozen, x0.float(), x_t.float(), t)
         mse = mean_flat((noise.float() - eps) ** 2)
+        if snr_gamma is not None:
+            snr = self._extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, mse)
+            mse = mse * snr.clamp(max=snr_gamma) / snr
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def _vb_terms_bpd(self, model_output, x0, x_t, t) -> torch.Tensor:

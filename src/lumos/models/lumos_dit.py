@@ -369,7 +369,8 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     input_size is the latent grid (32 for 256 px with the SD VAE); pos_embed_scale is 1.0 at
     256 px and 2.0 at 1024 px. With learn_sigma the output has 2 * in_channels channels:
-    epsilon then the variance interpolation value (improved DDPM).
+    epsilon then the variance interpolation value (improved DDPM). cond_init_std: the normal init
+    of the condition projector (PixArt's 0.02); None leaves it xavier like the other layers.
     """
 
     _supports_gradient_checkpointing = False
@@ -396,6 +397,7 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         frame_embed: str = "none",
         camera_dim: int = 4,
         concat_latent_channels: int = 0,
+        cond_init_std: float | None = 0.02,
     ):
         super().__init__()
         if cond_kind not in COND_KINDS:
@@ -416,6 +418,8 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
             raise ModelConfigError(
                 f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} and by 4"
             )
+        if cond_init_std is not None and cond_init_std <= 0:
+            raise ModelConfigError(f"cond_init_std must be > 0 or None, got {cond_init_std}")
         if input_size % patch_size:
             raise ModelConfigError(
                 f"input_size {input_size} is not a multiple of patch {patch_size}"
@@ -429,6 +433,7 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.frame_embed = frame_embed
         self.micro_conditions = micro_conditions
         self.concat_latent_channels = concat_latent_channels
+        self.cond_init_std = cond_init_std
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.multi_frame = num_frames > 1
 
@@ -488,8 +493,12 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         for layer in self.t_embedder.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
-        nn.init.normal_(self.cond_projector.mlp.fc1.weight, std=0.02)
-        nn.init.normal_(self.cond_projector.mlp.fc2.weight, std=0.02)
+        if self.cond_init_std is not None:
+            # PixArt's caption projection (std 0.02). On a unit-norm DINO CLS this makes the
+            # condition token about 1e-3 of the image tokens' scale; None keeps xavier, which a
+            # short run needs to learn the condition at all (docs/benchmarks.md, tiny models).
+            nn.init.normal_(self.cond_projector.mlp.fc1.weight, std=self.cond_init_std)
+            nn.init.normal_(self.cond_projector.mlp.fc2.weight, std=self.cond_init_std)
         for module in self.modules():
             if isinstance(module, LumosBlock):
                 # adaLN-Zero: every residual branch starts closed.

@@ -230,7 +230,9 @@ def train(
                 # Under FSDP every micro-step reduce-scatters its gradients (accelerate's no_sync
                 # does not apply to fully_shard): skipping it would keep unsharded gradients.
                 with accelerator.accumulate(model):
-                    loss = diffusion.training_losses(train_model, x0, t, kwargs)["loss"].mean()
+                    loss = diffusion.training_losses(
+                        train_model, x0, t, kwargs, snr_gamma=cfg.snr_gamma
+                    )["loss"].mean()
                     accelerator.backward(loss)  # divided by grad_accum inside
                     if accelerator.sync_gradients and state.master_optimizer is None:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
