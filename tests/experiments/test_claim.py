@@ -77,6 +77,34 @@ def test_the_arms_differ_in_data_and_initialisation(claim_run: Path) -> None:
         assert {"overall", "fd", "copy_rate"} <= set(curve[-1]["metrics"]["4.5"])
 
 
+def test_every_run_trains_with_the_presets_condition_fix(claim_run: Path) -> None:
+    """The experiment's snr_gamma reaches every training run, and the preset's model_overrides
+    (cond_init_std: null, xavier) reach every model: without both the tiny arms ignore their
+    condition."""
+    results = json.loads((claim_run / "report" / "results.json").read_text())
+    runs = results["seeds"]["0"]["runs"]
+    assert set(runs) >= {"i2i", *"ABCD", "novel_view:i2i", "video:t2i"}
+    for name, run in runs.items():
+        train_config = read_checkpoint_meta(run["checkpoint"])["train_config"]
+        assert train_config["snr_gamma"] == 5.0, name
+        assert train_config["model_overrides"]["cond_init_std"] is None, name
+        model_config = json.loads(
+            (Path(run["checkpoint"]) / "transformer" / "config.json").read_text()
+        )
+        assert model_config["cond_init_std"] is None, name
+
+
+@pytest.mark.parametrize("preset", ["experiment-micro", "experiment-cpu", "experiment-gpu"])
+def test_the_presets_set_the_condition_fix(preset: str) -> None:
+    from lumos.configs.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig.from_preset(preset)
+    assert cfg.snr_gamma == 5.0
+    assert cfg.model_overrides["cond_init_std"] is None
+    assert {"hidden_size", "depth", "num_heads", "patch_size"} <= set(cfg.model_overrides)
+    assert ExperimentConfig.from_preset(preset, {"snr_gamma": None}).snr_gamma is None
+
+
 def test_held_out_combinations_are_never_paired_for_training(claim_run: Path) -> None:
     for name in ("pairs-all", "pairs-few"):
         samples = dataset_samples(str(claim_run / "datasets" / name))

@@ -161,6 +161,13 @@ class ExperimentConfig(_Strict):
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate of every run")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps of every run")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of every run")
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR-gamma loss weighting of every training run (TrainConfig.snr_gamma; "
+        "5 recommended, the presets use it: unweighted, tiny runs ignore their condition); "
+        "null: unweighted, the paper's recipe",
+    )
     mixed_precision: Literal["bf16", "no"] = Field("no", description="bf16 on GPUs, no on CPUs")
     evaluate: EvaluateConfig = Field(
         default_factory=lambda: EvaluateConfig(

@@ -294,6 +294,7 @@ def _train(cfg: ExperimentConfig, head: str, steps: int, seed: int, dataset: str
         head=head, model_size=cfg.model_size, model_overrides=cfg.model_overrides, steps=steps,
         batch_size=max(1, cfg.batch_size // 4) if multi else cfg.batch_size, lr=cfg.lr,
         warmup_steps=min(cfg.warmup_steps, steps // 2), ema_decay=cfg.ema_decay,
+        snr_gamma=cfg.snr_gamma,
         mixed_precision=cfg.mixed_precision, compile=False, checkpoint_every=every,
         keep_checkpoints=cfg.steps.eval_points + 1, log_every=max(1, steps // 10),
         progress_bar=False, seed=seed,
