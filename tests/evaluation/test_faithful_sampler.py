@@ -1,6 +1,9 @@
-"""The gate against a faithful model: a sampler of the true conditional distribution of the
-embedded clips (the same first frame; the object moves to another end point drawn as the
-generator draws it: the first frame does not say where it goes).
+"""The gate against a faithful model of clips whose motion the first frame does not say: a
+sampler of the true conditional distribution (the same first frame; the object moves to an end
+point drawn anywhere, at least MIN_CLIP_STEP per frame). A user's videos can be like that; the
+embedded clips are not any more (their objects cross through the centre, so the first frame says
+where they go and the local run's video model can lead the copied first frame: lumos.data.
+synthetic, tests/pipeline/test_local_run.py).
 
 Per-item closeness to the one true output (PSNR, the patch-token distance) is minimised by the
 mean of the allowed outputs, and for small objects on a plain background a blank frame is such a
@@ -34,7 +37,7 @@ LO, HI = SIZES["small"] + 0.01, 1.0 - SIZES["small"] - 0.01
 
 
 def _end(start: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    while True:  # as the generator: at least MIN_CLIP_STEP per frame
+    while True:  # anywhere, at least MIN_CLIP_STEP per frame
         end = rng.uniform(LO, HI, size=2)
         if np.linalg.norm(end - start) >= MIN_CLIP_STEP * (FRAMES - 1):
             return end
@@ -88,8 +91,8 @@ def test_a_faithful_video_sampler_leads_every_gated_baseline_though_blank_frames
     checks = gate_checks("video", s, cfg.gates)
     assert checks["fd_dino"]["passed"] and checks["psnr"]["passed"], checks
     # Ahead of copying the first frame on the patch distance too, but by less than the choice of
-    # 24 clips can erase: with the local run's 10 eval clips, not even a faithful model passes
-    # the video gate (docs/benchmarks.md).
+    # 24 clips can erase: where the first frame does not say the motion, not even a faithful
+    # model passes the video gate on a few dozen clips.
     assert s["perceptual_distance"].best_baseline == "copy_input"
     assert s["perceptual_distance"].margin > 0 and not checks["perceptual_distance"]["passed"]
 

@@ -5,14 +5,11 @@ Two runs: the tiny preset as `lumos run` trains it, and the same pipeline with u
 is promoted exactly when it passed its gate. The untrained models are rejected, so nothing they
 produce reaches the registry.
 
-What the trained tiny models reach (figures in docs/benchmarks.md, "The tiny models beside
-trivial baselines"): the novel-view head draws the input view's box in place, so its Fréchet
-distance passes its gate, but its views are too noisy and dark to lead the copied input view on
-PSNR and the patch distance; the T2I head does not follow its captions yet (colour accuracy at
-chance, also with three times the steps); the video head cannot pass at the local run's size even
-if it were perfect: a faithful sampler of the clips leads the copied first frame on the patch
-distance by less than 10 eval clips can show (tests/evaluation/test_faithful_sampler.py). So no
-head of the local run is promoted today; the promotion checks below run for any head that passes.
+The trained T2I and novel-view heads pass the tiny gate (margins over the best trivial baseline
+at the lower end of their bootstrap intervals) and are promoted: the T2I head draws its captions'
+colours, the novel-view head the input's box turned. The video head does not pass at the local
+run's size (figures in docs/benchmarks.md, "The tiny models beside trivial baselines"): it is
+judged, exported and not promoted.
 """
 
 from __future__ import annotations
@@ -61,10 +58,9 @@ def test_every_head_is_judged_exported_and_promoted_only_if_it_passed(trained, r
         assert isvc["kind"] == "InferenceService"
         current = json.loads((registry / head.head / "current.json").read_text())
         assert current["metrics"] == pytest.approx(head.metrics)
-    # The trained novel-view head draws the input view's box where it belongs: a lead over the
-    # blank image in the Fréchet distance that the eval items cannot erase (at 300 steps).
-    novel_view = next(h for h in trained.heads if h.head == "novel_view")
-    assert not any(r.startswith("fd_dino") for r in novel_view.reasons), novel_view.reasons
+    # The trained heads that pass (the video head does not yet: module docstring).
+    passed = {h.head: h.passed for h in trained.heads}
+    assert passed["t2i"] and passed["novel_view"], [(h.head, h.reasons) for h in trained.heads]
     # every artifact under the run directory: KFP's and the data
     run_dir = Path(trained.run_dir)
     assert (run_dir / "kfp").is_dir() and Path(trained.run_root).is_relative_to(run_dir)
