@@ -1,8 +1,8 @@
 """The gate against a faithful model of clips whose motion the first frame does not say: a
 sampler of the true conditional distribution (the same first frame; the object moves to an end
 point drawn anywhere, at least MIN_CLIP_STEP per frame). A user's videos can be like that; the
-embedded clips are not any more (their objects cross through the centre, so the first frame says
-where they go and the local run's video model can lead the copied first frame: lumos.data.
+embedded clips are not any more (their objects cross the image horizontally, so the first frame
+says where they go and the local run's video model can lead the copied first frame: lumos.data.
 synthetic, tests/pipeline/test_local_run.py).
 
 Per-item closeness to the one true output (PSNR, the patch-token distance) is minimised by the

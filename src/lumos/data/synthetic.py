@@ -8,8 +8,8 @@ ingest reads from any source (docs/architecture.md, "Raw source layout"):
 - ``views/obj-0007-v03.png`` + ``.json``: a box with distinctly coloured faces, rendered by a small
   numpy rasteriser (perspective projection, back-face culling, painter's order) from cameras at
   known azimuths on a circle of fixed elevation and radius.
-- ``clips/clip-0003-f02.png`` + ``.json``: an object crossing the image through its centre
-  (to the point mirrored through it) at constant velocity.
+- ``clips/clip-0003-f02.png`` + ``.json``: an object crossing the image horizontally to the
+  mirrored side (x -> 1 - x) at constant velocity.
 
 Every sidecar carries ``"split": "train" | "eval"``; about ``eval_fraction`` of the images, objects
 and clips are ``eval``, so evaluation has ground truth (attributes, true views, true frames) that
@@ -311,13 +311,14 @@ def _clip_specs(cfg: SynthConfig, rng: np.random.Generator) -> list[ClipSpec]:
         texture = TEXTURES[rng.integers(len(TEXTURES))]
         size = "small"
         lo, hi = SIZES[size] + 0.01, 1.0 - SIZES[size] - 0.01
-        # The object crosses the image through its centre to the mirrored point, at least
-        # MIN_CLIP_STEP per frame: the first frame says where it goes, so a video model can learn
-        # the motion (with end points drawn at random, no model could beat the first frame copied
-        # on per-item closeness: tests/evaluation/test_faithful_sampler.py).
+        # The object crosses the image horizontally to the mirrored side (x -> 1 - x) at its
+        # height, at least MIN_CLIP_STEP per frame: the first frame says where it goes, so a video
+        # model can learn the motion (with end points drawn at random, no model could beat the
+        # first frame copied on per-item closeness: tests/evaluation/test_faithful_sampler.py).
+        # Not through the centre: every clip's middle frame would be the same image.
         while True:
             start = rng.uniform(lo, hi, size=2)
-            end = 1.0 - start
+            end = np.array([1.0 - start[0], start[1]])
             if np.linalg.norm(end - start) >= MIN_CLIP_STEP * steps:
                 break
         velocity = (end - start) / steps
