@@ -71,6 +71,7 @@ class GaussianDiffusion:
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         self.betas = betas
         self.alphas_cumprod = alphas_cumprod
+        self.snr = alphas_cumprod / (1.0 - alphas_cumprod)  # signal-to-noise ratio per step
         self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
@@ -168,7 +169,7 @@ class GaussianDiffusion:
         vb = self._vb_terms_bpd(frozen, x0.float(), x_t.float(), t)
         mse = mean_flat((noise.float() - eps) ** 2)
         if snr_gamma is not None:
-            snr = self._extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, mse)
+            snr = self._extract(self.snr, t, mse)
             mse = mse * snr.clamp(max=snr_gamma) / snr
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
