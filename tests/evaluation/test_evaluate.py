@@ -51,7 +51,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str
     out = {}
     for head, kind in HEAD_DATA.items():
         frames = {"num_frames": 3} if kind != "images" else {}
-        cfg = TrainConfig(head=head, model_size="tiny", model_overrides=TINY_MODEL, steps=0,
+        # Untrained heads: fresh weights (init: scratch), no prior.
+        init = "prior" if head == "i2i" else "scratch"
+        cfg = TrainConfig(head=head, model_size="tiny", model_overrides=TINY_MODEL, steps=0, init=init,
                           batch_size=2, mixed_precision="no", compile=False, progress_bar=False, **frames)  # fmt: skip
         result = train(cfg, str(root / kind), str(root / "ckpt" / head))
         out[head] = (result.checkpoint_uri, str(root / kind))

@@ -51,7 +51,9 @@ def evalsets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, s
     out = {}
     for head, kind in HEAD_DATA.items():
         frames = {"num_frames": 3} if kind != "images" else {}
+        init = "prior" if head == "i2i" else "scratch"  # untrained heads: fresh weights
         cfg = TrainConfig(head=head, model_size="tiny", steps=0, batch_size=2, mixed_precision="no",
+                          init=init,
                           model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2},
                           compile=False, progress_bar=False, **frames)  # fmt: skip
         out[head] = (train(cfg, str(root / kind), str(root / "ckpt" / head)).checkpoint_uri,

@@ -57,7 +57,8 @@ def test_evaluate_on_captioned_photographs_without_ground_truth(tmp_path: Path) 
            dataset, progress=False)  # fmt: skip
     featurize(FeaturizeConfig(encoders=EncodersConfig.tiny(max_tokens=32), device="cpu",
                               progress_bar=False), dataset)  # fmt: skip
-    cfg = TrainConfig(head="t2i", model_size="tiny", steps=3, batch_size=4, mixed_precision="no",
+    cfg = TrainConfig(head="t2i", init="scratch", model_size="tiny", steps=3, batch_size=4,
+                      mixed_precision="no",
                       model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2},
                       compile=False, progress_bar=False)  # fmt: skip
     ckpt = train(cfg, dataset, str(tmp_path / "t2i")).checkpoint_uri

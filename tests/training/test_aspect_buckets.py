@@ -107,7 +107,12 @@ def test_training_batches_one_size_at_a_time(dataset, tmp_path, tiny_config):
     result = train(tiny_config(steps=6, batch_size=2), dataset, str(tmp_path / "i2i"))
     assert result.step == 6 and math.isfinite(result.final_loss)
     assert result.starved_items == 1  # the lone portrait image: reported, not silently dropped
-    t2i = train(tiny_config(head="t2i", steps=2, batch_size=2), dataset, str(tmp_path / "t2i"))
+    t2i = train(
+        tiny_config(head="t2i", steps=2, batch_size=2),
+        dataset,
+        str(tmp_path / "t2i"),
+        init_from=result.checkpoint_uri,
+    )
     assert t2i.train_items == 10 and t2i.starved_items == 1 and math.isfinite(t2i.final_loss)
 
     # Evaluation samples each eval image (one square, one landscape) at its own size: its PSNR

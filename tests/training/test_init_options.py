@@ -34,6 +34,13 @@ def test_scratch_with_an_init_checkpoint_is_a_config_error(images_features, tmp_
         )
 
 
+def test_prior_without_an_init_checkpoint_is_a_config_error(images_features, tmp_path, tiny_config):
+    # No silent fallback to fresh weights: init: prior (the default) needs its checkpoint.
+    with pytest.raises(ConfigError, match="init is 'prior' but no checkpoint"):
+        train(tiny_config(head="t2i", steps=1), images_features, str(tmp_path / "t2i"))
+    assert not (tmp_path / "t2i").exists() or not any((tmp_path / "t2i").iterdir())
+
+
 def test_cli_finetune_from_scratch_and_its_missing_init(images_features, tmp_path, capsys):
     small = [
         "--set", "finetune.t2i.steps=2", "--set", "finetune.t2i.batch_size=4",

@@ -20,9 +20,9 @@ from lumos.training.train import train
 CASES = {
     "i2i-accum": ("images_features", {"grad_accum": 2}),
     "i2i-bf16-weights": ("images_features", {"mixed_precision": "bf16-weights", "grad_clip": 0.05}),
-    "t2i": ("images_features", {"head": "t2i"}),
-    "novel_view": ("views_features", {"head": "novel_view", "num_frames": 3}),
-    "video": ("clips_features", {"head": "video", "num_frames": 2}),
+    "t2i": ("images_features", {"head": "t2i", "init": "scratch"}),
+    "novel_view": ("views_features", {"head": "novel_view", "num_frames": 3, "init": "scratch"}),
+    "video": ("clips_features", {"head": "video", "num_frames": 2, "init": "scratch"}),
 }
 
 PINNED: dict[str, list[float]] = {

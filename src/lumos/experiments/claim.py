@@ -16,7 +16,7 @@ Steps, each an existing stage function (nothing re-implemented):
    A (T2I from scratch, every pair), B (from scratch, the few pairs), C (from the I2I prior, the
    few pairs), D (from scratch, the few pairs, C's total steps: pretraining + fine-tuning); then
    novel-view and video heads from the I2I prior and from arm A's T2I model, the same steps.
-   T2I from scratch is `train()` without `init_from`: a fresh model from the model factory.
+   T2I from scratch is `init: scratch` (a fresh model from the model factory, no `init_from`).
 5. measurement (`lumos.experiments.measure`, through `lumos.evaluation.evaluate`'s sampler and
    feature space) at `eval_points` checkpoints per arm, and the report (`lumos.experiments.report`).
 
@@ -294,7 +294,7 @@ def _train(cfg: ExperimentConfig, head: str, steps: int, seed: int, dataset: str
         head=head, model_size=cfg.model_size, model_overrides=cfg.model_overrides, steps=steps,
         batch_size=max(1, cfg.batch_size // 4) if multi else cfg.batch_size, lr=cfg.lr,
         warmup_steps=min(cfg.warmup_steps, steps // 2), ema_decay=cfg.ema_decay,
-        snr_gamma=cfg.snr_gamma,
+        snr_gamma=cfg.snr_gamma, init="scratch" if init_from is None and head != "i2i" else "prior",
         mixed_precision=cfg.mixed_precision, compile=False, checkpoint_every=every,
         keep_checkpoints=cfg.steps.eval_points + 1, log_every=max(1, steps // 10),
         progress_bar=False, seed=seed,

@@ -172,6 +172,12 @@ def train(
     # --- setup: processes, the run being resumed, data, model and EMA, optimizer -------------
     launch = setup_launch(cfg)
     resume_meta = find_resume_point(out_uri, launch)
+    if resume_meta is None and _needs_prior(cfg) and init_from is None and continue_from is None:
+        # Never a silent fallback to fresh weights: a fine-tune from scratch says so.
+        raise ConfigError(
+            f"{cfg.head}: init is 'prior' but no checkpoint to start from was given: pass "
+            "init_from (the I2I prior, or another head's checkpoint), or set init: scratch"
+        )
     if resume_meta is None:  # the checkpoint to start from is read first: its error, not the data's
         for start in (init_from, continue_from):
             if start is not None:
@@ -662,6 +668,11 @@ def position_scale(pixels: int) -> float:
     """PixArt's position scale for a training resolution: 1.0 up to 512 px, 2.0 at 1024 px, so
     positions at 1024 px span the range the 512 px stage saw."""
     return max(1.0, pixels / 512)
+
+
+def _needs_prior(cfg: TrainConfig) -> bool:
+    """A fine-tune (any head but I2I pretraining) with init: prior starts from a checkpoint."""
+    return cfg.head != "i2i" and cfg.init == "prior"
 
 
 def initialise_from(init_from: str, model: LumosDiT, cfg: TrainConfig) -> dict[str, Any]:
