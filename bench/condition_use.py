@@ -3,8 +3,8 @@
     python bench/condition_use.py CHECKPOINT DATASET [--split eval] [--items 32]
 
 For items of DATASET (the features of the checkpoint's head), noises them to several timesteps,
-and measures the mean squared error of the model's x0 prediction (from its epsilon, clipped to the
-latent range) with the condition and with it dropped (`force_drop`: the null condition, and for
+and measures the mean squared error of the model's x0 prediction (from its epsilon, or the
+epsilon its v implies, clipped to the latent range) with the condition and with it dropped (`force_drop`: the null condition, and for
 novel views / video no input view / first frame), per frame for the multi-frame heads. Beside
 them, the error of copying the input view / first frame. A model that uses its condition has a
 lower error with it; one whose first frame is concatenated to every frame can copy frame 0
@@ -61,6 +61,8 @@ def measure(checkpoint: str, dataset: str, split: str, items: int, seed: int) ->
             for name, drop in (("with", False), ("without", True)):
                 out = model(x_t, ts, **kwargs, force_drop=torch.full((n,), drop))
                 eps = out.split(c, dim=-3)[0]
+                if model.config.prediction_type == "v_prediction":
+                    eps = diffusion.eps_from_v(eps, x_t, ts)  # the epsilon the v implies
                 pred = ((x_t - (1 - ab) ** 0.5 * eps) / ab**0.5).clamp(-1, 1)
                 err = (pred - x0) ** 2
                 err = err if multi else err[:, None]

@@ -62,6 +62,13 @@ def test_wrong_head_in_finetune_section_is_rejected() -> None:
         load_config(preset="tiny", overrides=["finetune.t2i.head=video"])
 
 
+def test_snr_floor_above_snr_gamma_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="snr_floor 6.0 is above snr_gamma 5.0"):
+        load_config(preset="tiny", overrides=["finetune.video.snr_floor=6"])
+    with pytest.raises(ConfigError, match="snr_floor"):
+        load_config(preset="tiny", overrides=["pretrain.snr_floor=0"])
+
+
 def test_unknown_preset_and_bad_set_syntax() -> None:
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(preset="huge")

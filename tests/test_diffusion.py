@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -58,6 +60,90 @@ def test_perfect_epsilon_has_zero_mse_and_vb_trains_only_the_variance(shape):
     assert torch.count_nonzero(var_grad) > 0
 
 
+def test_v_prediction_target_and_its_epsilon():
+    """v = sqrt(a) eps - sqrt(1 - a) x0 (diffusers' DDPMScheduler.get_velocity): the true v has
+    zero mse, and the vb term sees the same epsilon as an epsilon model's (same variance loss)."""
+    from diffusers import DDPMScheduler
+
+    d = GaussianDiffusion()
+    x0 = torch.rand(3, 4, 8, 8) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 500, 999])
+    reference = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    v = reference.get_velocity(x0, noise, t)
+    torch.testing.assert_close(d.v_target(x0, noise, t), v)
+    var = torch.rand_like(x0) * 2 - 1
+    as_v = d.training_losses(
+        FixedOutput(torch.cat([v, var], dim=1)), x0, t, {}, noise=noise,
+        prediction_type="v_prediction",
+    )  # fmt: skip
+    as_eps = d.training_losses(FixedOutput(torch.cat([noise, var], dim=1)), x0, t, {}, noise=noise)
+    torch.testing.assert_close(as_v["mse"], torch.zeros(3))
+    torch.testing.assert_close(as_v["vb"], as_eps["vb"], atol=1e-4, rtol=1e-4)
+
+
+def test_v_mse_weighs_the_x0_error_by_snr_plus_one_and_clamps_like_epsilon():
+    d = GaussianDiffusion()
+    x0 = torch.randn(4, 3, 8, 8)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 400, 750, 999])
+    x0_guess = torch.zeros_like(x0)  # every model below predicts x0 = 0: x0 error = ||x0||^2
+    x_t = d.q_sample(x0, t, noise)
+    v_guess = d.v_target(
+        x0_guess, (x_t - 0) / d.sqrt_one_minus_alphas_cumprod[t].float().view(-1, 1, 1, 1), t
+    )
+    snr = d.snr[t].float()
+    x0_err = (x0**2).mean(dim=(1, 2, 3))
+    model = FixedOutput(torch.cat([v_guess, torch.zeros_like(x0)], dim=1))
+    plain = d.training_losses(model, x0, t, {}, noise=noise, prediction_type="v_prediction")
+    torch.testing.assert_close(plain["mse"], x0_err * (snr + 1), rtol=1e-3, atol=1e-5)
+    clamped = d.training_losses(
+        model, x0, t, {}, noise=noise, prediction_type="v_prediction", snr_gamma=5.0,
+        snr_floor=1.0,
+    )  # fmt: skip
+    torch.testing.assert_close(clamped["mse"], x0_err * snr.clamp(1.0, 5.0), rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        d.training_losses(model, x0, t, {}, noise=noise, prediction_type="sample")
+
+
+class Oracle(nn.Module):
+    """The exact denoiser of a one-image dataset, in either parametrisation: a correct sampler
+    must end at that image (the model's config says what its output is, as LumosDiT's does)."""
+
+    def __init__(self, image: torch.Tensor, prediction_type: str):
+        super().__init__()
+        self.image = image
+        self.config = SimpleNamespace(prediction_type=prediction_type)
+        self.anchor = nn.Parameter(torch.zeros(()))  # sample() reads the device from a parameter
+        self.d = GaussianDiffusion()
+
+    def forward(self, x, t, **kwargs):
+        a = self.d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.image) / (1 - a).sqrt()
+        out = (
+            eps if self.config.prediction_type == "epsilon" else self.d.v_target(self.image, eps, t)
+        )
+        return torch.cat([out, torch.zeros_like(out)], dim=1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sampler_follows_the_models_prediction_type(prediction_type):
+    image = torch.rand(2, 3, 8, 8) * 2 - 1
+    out = sample(
+        Oracle(image, prediction_type), (2, 3, 8, 8), {}, steps=10, guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    torch.testing.assert_close(out, image, atol=1e-4, rtol=0)
+    # Read as the other parametrisation, the same outputs land elsewhere: the type matters.
+    other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
+    wrong = Oracle(image, prediction_type)
+    wrong.config = SimpleNamespace(prediction_type=other)
+    wrong.forward = Oracle(image, prediction_type).forward  # outputs stay in the true type
+    off = sample(wrong, (2, 3, 8, 8), {}, steps=10, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert (off - image).abs().max() > 0.1
+
+
 def test_vb_term_is_the_kl_for_t_above_zero():
     d = GaussianDiffusion()
     x0 = torch.randn(2, 4, 8, 8)
@@ -86,6 +172,29 @@ def test_min_snr_gamma_scales_the_epsilon_term_by_min_snr_gamma_over_snr():
     torch.testing.assert_close(weighted["mse"], plain["mse"] * weight)
     torch.testing.assert_close(weighted["vb"], plain["vb"])
     torch.testing.assert_close(weighted["loss"], weighted["mse"] + weighted["vb"])
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_snr_floor_weighs_every_steps_x0_error_at_least_the_floor(gamma):
+    """Truncated SNR (Salimans & Ho 2022, Imagen Video): the x0 error behind an epsilon error is
+    scaled by 1 / SNR, so the x0 weight is max(SNR, floor) (clamped to gamma too, with Min-SNR);
+    the epsilon weight is that over SNR, >= 1 at the noisy steps."""
+    d = GaussianDiffusion()
+    x0 = torch.randn(4, 3, 8, 8)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 400, 750, 999])
+    model = FixedOutput(torch.zeros(4, 6, 8, 8))
+    plain = d.training_losses(model, x0, t, {}, noise=noise)
+    floored = d.training_losses(model, x0, t, {}, noise=noise, snr_gamma=gamma, snr_floor=1.0)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    x0_weight = snr.clamp(min=1.0, max=gamma)
+    torch.testing.assert_close(floored["mse"], plain["mse"] * (x0_weight / snr).float())
+    assert (x0_weight / snr)[2] > 300  # t=750: SNR 0.003, the step weighs 300 times more
+    if gamma is None:
+        # Clean steps (SNR > 1) keep their weight.
+        torch.testing.assert_close(floored["mse"][0], plain["mse"][0])
+    torch.testing.assert_close(floored["vb"], plain["vb"])
 
 
 def test_scheduler_is_dpm_solver_pp_on_the_training_schedule():

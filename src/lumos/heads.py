@@ -59,9 +59,10 @@ HEADS: dict[str, HeadSpec] = {
     ),
     "video": HeadSpec(
         name="video",
-        description="frames from the first frame, frame-index embedding, temporal attention",
+        description="frames from the first frame, frame-index embedding, frame and temporal "
+        "attention",
         multi_frame=True,
-        allowed_new=("temporal_blocks.", "frame_embedder."),
+        allowed_new=("temporal_blocks.", "frame_blocks.", "frame_embedder."),
         batch_keys=("latents", "image_embeds", "frame_index"),
     ),
 }
@@ -88,7 +89,8 @@ def head_model_config(
     i2i:        cond_dim = image_embed_dim (when given), one token.
     t2i:        cond_kind text, cond_dim = text_dim, cond_tokens = text_tokens, micro conditions.
     novel_view: num_frames = num_views, camera embedding, view-0 latent concatenated.
-    video:      num_frames = num_frames, frame-index embedding, first-frame latent concatenated.
+    video:      num_frames = num_frames, frame-index embedding, first-frame latent concatenated,
+                frame attention (rotary positions, queries that know the frame).
     """
     spec = get_head(head)
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
@@ -116,6 +118,9 @@ def head_model_config(
             frame_embed="camera" if head == "novel_view" else "index",
             concat_latent_channels=config.get("in_channels", 4),
         )
+        if head == "video":
+            # Moving an object needs attention that knows the frame (FrameAttention).
+            config["frame_attention"] = True
     if spec.multi_frame != (config.get("num_frames", 1) > 1):
         raise ValueError(f"head {head}: frame mismatch")
     return config

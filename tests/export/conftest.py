@@ -20,9 +20,11 @@ class Exported:
     result: ExportResult
 
 
-def _export(tmp_path_factory: pytest.TempPathFactory, head: str, vae: bool) -> Exported:
+def _export(
+    tmp_path_factory: pytest.TempPathFactory, head: str, vae: bool, **model_overrides
+) -> Exported:
     root = tmp_path_factory.mktemp(f"export-{head}")
-    uri, encoders = make_checkpoint(root, head, vae=vae)
+    uri, encoders = make_checkpoint(root, head, vae=vae, **model_overrides)
     out = str(root / "export")
     return Exported(uri, encoders, out, export(ExportConfig(), uri, out))
 
@@ -43,3 +45,9 @@ def i2i_pixel_export(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 def novel_view_pixel_export(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """Novel-view head (3 views, camera embedding, concatenated input-view latent), pixel space."""
     return _export(tmp_path_factory, "novel_view", vae=False)
+
+
+@pytest.fixture(scope="session")
+def video_v_pixel_export(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """Video head (3 frames, frame attention, first-frame latent) predicting v, pixel space."""
+    return _export(tmp_path_factory, "video", vae=False, prediction_type="v_prediction")

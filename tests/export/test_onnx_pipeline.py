@@ -81,6 +81,21 @@ def test_novel_view_pipeline_matches_pytorch(novel_view_pixel_export):
     assert onnx_latents.shape == (1, 3, 3, 8, 8)
 
 
+def test_video_v_prediction_pipeline_matches_pytorch(video_v_pixel_export):
+    # The export records what the model outputs; the pipeline's solver must read it as v too.
+    encoders = FrozenEncoders(video_v_pixel_export.encoders)
+    frame = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    inputs = {
+        "cond": encoders.embed_images(frame),
+        "frame_cond": torch.arange(3).expand(2, 3).clone(),
+        "concat_latent": encoders.encode_images(frame),
+    }
+    pipe, onnx_latents, _ = _compare(video_v_pixel_export, inputs, batch=2)
+    assert pipe.meta["diffusion"]["prediction"] == "v_prediction"
+    assert pipe.meta["model_config"]["frame_attention"] is True
+    assert onnx_latents.shape == (2, 3, 3, 8, 8)
+
+
 def test_pipeline_rejects_wrong_inputs(i2i_pixel_export):
     pipe = OnnxPipeline(i2i_pixel_export.export_dir)
     with pytest.raises(ValueError, match=r"needs inputs \['cond'\]"):

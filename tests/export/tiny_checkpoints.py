@@ -48,7 +48,9 @@ def _perturbed(config: dict, seed: int) -> LumosDiT:
     return model
 
 
-def make_checkpoint(root: Path, head: str, *, vae: bool) -> tuple[str, EncodersConfig]:
+def make_checkpoint(
+    root: Path, head: str, *, vae: bool, **model_overrides
+) -> tuple[str, EncodersConfig]:
     """Save a tiny checkpoint of `head` under root; returns its URI and its encoders config.
 
     vae=True: a tiny SD-style VAE (16 px images -> 4 x 8 x 8 latents); False: pixel space (8 px).
@@ -73,7 +75,7 @@ def make_checkpoint(root: Path, head: str, *, vae: bool) -> tuple[str, EncodersC
         num_views=3,
         num_frames=3,
     )
-    model = _perturbed(config, seed=1)
+    model = _perturbed({**config, **model_overrides}, seed=1)
     uri = str(root / f"ckpt-{head}")
     meta = {
         "head": head,

@@ -10,7 +10,12 @@ from safetensors.torch import load_file
 
 from lumos.diffusion import GaussianDiffusion
 from lumos.models import LUMOS_SIZES, LumosDiT, lumos_dit, lumos_dit_config
-from lumos.models.lumos_dit import CrossAttention, get_2d_sincos_pos_embed
+from lumos.models.lumos_dit import (
+    CrossAttention,
+    apply_rotary,
+    get_2d_sincos_pos_embed,
+    rotary_2d,
+)
 
 LATENT = 8  # latent grid of the tiny tests
 COND_DIM = 16
@@ -234,11 +239,16 @@ def test_condition_dropout_only_in_training():
     assert not torch.allclose(model.eval()(x, t, cond), null)
 
 
-def test_multi_frame_at_init_equals_the_single_frame_model_per_frame():
+@pytest.mark.parametrize("frame_attention", [False, True])
+def test_multi_frame_at_init_equals_the_single_frame_model_per_frame(frame_attention):
     single = randomize(LumosDiT(**tiny_config("tiny"))).eval()
-    multi = LumosDiT(**tiny_config("tiny", num_frames=3, frame_embed="index")).eval()
+    multi = LumosDiT(
+        **tiny_config("tiny", num_frames=3, frame_embed="index", frame_attention=frame_attention)
+    ).eval()
+    assert (multi.frame_blocks is not None) == frame_attention
     state = multi.state_dict()
-    state.update(single.state_dict())  # temporal layers and frame embedder keep their zero init
+    # Temporal and frame attention and the frame embedder keep their zero-initialised outputs.
+    state.update(single.state_dict())
     multi.load_state_dict(state)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, LATENT, LATENT, generator=gen)
@@ -248,6 +258,29 @@ def test_multi_frame_at_init_equals_the_single_frame_model_per_frame():
     assert out.shape == (2, 3, 8, LATENT, LATENT)
     for f in range(3):
         torch.testing.assert_close(out[:, f], single(x[:, f], t, cond), rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    # The point of the frame attention's rotary positions: one query vector scores the keys by
+    # their offset from the query's token, wherever the query is ("k steps to the left").
+    cos, sin = rotary_2d(6, 6, 16, base_size=6, scale=1.0)
+    gen = torch.Generator().manual_seed(0)
+    q_vec, k_vec = torch.randn(2, 16, generator=gen)
+    q = apply_rotary(q_vec.expand(1, 1, 36, 16), cos, sin)[0, 0]  # (36, 16)
+    k = apply_rotary(k_vec.expand(1, 1, 36, 16), cos, sin)[0, 0]  # (36, 16)
+    scores = (q @ k.T).reshape(6, 6, 6, 6)  # (query row, query col, key row, key col)
+    for dr, dc in [(0, 0), (0, 2), (1, -1), (-3, 2)]:
+        along = [
+            scores[r, c, r + dr, c + dc]
+            for r in range(6)
+            for c in range(6)
+            if 0 <= r + dr < 6 and 0 <= c + dc < 6
+        ]
+        torch.testing.assert_close(torch.stack(along), along[0].expand(len(along)))
+    # ... and turning a query turns the offset it prefers: not a constant score.
+    assert scores[0, 0].std() > 0.1
+    # Norms are kept (a rotation), so the scale of the attention logits is unchanged.
+    torch.testing.assert_close(q.norm(dim=-1), q_vec.norm().expand(36))
 
 
 def test_other_resolutions_and_aspect_ratios():
@@ -294,6 +327,10 @@ def test_bad_configs_and_inputs_fail_loudly():
         LumosDiT(**tiny_config("tiny", cond_kind="audio"))
     with pytest.raises(ValueError, match="num_frames"):
         LumosDiT(**tiny_config("tiny", frame_embed="index"))
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        LumosDiT(**tiny_config("tiny", prediction_type="sample"))
+    with pytest.raises(ValueError, match="frame_attention needs num_frames"):
+        LumosDiT(**tiny_config("tiny", frame_attention=True))
     model = LumosDiT(**tiny_config("tiny"))
     x, t, cond = inputs()
     with pytest.raises(ValueError, match="x must be"):

@@ -43,6 +43,8 @@ def test_head_configs():
     assert (nv["num_frames"], nv["frame_embed"], nv["concat_latent_channels"]) == (4, "camera", 4)
     video = head_model_config(BASE, "video", num_frames=8)
     assert (video["num_frames"], video["frame_embed"]) == (8, "index")
+    # Only the video head moves content between frames by an offset: frame attention.
+    assert video["frame_attention"] is True and not nv.get("frame_attention", False)
     with pytest.raises(ValueError, match="text_dim"):
         head_model_config(BASE, "t2i")
     with pytest.raises(ValueError, match="num_views"):

@@ -2,8 +2,9 @@
 
 The values were recorded before `train()` was split into setup functions (issue 15), and again
 when the model took PixArt's final layer and size embedders and the CLS normalisation moved before
-the null replacement (issue 18, a change of the model): the same seed, data and config must give
-the same losses. Tolerance covers the last bits a CPU of another instruction set may round
+the null replacement (issue 18, a change of the model), and the video case once more when the
+video head took frame attention (a new layer; its first step, where the new layer's output is
+still zero, kept its loss): the same seed, data and config must give the same losses. Tolerance covers the last bits a CPU of another instruction set may round
 differently, far below what any change to the loop's order of operations (seeding, data order,
 EMA, clipping, accumulation) moves them.
 """
@@ -52,9 +53,9 @@ PINNED: dict[str, list[float]] = {
     ],
     "video": [
         1.0272226333618164,
-        0.9606162309646606,
-        0.9518114328384399,
-        0.9969593286514282,
+        0.9610198736190796,
+        0.9520778059959412,
+        0.9950796365737915,
     ],
 }
 

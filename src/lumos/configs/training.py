@@ -82,6 +82,15 @@ class TrainConfig(BaseModel):
         description="Min-SNR-gamma weighting of the epsilon loss (5 is the method's recommended "
         "value); null: unweighted, the paper's recipe",
     )
+    # Truncated SNR (Salimans & Ho 2022; Imagen Video): not in the paper's recipe either; a video
+    # model needs it to learn the motion where the noisy frame does not yet show the object.
+    snr_floor: float | None = Field(
+        None,
+        gt=0,
+        description="truncated-SNR weighting: each step's x0 error weighs at least this much "
+        "(1 is Imagen Video's max(SNR, 1)); with snr_gamma the weight is SNR clamped to "
+        "[snr_floor, snr_gamma]; null: no floor",
+    )
     ema_decay: float = Field(
         0.9999, ge=0, lt=1, description="decay of the EMA weights that evaluation and export use"
     )
@@ -180,6 +189,19 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"shard_features_by_node is for i2i and t2i, not head {self.head!r}: a group's "
                 "frames may span feature parts, which would then be on different nodes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _snr_floor_below_gamma(self) -> TrainConfig:
+        if (
+            self.snr_floor is not None
+            and self.snr_gamma is not None
+            and self.snr_floor > self.snr_gamma
+        ):
+            raise ValueError(
+                f"snr_floor {self.snr_floor} is above snr_gamma {self.snr_gamma}: the x0 weight "
+                "is SNR clamped to [snr_floor, snr_gamma], so the floor must not exceed gamma"
             )
         return self
 

@@ -142,6 +142,8 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
         snr_gamma: float | None = None,
+        snr_floor: float | None = None,
+        prediction_type: str = "epsilon",
     ) -> dict[str, torch.Tensor]:
         """Per-sample hybrid loss {"loss", "mse", "vb"} each (B,); average them for the step.
 
@@ -149,7 +151,18 @@ class GaussianDiffusion:
         training scripts' --snr_gamma): each step's mse is scaled by min(SNR_t, gamma) / SNR_t,
         which lowers the weight of the nearly clean steps that otherwise dominate the loss (the
         noisy steps, where the layout and the condition are decided, keep weight 1). The vb term
-        is not weighted. None: the plain sum (the paper's recipe)."""
+        is not weighted. None: the plain sum (the paper's recipe).
+
+        snr_floor: truncated-SNR weighting (Salimans & Ho 2022, used by Imagen Video): in x0 terms
+        the epsilon mse weighs each step's x0 error by SNR_t, which all but vanishes at high noise
+        (SNR 0.003 at t=750), where the layout is decided; a floor weighs it at least `snr_floor`.
+        With both, the x0 weight is SNR_t clamped to [snr_floor, snr_gamma].
+
+        prediction_type "v_prediction": the model outputs v = sqrt(a) eps - sqrt(1 - a) x0 and the
+        mse is on v, which weighs the x0 error by SNR_t + 1 (never below 1). An epsilon model
+        cannot give x0 at high noise: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies its error
+        by 1 / sqrt(SNR_t), 157 at t=999; v is x0 there, up to sign. snr_gamma / snr_floor
+        weigh the same x0 error as with epsilon (Min-SNR's v weight min(SNR, g) / (SNR + 1))."""
         model_kwargs = model_kwargs or {}
         if t.shape != (x0.shape[0],):
             raise ValueError(f"t must be (B,), got {tuple(t.shape)}")
@@ -163,15 +176,40 @@ class GaussianDiffusion:
                 f"model output {tuple(output.shape)} does not match x0 {tuple(x0.shape)} with 2C channels"
             )
         output = output.float()
-        eps, var_values = output.split(c, dim=-3)
+        pred, var_values = output.split(c, dim=-3)
+        if prediction_type == "v_prediction":
+            target = self.v_target(x0.float(), noise.float(), t)
+            eps = self.eps_from_v(pred, x_t.float(), t)
+        elif prediction_type == "epsilon":
+            target, eps = noise.float(), pred
+        else:
+            raise ValueError(
+                f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}"
+            )
         # The vb term learns only the variance: the mean comes from a stop-gradiented epsilon.
         frozen = torch.cat([eps.detach(), var_values], dim=-3)
         vb = self._vb_terms_bpd(frozen, x0.float(), x_t.float(), t)
-        mse = mean_flat((noise.float() - eps) ** 2)
-        if snr_gamma is not None:
+        mse = mean_flat((target - pred) ** 2)
+        if snr_gamma is not None or snr_floor is not None:
             snr = self._extract(self.snr, t, mse)
-            mse = mse * snr.clamp(max=snr_gamma) / snr
+            # The mse weighs the x0 error by SNR (epsilon) or SNR + 1 (v): re-weigh it to the clamp.
+            native = snr + 1 if prediction_type == "v_prediction" else snr
+            mse = mse * snr.clamp(min=snr_floor, max=snr_gamma) / native
         return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022; diffusers' get_velocity)."""
+        return (
+            self._extract(self.sqrt_alphas_cumprod, t, x0) * noise
+            - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
+
+    def eps_from_v(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(a) v + sqrt(1 - a) x_t, the epsilon a v prediction implies."""
+        return (
+            self._extract(self.sqrt_alphas_cumprod, t, x_t) * v
+            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+        )
 
     def _vb_terms_bpd(self, model_output, x0, x_t, t) -> torch.Tensor:
         true_mean, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)

@@ -18,13 +18,16 @@ from lumos.diffusion.gaussian import GaussianDiffusion
 
 
 def make_scheduler(
-    diffusion: GaussianDiffusion | None = None, clip_x0: float | None = None
+    diffusion: GaussianDiffusion | None = None,
+    clip_x0: float | None = None,
+    prediction_type: str = "epsilon",
 ) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (order 2) on the same linear-beta schedule the model was trained with.
 
     clip_x0: for latents with a known bound (pixel space: 1.0), dynamic thresholding of the
     solver's x0 predictions to it, as DPM-Solver++ recommends for pixel-space models; with a
-    linear schedule, an imperfect epsilon at high noise otherwise yields x0 far out of range."""
+    linear schedule, an imperfect epsilon at high noise otherwise yields x0 far out of range.
+    prediction_type: what the model outputs, its config's ("epsilon" or "v_prediction")."""
     diffusion = diffusion or GaussianDiffusion()
     thresholding = (
         {"thresholding": True, "sample_max_value": clip_x0, "dynamic_thresholding_ratio": 0.995}
@@ -39,7 +42,7 @@ def make_scheduler(
         beta_schedule="linear",
         algorithm_type="dpmsolver++",
         solver_order=2,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         lower_order_final=True,
     )
 
@@ -93,7 +96,8 @@ def sample(
 
     guidance_scale 1.0 disables guidance (one forward per step). `null_kwargs` overrides entries
     of the unconditional half (e.g. a text mask); the condition itself is dropped by force_drop.
-    The first C output channels (epsilon) drive the solver; the learned variance is not needed.
+    The first C output channels (epsilon, or v for a model whose config says so) drive the solver;
+    the learned variance is not needed.
     clip_x0 bounds the solver's x0 predictions (pass `FrozenEncoders.latent_range`).
     """
     shape = tuple(shape)
@@ -116,7 +120,10 @@ def sample(
     kwargs = _cfg_kwargs(model_kwargs, null_kwargs, batch, device) if use_cfg else model_kwargs
     channels = shape[-3]
 
-    scheduler = make_scheduler(diffusion, clip_x0)
+    config = getattr(model, "config", None)
+    scheduler = make_scheduler(
+        diffusion, clip_x0, getattr(config, "prediction_type", None) or "epsilon"
+    )
     scheduler.set_timesteps(steps, device=device)
     was_training = model.training
     model.eval()

@@ -354,7 +354,7 @@ def _decoder_info(encoders_cfg) -> dict[str, Any]:
     return {"kind": "vae", "scaling_factor": encoders_cfg.vae.scaling_factor, "file": None}
 
 
-def _diffusion_settings(meta: dict) -> dict[str, Any]:
+def _diffusion_settings(meta: dict, prediction_type: str) -> dict[str, Any]:
     """The noise schedule the model was trained with (what the sampler needs), from the checkpoint."""
     from lumos.diffusion.gaussian import GaussianDiffusion
 
@@ -368,7 +368,7 @@ def _diffusion_settings(meta: dict) -> dict[str, Any]:
     }
     if isinstance(recorded, dict):
         settings.update({k: recorded[k] for k in settings if k in recorded})
-    return {**settings, "beta_schedule": "linear", "prediction": "epsilon"}
+    return {**settings, "beta_schedule": "linear", "prediction": prediction_type}
 
 
 def export(cfg: ExportConfig, checkpoint_uri: str, out_uri: str) -> ExportResult:
@@ -444,7 +444,7 @@ def export(cfg: ExportConfig, checkpoint_uri: str, out_uri: str) -> ExportResult
             "model_config": model_config,
             "encoders": encoders_cfg.model_dump(mode="json"),
             "decoder": decoder_info,
-            "diffusion": _diffusion_settings(meta),
+            "diffusion": _diffusion_settings(meta, model_config.get("prediction_type", "epsilon")),
             "checkpoint": {
                 "uri": loaded.uri,
                 "step": meta.get("step"),

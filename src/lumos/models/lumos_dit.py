@@ -22,6 +22,9 @@ from torch import nn
 from lumos.errors import ModelConfigError
 
 COND_KINDS = ("image", "text")
+# What the first C output channels are: the noise (the paper's) or v = sqrt(a) eps - sqrt(1 - a) x0
+# (Salimans & Ho 2022), whose x0 stays well conditioned at high noise (lumos.diffusion.gaussian).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 FRAME_EMBEDS = ("none", "index", "camera")
 
 
@@ -76,6 +79,36 @@ def get_2d_sincos_pos_embed(
     # half encodes the column (w) coordinate, the second the row (h), so their weights load here.
     emb = torch.cat([one_axis(grid_x), one_axis(grid_y)], dim=1)  # (gh * gw, D)
     return emb.float().unsqueeze(0)  # (1, gh * gw, D)
+
+
+def rotary_2d(
+    grid_h: int, grid_w: int, head_dim: int, base_size: int, scale: float, base: float = 100.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2D rotary tables (cos, sin), each (gh * gw, head_dim / 2), for `apply_rotary`.
+
+    The first half of each head's channel pairs turns with the column, the second with the row,
+    so the attention score of two tokens depends on their offset, not on where they are (RoFormer,
+    made axial for grids as in FiT and Lumina). Positions are rescaled like the sin-cos table.
+    Wavelengths run from 2 pi tokens up to about 2 pi * `base` tokens.
+    """
+    if head_dim % 4 != 0:
+        raise ModelConfigError(f"head width {head_dim} must be divisible by 4 for 2D rotary")
+    pairs = head_dim // 4  # channel pairs per axis
+    freqs = base ** (-torch.arange(pairs, dtype=torch.float64) / pairs)  # (pairs,)
+    pos_h = torch.arange(grid_h, dtype=torch.float64) / (grid_h / base_size) / scale  # (gh,)
+    pos_w = torch.arange(grid_w, dtype=torch.float64) / (grid_w / base_size) / scale  # (gw,)
+    grid_y, grid_x = torch.meshgrid(pos_h, pos_w, indexing="ij")  # (gh, gw) each
+    angles = torch.cat(
+        [grid_x.reshape(-1, 1) * freqs, grid_y.reshape(-1, 1) * freqs], dim=1
+    )  # (gh * gw, head_dim / 2)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each channel pair (2i, 2i + 1) of x (N, H, T, Dh) by its angle (T, Dh / 2)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, T, Dh / 2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (N, H, T, Dh / 2, 2)
+    return out.flatten(-2).to(x.dtype)  # (N, H, T, Dh)
 
 
 class Mlp(nn.Module):
@@ -239,10 +272,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, Dh) each
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # (N, H, T, Dh) each
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
         return self.proj(x)  # (N, T, D)
@@ -314,6 +351,31 @@ class TemporalAttention(nn.Module):
         return x + y  # (B * F, T, D)
 
 
+class FrameAttention(nn.Module):
+    """Attention within each frame whose queries know the frame (multi-frame heads).
+
+    To move an object, frame k's tokens must read the first frame (concatenated to every token)
+    at an offset that depends on k. The spatial blocks cannot: their positions are absolute and
+    the frame reaches them only as a per-channel scale and shift. Here the positions are rotary
+    (relative) and adaLN adds a vector that depends on the frame's conditioning (timestep plus
+    frame index or camera) to every query, and a constant query under rotary positions scores
+    keys by their offset: "k steps to the left" is one linear map (docs/architecture.md).
+    The output projection starts at zero, so inserting the layer changes nothing at first.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.attn = SelfAttention(dim, num_heads)
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
+        return x + self.attn(modulate(self.norm(x), shift, scale), rotary)  # (N, T, D)
+
+
 class LumosBlock(nn.Module):
     """adaLN-Zero self-attention, ungated cross-attention to the condition, adaLN-Zero MLP."""
 
@@ -369,7 +431,7 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     input_size is the latent grid (32 for 256 px with the SD VAE); pos_embed_scale is 1.0 at
     256 px and 2.0 at 1024 px. With learn_sigma the output has 2 * in_channels channels:
-    epsilon then the variance interpolation value (improved DDPM). cond_init_std: the normal init
+    epsilon (or v, see prediction_type) then the variance interpolation value (improved DDPM). cond_init_std: the normal init
     of the condition projector (PixArt's 0.02); None leaves it xavier like the other layers.
     """
 
@@ -398,6 +460,8 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         camera_dim: int = 4,
         concat_latent_channels: int = 0,
         cond_init_std: float | None = 0.02,
+        frame_attention: bool = False,
+        prediction_type: str = "epsilon",
     ):
         super().__init__()
         if cond_kind not in COND_KINDS:
@@ -410,6 +474,12 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
             raise ModelConfigError(
                 f"frame_embed={frame_embed!r} needs num_frames >= 2, got {num_frames}"
             )
+        if prediction_type not in PREDICTION_TYPES:
+            raise ModelConfigError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        if frame_attention and num_frames < 2:
+            raise ModelConfigError(f"frame_attention needs num_frames >= 2, got {num_frames}")
         if cond_kind == "image" and cond_tokens != 1:
             raise ModelConfigError(
                 f"cond_kind='image' projects to one token; cond_tokens={cond_tokens}"
@@ -460,6 +530,12 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.blocks = nn.ModuleList(
             [LumosBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
         )
+        self.num_heads = num_heads
+        self.frame_blocks = (
+            nn.ModuleList([FrameAttention(hidden_size, num_heads) for _ in range(depth)])
+            if frame_attention
+            else None
+        )
         self.temporal_blocks = (
             nn.ModuleList([TemporalAttention(hidden_size, num_heads) for _ in range(depth)])
             if self.multi_frame
@@ -505,8 +581,8 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 zero_module(module.adaLN_modulation)
                 # Ungated cross-attention starts as a no-op through its zero output projection.
                 zero_module(module.cross_attn.proj)
-            elif isinstance(module, TemporalAttention):
-                # Inserted temporal layers leave the pretrained per-frame function unchanged.
+            elif isinstance(module, TemporalAttention | FrameAttention):
+                # Inserted layers leave the pretrained per-frame function unchanged.
                 zero_module(module.attn.proj)
             elif isinstance(module, FrameIndexEmbedder | CameraEmbedder):
                 zero_module(module.mlp.fc2)
@@ -613,8 +689,20 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
             if mask is not None:
                 mask = mask.unsqueeze(1).expand(-1, num_frames, -1)  # (B, F, L)
                 mask = mask.reshape(b * num_frames, -1)  # (N, L)
+        rotary = None
+        if self.frame_blocks is not None:
+            cos, sin = rotary_2d(
+                grid_h,
+                grid_w,
+                self.hidden_size // self.num_heads,
+                self.base_grid,
+                self.pos_embed_scale,
+            )
+            rotary = (cos.to(x.device), sin.to(x.device))  # (T, Dh / 2) each
         for i, block in enumerate(self.blocks):
             x = block(x, c, tokens, mask)  # (N, T, D)
+            if self.frame_blocks is not None and rotary is not None:
+                x = self.frame_blocks[i](x, c, rotary)  # (N, T, D)
             if self.temporal_blocks is not None:
                 x = self.temporal_blocks[i](x, num_frames)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)

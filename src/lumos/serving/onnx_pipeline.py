@@ -189,6 +189,7 @@ class OnnxPipeline:
         scheduler: Any = make_scheduler(
             GaussianDiffusion(d["num_timesteps"], d["beta_start"], d["beta_end"]),
             clip_x0=self.latent_range,
+            prediction_type=d.get("prediction", "epsilon"),
         )
         scheduler.set_timesteps(steps)
         channels = shape[-3]

@@ -210,6 +210,8 @@ def train(
     accelerator, device = launch.accelerator, launch.device
     model, optimizer = state.model, state.optimizer
     latent_downsample = int(spec["latent_downsample"])
+    # What the model outputs (its config): the loss target follows it.
+    prediction_type = accelerator.unwrap_model(model).config.prediction_type
     # Batches in page-locked memory: their copy to the GPU does not wait for the previous step,
     # so the next batch is assembled while the GPU computes.
     pin_memory = device.type == "cuda"
@@ -237,8 +239,9 @@ def train(
                 # does not apply to fully_shard): skipping it would keep unsharded gradients.
                 with accelerator.accumulate(model):
                     loss = diffusion.training_losses(
-                        train_model, x0, t, kwargs, snr_gamma=cfg.snr_gamma
-                    )["loss"].mean()
+                        train_model, x0, t, kwargs, snr_gamma=cfg.snr_gamma,
+                        snr_floor=cfg.snr_floor, prediction_type=prediction_type,
+                    )["loss"].mean()  # fmt: skip
                     accelerator.backward(loss)  # divided by grad_accum inside
                     if accelerator.sync_gradients and state.master_optimizer is None:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
