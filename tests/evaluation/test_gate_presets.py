@@ -8,8 +8,7 @@ that ignores its condition: its Fréchet distance is as good as the data's own) 
 checkpoint's own samples from other items' conditions.
 
 The trained models of the local run against the tiny gate: tests/pipeline/test_local_run.py
-(its T2I and novel-view heads pass and are promoted; its video head does not pass at that size,
-docs/benchmarks.md, "The tiny models beside trivial baselines"). The xl and default gates also
+(its T2I, novel-view and video heads pass and are promoted). The xl and default gates also
 need a real CLIP model and real scale."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ ingest reads from any source (docs/architecture.md, "Raw source layout"):
 - ``views/obj-0007-v03.png`` + ``.json``: a box with distinctly coloured faces, rendered by a small
   numpy rasteriser (perspective projection, back-face culling, painter's order) from cameras at
   known azimuths on a circle of fixed elevation and radius.
-- ``clips/clip-0003-f02.png`` + ``.json``: an object crossing the image horizontally to the
-  mirrored side (x -> 1 - x) at constant velocity.
+- ``clips/clip-0003-f02.png`` + ``.json``: an object drifting right at a constant
+  ``MIN_CLIP_STEP`` of the image per frame, as if the camera panned.
 
 Every sidecar carries ``"split": "train" | "eval"``; about ``eval_fraction`` of the images, objects
 and clips are ``eval``, so evaluation has ground truth (attributes, true views, true frames) that
@@ -67,8 +67,8 @@ TEXTURES: tuple[str, ...] = ("plain", "striped")
 POSITION_JITTER = 0.025
 # Shapes are rendered at SUPERSAMPLE x the resolution and box-filtered down (anti-aliased edges).
 SUPERSAMPLE = 4
-# Clips: the object moves at least this far per frame (fraction of the image side), so every
-# frame differs from the one before even after resizing to a quarter of the resolution.
+# Clips: the object moves this far per frame (fraction of the image side), so every frame differs
+# from the one before even after resizing to a quarter of the resolution.
 MIN_CLIP_STEP = 0.08
 
 
@@ -311,17 +311,15 @@ def _clip_specs(cfg: SynthConfig, rng: np.random.Generator) -> list[ClipSpec]:
         texture = TEXTURES[rng.integers(len(TEXTURES))]
         size = "small"
         lo, hi = SIZES[size] + 0.01, 1.0 - SIZES[size] - 0.01
-        # The object crosses the image horizontally to the mirrored side (x -> 1 - x) at its
-        # height, at least MIN_CLIP_STEP per frame: the first frame says where it goes, so a video
+        # The object drifts right at MIN_CLIP_STEP per frame (a camera panning), starting where
+        # its whole path stays inside the image: the first frame says where it goes, so a video
         # model can learn the motion (with end points drawn at random, no model could beat the
         # first frame copied on per-item closeness: tests/evaluation/test_faithful_sampler.py).
-        # Not through the centre: every clip's middle frame would be the same image.
-        while True:
-            start = rng.uniform(lo, hi, size=2)
-            end = np.array([1.0 - start[0], start[1]])
-            if np.linalg.norm(end - start) >= MIN_CLIP_STEP * steps:
-                break
-        velocity = (end - start) / steps
+        # The same offset in every clip is what the video head's relative (rotary) frame attention
+        # can learn at the local run's size; clips that crossed to the mirrored side (a speed
+        # that depends on the start) were not learnt there (docs/benchmarks.md).
+        start = np.array([rng.uniform(lo, hi - MIN_CLIP_STEP * steps), rng.uniform(lo, hi)])
+        velocity = (MIN_CLIP_STEP, 0.0)
         specs.append(
             ClipSpec(
                 color,
