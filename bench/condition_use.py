@@ -4,9 +4,10 @@
 
 For items of DATASET (the features of the checkpoint's head), noises them to several timesteps,
 and measures the mean squared error of the model's x0 prediction (from its epsilon, or the
-epsilon its v implies, clipped to the latent range) with the condition and with it dropped (`force_drop`: the null condition, and for
-novel views / video no input view / first frame), per frame for the multi-frame heads. Beside
-them, the error of copying the input view / first frame. A model that uses its condition has a
+epsilon its v implies, clipped to the latent range) with the condition and with it dropped
+(`force_drop`: the null condition, and for novel views / video no input view / first frame),
+per frame for the multi-frame heads. Beside them, the error of copying the input view / first
+frame. A model that uses its condition has a
 lower error with it; one whose first frame is concatenated to every frame can copy frame 0
 exactly, so its frame-0 error with the condition says how much of the concatenated latent it
 reads (docs/benchmarks.md, "The tiny models beside trivial baselines"). Prints a table and

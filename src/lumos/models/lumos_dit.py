@@ -431,8 +431,9 @@ class LumosDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     input_size is the latent grid (32 for 256 px with the SD VAE); pos_embed_scale is 1.0 at
     256 px and 2.0 at 1024 px. With learn_sigma the output has 2 * in_channels channels:
-    epsilon (or v, see prediction_type) then the variance interpolation value (improved DDPM). cond_init_std: the normal init
-    of the condition projector (PixArt's 0.02); None leaves it xavier like the other layers.
+    epsilon (or v, see prediction_type) then the variance interpolation value (improved DDPM).
+    cond_init_std: the normal init of the condition projector (PixArt's 0.02); None leaves it
+    xavier like the other layers.
     """
 
     _supports_gradient_checkpointing = False
